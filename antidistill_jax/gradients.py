@@ -1,0 +1,203 @@
+"""The antidistillation direction g: the gradient of the proxy student's distillation loss.
+
+  l(theta_P) = (1/N) sum_n (1/|c_n|) sum_{t in c_n} -log p(x_t | x_<t; theta_P)
+
+over N held-out teacher traces (prompt p_n, completion c_n), loss on completion tokens only.
+g = grad l is taken with `jax.grad` over the proxy's nnx.Param state in fp32, summed over
+fixed-shape micro-batches (bounded memory, few compilations) and divided by N once, with the
+batch sharded over a mesh's `data` axis when one is given. It is computed once per proxy and
+trace set and saved with orbax next to metadata that lets a later run check it belongs to
+the proxy it is used with.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from antidistill_jax.models.transformer import Transformer
+
+Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
+
+
+# -- loss ----------------------------------------------------------------------------------
+
+
+def sequence_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> jax.Array:
+  """Per-row mean NLL [B] of the tokens where loss_mask_BT is 1 (0 for rows with none).
+
+  Token t is scored by the logits at t - 1; sequences are right-padded (pad_mask_BT = 0).
+  """
+  logits_BTV = model(ids_BT, pad_mask_BT)[:, :-1]
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
+  mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
+
+
+def pack_examples(examples: Sequence[Example], rows: int, length: int, pad_id: int = 0):
+  """Right-padded ids, pad mask and completion (loss) mask, each [rows, length] int32."""
+  ids = np.full((rows, length), pad_id, np.int32)
+  pad = np.zeros((rows, length), np.int32)
+  loss = np.zeros((rows, length), np.int32)
+  for i, (prompt, completion) in enumerate(examples):
+    seq = list(prompt) + list(completion)
+    if len(seq) > length:
+      raise ValueError(f"example {i} has {len(seq)} tokens, more than length={length}.")
+    ids[i, :len(seq)] = seq
+    pad[i, :len(seq)] = 1
+    loss[i, len(prompt):len(seq)] = 1
+  return ids, pad, loss
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="acc")
+def _accumulate(graphdef, params, acc, ids_BT, pad_BT, loss_BT, weight_B):
+  """acc + grad of sum_b weight_b * nll_b, and that sum."""
+  def total(p):
+    return jnp.sum(weight_B * sequence_nll(nnx.merge(graphdef, p), ids_BT, pad_BT, loss_BT))
+  value, grad = jax.value_and_grad(total)(params)
+  return jax.tree.map(jnp.add, acc, grad), value
+
+
+def proxy_gradient(proxy: Transformer, examples: Sequence[Example], *, micro_batch_size: int = 8,
+                   length_multiple: int = 64, pad_id: int = 0,
+                   mesh: Mesh | None = None) -> tuple[nnx.State, dict[str, Any]]:
+  """g = grad of the mean completion-only NLL of `proxy` on `examples`, in fp32.
+
+  Returns (g as an nnx.State shaped like the proxy's parameters, metadata dict).
+  """
+  if not examples:
+    raise ValueError("proxy_gradient needs at least one (prompt, completion) example.")
+  empty = [i for i, (_, c) in enumerate(examples) if len(c) == 0]
+  if empty:
+    raise ValueError(f"examples {empty[:10]} have empty completions: no loss tokens.")
+  graphdef, params = nnx.split(proxy)
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  acc = jax.tree.map(jnp.zeros_like, params)
+  shards = mesh.shape["data"] if mesh is not None else 1
+  rows = -(-micro_batch_size // shards) * shards
+  # Longest first: the bucketed lengths then shrink monotonically and few shapes compile.
+  order = sorted(range(len(examples)), key=lambda i: -(len(examples[i][0]) + len(examples[i][1])))
+  total_loss, n_tokens, t0 = 0.0, 0, time.time()
+  for start in range(0, len(order), rows):
+    batch = [examples[i] for i in order[start:start + rows]]
+    longest = max(len(p) + len(c) for p, c in batch)
+    ids, pad, loss = pack_examples(batch, rows, -(-longest // length_multiple) * length_multiple,
+                                   pad_id)
+    weight = (np.arange(rows) < len(batch)).astype(np.float32)
+    arrays = [jnp.asarray(x) for x in (ids, pad, loss, weight)]
+    if mesh is not None:
+      data = NamedSharding(mesh, PartitionSpec("data"))
+      arrays = [jax.device_put(x, data) for x in arrays]
+    acc, value = _accumulate(graphdef, params, acc, *arrays)
+    total_loss += float(value)
+    n_tokens += int(sum(len(c) for _, c in batch))
+    logging.info("proxy gradient: %d/%d sequences (%.0f tokens/s)", start + len(batch),
+                 len(examples), n_tokens / max(time.time() - t0, 1e-9))
+  n = len(examples)
+  grad = jax.tree.map(lambda g: g / n, acc)
+  metadata = dict(proxy_fingerprint=fingerprint(proxy), num_sequences=n,
+                  num_completion_tokens=n_tokens, mean_loss=total_loss / n,
+                  global_norm=float(global_norm(grad)))
+  return grad, metadata
+
+
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# -- identity and validation --------------------------------------------------------------
+
+
+def _flat(tree) -> dict[str, Any]:
+  """{'layers/0/mlp/up_proj/kernel': leaf} for an nnx.State or a flat dict."""
+  if isinstance(tree, dict) and all(isinstance(k, str) and "/" in k for k in tree):
+    return dict(tree)
+  return {"/".join(map(str, p)): v.get_value() if hasattr(v, "get_value") else v
+          for p, v in nnx.to_flat_state(tree)}
+
+
+def fingerprint(model: Transformer) -> str:
+  """A short hash of a model's config and parameter values (shape, dtype, sum, sum of squares
+  per leaf, rounded so that it is stable across devices)."""
+  h = hashlib.sha256(model.config.hf_config_json.encode())
+  for name, x in sorted(_flat(nnx.state(model, nnx.Param)).items()):
+    x32 = jnp.asarray(x, jnp.float32)
+    stats = f"{name}:{x.shape}:{x.dtype}:{float(jnp.sum(x32)):.5e}:{float(jnp.sum(x32 * x32)):.5e}"
+    h.update(stats.encode())
+  return h.hexdigest()[:16]
+
+
+def check_compatible(proxy: Transformer, grad) -> None:
+  """Raises ValueError naming every leaf that is missing, extra, or mis-shaped in `grad`."""
+  want = {k: tuple(v.shape) for k, v in _flat(nnx.state(proxy, nnx.Param)).items()}
+  have = {k: tuple(v.shape) for k, v in _flat(grad).items()}
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = sorted(f"{k}: gradient {have[k]} vs proxy {want[k]}"
+                  for k in set(want) & set(have) if want[k] != have[k])
+  if missing or extra or shapes:
+    raise ValueError(
+        "gradient does not match the proxy's parameters: "
+        + (f"missing leaves {missing}; " if missing else "")
+        + (f"extra leaves {extra}; " if extra else "")
+        + (f"mis-shaped leaves {shapes}; " if shapes else "")
+        + "recompute it with gradients.proxy_gradient for this proxy checkpoint.")
+
+
+# -- storage ---------------------------------------------------------------------------------
+
+
+def save_gradient(path: str | os.PathLike[str], grad, metadata: dict[str, Any]) -> None:
+  """Writes g (orbax, one array per parameter) and its metadata (JSON) under `path`."""
+  flat = _flat(grad)
+  meta = dict(metadata, leaves={k: list(v.shape) for k, v in flat.items()})
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    ckpt.save(os.path.abspath(os.fspath(path)),
+              args=ocp.args.Composite(grad=ocp.args.StandardSave(flat),
+                                      metadata=ocp.args.JsonSave(meta)), force=True)
+
+
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no gradient checkpoint at {path!r}; compute one with "
+                            "gradients.proxy_gradient and save it with gradients.save_gradient.")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    return ckpt.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def load_gradient(path: str | os.PathLike[str], proxy: Transformer, *,
+                  check_fingerprint: bool = True) -> tuple[nnx.State, dict[str, Any]]:
+  """Reads g for `proxy`, validating names and shapes (and the proxy fingerprint) first, and
+  places each leaf like the proxy's own parameter."""
+  path = os.path.abspath(os.fspath(path))
+  meta = load_metadata(path)
+  check_compatible(proxy, {k: np.empty(v, np.uint8) for k, v in meta["leaves"].items()})
+  if check_fingerprint and meta.get("proxy_fingerprint") != fingerprint(proxy):
+    raise ValueError(
+        f"gradient at {path!r} was computed for proxy {meta.get('proxy_fingerprint')}, not "
+        f"for this proxy ({fingerprint(proxy)}); recompute it, or pass check_fingerprint=False.")
+  _, params = nnx.split(proxy)
+  target = {}
+  for p, var in nnx.to_flat_state(params):
+    x = var.get_value()
+    target["/".join(map(str, p))] = jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                         sharding=getattr(x, "sharding", None))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    flat = ckpt.restore(path, args=ocp.args.Composite(grad=ocp.args.StandardRestore(target)))["grad"]
+  grad = nnx.from_flat_state([(p, var.replace(flat["/".join(map(str, p))]))
+                              for p, var in nnx.to_flat_state(params)])
+  return grad, meta

@@ -1,0 +1,148 @@
+"""Decoder-only transformer for Llama-3.x and Qwen2/Qwen2.5, in flax.nnx.
+
+Attribute names mirror the Hugging Face module tree (`embed_tokens`, `layers[i].self_attn.q_proj`,
+`norm`, `lm_head`), so the checkpoint mapping is a rename plus a transpose of linear weights.
+
+Entry points (all shapes explicit):
+  model(input_ids_BT, pad_mask_BT=None)       -> logits_BTV (fp32); full forward, any padding.
+  model.prefill(input_ids_BT, pad_mask_BT, S) -> (logits_BV at the last slot, KVCache of S slots);
+                                                 prompts must be LEFT-padded.
+  model.decode(token_B, cache)                -> (logits_BV, cache); one new token per row.
+  model.step(input_ids_BT, cache)             -> (logits_BTV, cache); T new tokens at cache.end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from antidistill_jax.models.attention import Attention
+from antidistill_jax.models.cache import KVCache
+from antidistill_jax.models.config import ModelConfig
+from antidistill_jax.models.layers import MLP, RMSNorm, rope_cos_sin
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                            param_dtype=param_dtype)
+    self.mlp = MLP(cfg, **kw)
+
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
+    attn_BTD, kv_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
+                                        kv_cache, end)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    return x_BTD, kv_cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    """dtype: compute dtype of activations; param_dtype: storage dtype of the weights."""
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype,
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    if not cfg.tie_embeddings:
+      # [V, D] like HF's lm_head.weight (and like the embedding), so unembedding is one einsum
+      # for tied and untied models alike.
+      self.lm_head = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                        param_dtype))
+
+  # -- core ---------------------------------------------------------------------------------
+
+  def embed(self, input_ids_BT: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, D] in the compute dtype."""
+    return self.embed_tokens(input_ids_BT).astype(self.dtype)
+
+  def hidden(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None):
+    """Blocks + final norm on embeddings x_BTD: hidden states [B, T, D] and the updated cache.
+
+    mask_BTS[b, t, s] says whether query t may attend to key s (s indexes the cache slots when
+    a cache is given, the T new tokens otherwise).
+    """
+    cos_BTH, sin_BTH = rope_cos_sin(positions_BT, jnp.asarray(self.config.inv_freq()), self.dtype)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      with jax.named_scope(f"layer_{i}"):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x_BTD, kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, None if cache is None else cache.end)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    h_BTD = self.norm(x_BTD)
+    if cache is not None:
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), start_B=cache.start_B,
+                      end=cache.end + x_BTD.shape[1])
+    return h_BTD, cache
+
+  def unembed_table(self) -> jax.Array:
+    """[V, D]: the embedding itself when tied (no copy), else lm_head."""
+    return self.embed_tokens.embedding[...] if self.config.tie_embeddings else self.lm_head[...]
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """fp32 logits [..., V] from hidden states; the matmul runs in the compute dtype."""
+    table_VD = self.unembed_table().astype(h_BTD.dtype)
+    return jnp.einsum("...D,VD->...V", h_BTD, table_VD, preferred_element_type=jnp.float32)
+
+  # -- entry points -------------------------------------------------------------------------
+
+  def __call__(self, input_ids_BT: jax.Array, pad_mask_BT: jax.Array | None = None) -> jax.Array:
+    """Full causal forward -> fp32 logits [B, T, V].
+
+    pad_mask_BT (1 = real token) may pad on either side; each row's positions count its real
+    tokens only, so a padded row gives the same logits as the row alone.
+    """
+    _, t = input_ids_BT.shape
+    causal_TT = jnp.tril(jnp.ones((t, t), bool))
+    if pad_mask_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), input_ids_BT.shape)
+      mask_BTS = causal_TT[None]
+    else:
+      pad_mask_BT = pad_mask_BT.astype(bool)
+      positions_BT = jnp.maximum(jnp.cumsum(pad_mask_BT, axis=1, dtype=jnp.int32) - 1, 0)
+      mask_BTS = causal_TT[None] & pad_mask_BT[:, None, :]
+    h_BTD, _ = self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS)
+    return self.logits(h_BTD)
+
+  def init_cache(self, batch: int, max_len: int, start_B=None, dtype=None) -> KVCache:
+    return KVCache.init(self.config, batch, max_len, dtype or self.dtype, start_B)
+
+  def step(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Appends T tokens per row at cache.end; fp32 logits [B, T, V] and the new cache."""
+    positions_BT, mask_BTS = cache.query_layout(input_ids_BT.shape[1])
+    h_BTD, cache = self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS, cache)
+    return self.logits(h_BTD), cache
+
+  def prefill(self, input_ids_BT: jax.Array, pad_mask_BT: jax.Array, max_len: int):
+    """Runs LEFT-padded prompts into a fresh cache of `max_len` slots.
+
+    Returns fp32 logits [B, V] at the last prompt slot (the next-token distribution of every
+    row) and the cache. Only the last slot is unembedded: no [B, T, V] buffer.
+    """
+    b, t = input_ids_BT.shape
+    if max_len < t:
+      raise ValueError(f"cache length {max_len} is shorter than the padded prompt length {t}.")
+    start_B = t - jnp.sum(pad_mask_BT.astype(jnp.int32), axis=1)
+    cache = self.init_cache(b, max_len, start_B)
+    positions_BT, mask_BTS = cache.query_layout(t)
+    h_BTD, cache = self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS, cache)
+    return self.logits(h_BTD[:, -1]), cache
+
+  def decode(self, token_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One new token per row -> fp32 logits [B, V] and the cache advanced by one slot."""
+    logits_B1V, cache = self.step(token_B[:, None], cache)
+    return logits_B1V[:, 0], cache

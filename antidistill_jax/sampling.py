@@ -1,0 +1,350 @@
+"""Antidistillation sampling: one jitted program per batch shape that prefills the teacher (and
+the proxies), then decodes with a `lax.scan` whose step adds lam * Delta to the teacher.
+
+Delta(v | x) is the directional derivative of the proxy's log p(v | x) along the gradient g of
+the proxy's distillation loss (see `gradients`):
+  method="fd":  [log p(v | x; theta + eps g) - log p(v | x; theta - eps g)] / (2 eps), two proxy
+                copies formed once, each with its own KV cache;
+  method="jvp": the exact jax.jvp of the cached proxy step, carrying the tangent of the cache.
+
+Next-token distribution (log p_T = teacher log-probs, z_T = teacher logits):
+  placement="paper":     softmax(log p_T / tau + lam * Delta)          (the paper's Algorithm 1)
+  placement="reference": softmax((z_T + lam * Delta) / tau)            (the authors' code;
+                         lam_reference = tau * lam_paper)
+then top-k / top-p on those logits; tau=0 is greedy on log p_T + lam * Delta. Delta is defined
+on the vocabulary both models have (`tokenizer.shared_vocab_size`); the teacher's extra rows
+are never sampled when a proxy is used.
+
+Randomness is per prompt: row r at step t draws with fold_in(fold_in(key(seed), r), t), so a
+prompt's sample does not depend on the batch it is in, the batch size, or the device layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from antidistill_jax.models.transformer import Transformer
+
+METHODS = ("fd", "jvp")
+PLACEMENTS = ("paper", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """Static settings of one compiled decode program (hashable: a jit static argument)."""
+  max_new_tokens: int
+  tau: float = 1.0
+  top_p: float | None = None
+  top_k: int | None = None
+  lam: float = 0.0
+  eps: float = 1e-2
+  method: str = "fd"
+  placement: str = "paper"
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  vocab_size: int | None = None  # ids >= vocab_size are never sampled (None: all rows)
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}; expected one of {METHODS}.")
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"placement={self.placement!r}; expected one of {PLACEMENTS}.")
+    if self.tau < 0:
+      raise ValueError(f"tau={self.tau} must be >= 0 (0 is greedy).")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k={self.top_k} must be >= 1.")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+
+  @property
+  def uses_proxy(self) -> bool:
+    return self.lam != 0.0
+
+
+@dataclasses.dataclass
+class Generation:
+  """Per prompt: the generated ids (EOS included, padding excluded) and the teacher's log-prob
+  (at temperature 1, unperturbed) of each of them."""
+  tokens: list[list[int]]
+  logprobs: list[np.ndarray]
+  finished: np.ndarray  # [num_prompts] bool: ended with an EOS id
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(t) for t in self.tokens], np.int32)
+
+
+# -- the per-step math ------------------------------------------------------------------------
+
+
+def adjusted_logits(z_T_BV, delta_BV, s: DecodeSettings) -> jax.Array:
+  """Logits of the sampling distribution before top-k/top-p (see module docstring)."""
+  z_T_BV = z_T_BV.astype(jnp.float32)
+  logp_T_BV = jax.nn.log_softmax(z_T_BV, axis=-1)
+  lam_delta = 0.0 if delta_BV is None else s.lam * delta_BV
+  if s.tau == 0.0:
+    out = logp_T_BV + lam_delta
+  elif s.placement == "paper":
+    out = logp_T_BV / s.tau + lam_delta
+  else:
+    out = (z_T_BV + lam_delta) / s.tau
+  if s.vocab_size is not None and s.vocab_size < out.shape[-1]:
+    out = jnp.where(jnp.arange(out.shape[-1]) < s.vocab_size, out, -jnp.inf)
+  return out
+
+
+def filter_logits(logits_BV, top_k: int | None, top_p: float | None) -> jax.Array:
+  """Keeps the top_k largest logits, then the smallest set of tokens whose probability mass
+  reaches top_p (the token that crosses the threshold is kept, as in transformers); the rest
+  become -inf."""
+  if top_k is not None and top_k < logits_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p is not None and top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    # Number of kept tokens: those whose preceding mass is still below top_p (always >= 1).
+    keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1, keepdims=True), 1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, keep_B1 - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def sample_tokens(keys_B, logits_BV, s: DecodeSettings) -> jax.Array:
+  if s.tau == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  filtered_BV = filter_logits(logits_BV, s.top_k, s.top_p)
+  return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+
+
+# -- proxies --------------------------------------------------------------------------------
+
+
+def perturbed_states(proxy_state, grad_state, eps: float):
+  """theta +- eps * g, formed in fp32 and cast back to each parameter's dtype."""
+  def shift(sign):
+    return jax.tree.map(
+        lambda p, g: (p.astype(jnp.float32) + sign * eps * g.astype(jnp.float32)).astype(p.dtype),
+        proxy_state, grad_state)
+  return shift(1.0), shift(-1.0)
+
+
+def _fd_delta(z_plus_BV, z_minus_BV, eps):
+  # Logit differences: log-prob differences minus a per-row constant, which softmax ignores.
+  return (z_plus_BV.astype(jnp.float32) - z_minus_BV.astype(jnp.float32)) / (2.0 * eps)
+
+
+def _pad_delta(delta_BW, vocab):
+  """Delta on the shared vocab W, zero-extended to the teacher's V rows."""
+  w = delta_BW.shape[-1]
+  if w == vocab:
+    return delta_BW
+  if w > vocab:
+    return delta_BW[:, :vocab]
+  return jnp.pad(delta_BW, ((0, 0), (0, vocab - w)))
+
+
+class _Proxies:
+  """Prefill/decode of the proxy side, returning Delta [B, W] at each step.
+
+  fd:  state = (theta+, theta-) stacked on a leading axis of 2, one vmapped call per step.
+  jvp: state = (theta, g); the cache carries its tangent.
+  """
+
+  def __init__(self, graphdef, s: DecodeSettings):
+    self.graphdef, self.s = graphdef, s
+
+  def _model(self, state) -> Transformer:
+    return nnx.merge(self.graphdef, state)
+
+  def prefill(self, state, ids_BP, mask_BP, max_len):
+    if self.s.method == "fd":
+      run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
+      z_2BV, cache = jax.vmap(run)(state)
+      return _fd_delta(z_2BV[0], z_2BV[1], self.s.eps), cache
+    theta, g = state
+    run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
+    (_, cache), (dz_BV, dcache) = jax.jvp(run, (theta,), (g,))
+    return dz_BV, (cache, (dcache.k, dcache.v))
+
+  def decode(self, state, token_B, cache):
+    if self.s.method == "fd":
+      run = lambda st, c: self._model(st).decode(token_B, c)
+      z_2BV, cache = jax.vmap(run)(state, cache)
+      return _fd_delta(z_2BV[0], z_2BV[1], self.s.eps), cache
+    theta, g = state
+    cache, (dk, dv) = cache
+
+    def run(st, kv):
+      k, v = kv
+      c = dataclasses.replace(cache, k=k, v=v)
+      z_BV, c = self._model(st).decode(token_B, c)
+      return z_BV, (c.k, c.v)
+
+    (_, (k, v)), (dz_BV, (dk, dv)) = jax.jvp(run, (theta, (cache.k, cache.v)), (g, (dk, dv)))
+    return dz_BV, (dataclasses.replace(cache, k=k, v=v, end=cache.end + 1), (dk, dv))
+
+
+# -- the compiled program ---------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("teacher_def", "proxy_def", "s"))
+def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, mask_BP,
+                    row_keys_B, *, s: DecodeSettings):
+  """Prefill + lax.scan decode. Returns tokens [N, B], teacher log-probs [N, B], done [B],
+  and the first step with non-finite adjusted logits (-1 if none)."""
+  b, p = ids_BP.shape
+  max_len = p + s.max_new_tokens
+  teacher = nnx.merge(teacher_def, teacher_state)
+  z_T_BV, cache_T = teacher.prefill(ids_BP, mask_BP, max_len)
+  vocab = z_T_BV.shape[-1]
+  proxies = _Proxies(proxy_def, s) if s.uses_proxy else None
+  if proxies is not None:
+    delta_BV, cache_P = proxies.prefill(proxy_state, ids_BP, mask_BP, max_len)
+  else:
+    delta_BV, cache_P = None, None
+  eos = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
+
+  def step(carry, t):
+    z_T_BV, delta_BV, cache_T, cache_P, done_B, first_bad = carry
+    delta_BV = None if delta_BV is None else _pad_delta(delta_BV, vocab)
+    logits_BV = adjusted_logits(z_T_BV, delta_BV, s)
+    valid_V = jnp.arange(vocab) < (s.vocab_size or vocab)
+    bad = jnp.any(~jnp.isfinite(logits_BV) & valid_V)
+    first_bad = jnp.where((first_bad < 0) & bad, t, first_bad)
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+    token_B = sample_tokens(keys_B, logits_BV, s)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(z_T_BV.astype(jnp.float32)),
+                                 token_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(done_B, s.pad_id, token_B)
+    out = (token_B, jnp.where(done_B, 0.0, logp_B), done_B)
+    done_B = done_B | jnp.isin(token_B, eos)
+    z_T_BV, cache_T = teacher.decode(token_B, cache_T)
+    if proxies is not None:
+      delta_BV, cache_P = proxies.decode(proxy_state, token_B, cache_P)
+    return (z_T_BV, delta_BV, cache_T, cache_P, done_B, first_bad), out
+
+  carry = (z_T_BV, delta_BV, cache_T, cache_P, jnp.zeros((b,), bool), jnp.array(-1, jnp.int32))
+  carry, (tokens_NB, logp_NB, was_done_NB) = jax.lax.scan(
+      step, carry, jnp.arange(s.max_new_tokens, dtype=jnp.int32))
+  return tokens_NB, logp_NB, was_done_NB, carry[4], carry[5]
+
+
+# -- host-side driver -------------------------------------------------------------------------
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads ragged id lists to [rows, length]; extra rows repeat the first prompt."""
+  length = length or max(len(p) for p in prompts)
+  rows = rows or len(prompts)
+  ids = np.full((rows, length), pad_id, np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for i in range(rows):
+    p = prompts[i] if i < len(prompts) else prompts[0]
+    ids[i, length - len(p):] = p
+    mask[i, length - len(p):] = 1
+  return ids, mask
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             tau: float = 1.0, top_p: float | None = None, top_k: int | None = None,
+             seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+             proxy: Transformer | None = None, grad: Any = None, lam: float = 0.0,
+             eps: float = 1e-2, method: str = "fd", placement: str = "paper",
+             vocab_size: int | None = None, batch_size: int | None = None,
+             prompt_multiple: int = 16, first_row: int = 0, mesh: Mesh | None = None) -> Generation:
+  """Samples continuations of `prompts` (token-id lists, any lengths) from the teacher,
+  antidistilled by `proxy` along `grad` when lam != 0.
+
+  batch_size: prompts per compiled call (default: all). Prompt lengths are padded up to a
+    multiple of `prompt_multiple` so few shapes compile.
+  first_row: global index of prompts[0]; rows draw randomness by global index, so a resumed
+    run (first_row > 0) reproduces an uninterrupted one.
+  vocab_size: ids that may be sampled (default: the shared vocab of teacher and proxy when a
+    proxy is used, else every teacher row).
+  mesh: shards each batch over its `data` axis (batch padded to a multiple of its size).
+  """
+  if not prompts:
+    return Generation([], [], np.zeros((0,), bool))
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("empty prompt: every prompt needs at least one token.")
+  cfg = teacher.config
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(
+        f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the teacher's "
+        f"max_position_embeddings={cfg.max_position_embeddings}; drop or truncate long prompts "
+        "(data.prompts does it with max_prompt_length).")
+  proxy_def = proxy_state = None
+  if lam != 0.0:
+    if proxy is None or grad is None:
+      raise ValueError(f"lam={lam} needs a proxy model and its gradient (grad=...).")
+    from antidistill_jax import gradients  # the proxy side only
+    from antidistill_jax.tokenizer import shared_vocab_size
+    gradients.check_compatible(proxy, grad)
+    shared = shared_vocab_size(cfg, proxy.config)
+    vocab_size = shared if vocab_size is None else min(vocab_size, shared)
+    proxy_def, theta = nnx.split(proxy)
+    if method == "fd":
+      plus, minus = perturbed_states(theta, grad, eps)
+      proxy_state = jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus)
+    else:
+      proxy_state = (theta, jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta))
+  s = DecodeSettings(max_new_tokens=max_new_tokens, tau=float(tau), top_p=top_p, top_k=top_k,
+                     lam=float(lam), eps=float(eps), method=method, placement=placement,
+                     eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                     vocab_size=vocab_size)
+  teacher_def, teacher_state = nnx.split(teacher)
+
+  batch_size = batch_size or len(prompts)
+  shards = mesh.shape["data"] if mesh is not None else 1
+  rows = _round_up(min(batch_size, len(prompts)), shards)
+  base_key = jax.random.key(seed)
+  out_tokens, out_logp, out_done = [], [], []
+  t0, n_tokens = time.time(), 0
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    ids, mask = left_pad(chunk, pad_id, _round_up(max(len(p) for p in chunk), prompt_multiple), rows)
+    row_idx = first_row + start + np.arange(rows)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.asarray(row_idx, jnp.uint32))
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    if mesh is not None:
+      data = NamedSharding(mesh, PartitionSpec("data"))
+      ids, mask, keys = (jax.device_put(x, data) for x in (ids, mask, keys))
+    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = jax.device_get(_decode_program(
+        teacher_def, teacher_state, proxy_def, proxy_state, ids, mask, keys, s=s))
+    if first_bad >= 0:
+      raise FloatingPointError(
+          f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
+          f"{start + len(chunk) - 1}) with lam={lam}, eps={eps}, tau={tau}, method={method}, "
+          f"teacher dtype {teacher.dtype.name}"
+          + (f", proxy dtype {proxy.dtype.name}" if proxy is not None and lam else "")
+          + ". Lower lam, raise eps, or run the proxy in float32/bfloat16 instead of float16.")
+    for i in range(len(chunk)):
+      n = int(np.sum(~was_done_NB[:, i]))
+      out_tokens.append(tokens_NB[:n, i].tolist())
+      out_logp.append(logp_NB[:n, i].astype(np.float32))
+      out_done.append(bool(done_B[i]))
+      n_tokens += n
+    rate = n_tokens / max(time.time() - t0, 1e-9)
+    logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)",
+                 start + len(chunk), len(prompts), n_tokens, rate)
+  return Generation(out_tokens, out_logp, np.array(out_done, bool))

@@ -1,0 +1,34 @@
+"""antidistill_jax: Antidistillation Sampling (Savani et al., 2025) in JAX / Flax NNX."""
+
+import setuptools
+
+setuptools.setup(
+    name="antidistill_jax",
+    version="0.1.0",
+    description="Antidistillation sampling in JAX/Flax: teacher traces that poison distillation.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["antidistill_jax", "antidistill_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.50",
+        "safetensors>=0.5",
+        "tokenizers>=0.21",
+        "jinja2>=3.1",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.7",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch is the PyTorch reference for parity tests only, never a runtime dependency.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+    },
+)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built offline with transformers+torch.
+
+Eight host devices are requested before JAX starts, so sharding tests see a real mesh.
+fp32 matmuls run at full precision for the parity tests.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+from antidistill_jax import tiny  # noqa: E402
+
+VOCAB = 320  # tokenizer size; tables are padded past it like real checkpoints
+
+
+def _randomize(model, seed: int):
+  """HF zero-initialises biases and one-initialises norms, which hides bugs: randomize all."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.2 * torch.randn(p.shape, generator=g))
+      elif "embed_tokens" in name or "lm_head" in name:
+        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]))
+
+
+def build_hf_checkpoint(path, model_type: str, tokenizer, seed: int = 0, **overrides):
+  """A random HF model saved with transformers' own save_pretrained (the reference writer)."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  hf = tiny.tiny_hf_config(model_type, vocab_size=384, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, **overrides)
+  config = transformers.AutoConfig.for_model(**hf)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  _randomize(model, seed)
+  model.eval()
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return model
+
+
+# Qwen2: q/k/v biases, grouped-query attention (4 query heads on 2 kv heads), tied embeddings.
+QWEN2 = dict(model_type="qwen2", tie_word_embeddings=True, num_attention_heads=4,
+             num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+# Llama: llama3 rope scaling (a short original context so every band of the scaling is hit
+# by a 300-token prompt), untied, head_dim 32 != 64 / 4, 1 kv head.
+LLAMA = dict(model_type="llama", tie_word_embeddings=False, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=32,
+             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64})
+ARCHS = {"qwen2": QWEN2, "llama": LLAMA}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+  return tiny.train_tokenizer(vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHS))
+def hf_checkpoint(request, tmp_path_factory, tokenizer):
+  """(path, torch model) for each architecture."""
+  path = tmp_path_factory.mktemp(f"hf_{request.param}")
+  model = build_hf_checkpoint(path, tokenizer=tokenizer, seed=1, **ARCHS[request.param])
+  return str(path), model
+
+
+def torch_logits(model, ids) -> np.ndarray:
+  import torch
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(ids))).logits.float().numpy()

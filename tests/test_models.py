@@ -1,0 +1,170 @@
+"""Parity of the NNX models with the transformers/PyTorch reference, KV cache, causality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from antidistill_jax import models
+from conftest import torch_logits
+
+
+def rel_err(a, b) -> float:
+  """Max abs error relative to the logit scale (max |b|)."""
+  return float(np.max(np.abs(np.asarray(a, np.float32) - b)) / np.max(np.abs(b)))
+
+
+def left_pad(rows, pad_id=0):
+  t = max(len(r) for r in rows)
+  ids = np.full((len(rows), t), pad_id, np.int32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, t - len(r):] = r
+    mask[i, t - len(r):] = 1
+  return ids, mask
+
+
+def test_config_reads_architecture(hf_checkpoint):
+  path, ref = hf_checkpoint
+  cfg = models.load_config(path)
+  hf = ref.config
+  assert cfg.head_dim == getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+  assert cfg.num_kv_heads == hf.num_key_value_heads < cfg.num_heads
+  assert cfg.tie_embeddings == hf.tie_word_embeddings
+  if cfg.model_type == "qwen2":
+    assert cfg.qkv_bias and not cfg.o_bias and cfg.rope_scaling is None
+  else:
+    assert cfg.rope_scaling is not None and cfg.head_dim * cfg.num_heads != cfg.hidden_size
+  # RoPE frequencies equal transformers' own (llama3 scaling included).
+  np.testing.assert_allclose(cfg.inv_freq(), ref.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+
+
+def test_logits_match_pytorch_on_long_prompt(hf_checkpoint):
+  path, ref = hf_checkpoint
+  model = models.from_pretrained(path)
+  ids = np.random.default_rng(0).integers(0, 320, size=(2, 300))
+  ours = model(jnp.asarray(ids))
+  assert ours.shape == (2, 300, model.config.vocab_size) and ours.dtype == jnp.float32
+  assert rel_err(ours, torch_logits(ref, ids)) <= 1e-4
+
+
+def test_tied_embeddings_share_one_array(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  if model.config.tie_embeddings:
+    assert not hasattr(model, "lm_head")
+    assert model.unembed_table() is model.embed_tokens.embedding[...]
+  else:
+    assert model.lm_head[...].shape == model.embed_tokens.embedding[...].shape
+
+
+def test_left_padded_batch_equals_unpadded_rows(hf_checkpoint):
+  path, ref = hf_checkpoint
+  model = models.from_pretrained(path)
+  rng = np.random.default_rng(1)
+  rows = [rng.integers(0, 320, size=n) for n in (7, 33, 20)]
+  ids, mask = left_pad(rows)
+  padded = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  for i, row in enumerate(rows):
+    expected = torch_logits(ref, row[None])[0]
+    assert rel_err(padded[i, -len(row):], expected) <= 1e-4
+
+
+def test_right_padding_gives_the_same_logits(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  rows = [np.arange(5) + 3, np.arange(12) + 40]
+  ids = np.zeros((2, 12), np.int32)
+  mask = np.zeros((2, 12), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  padded = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  for i, r in enumerate(rows):
+    alone = np.asarray(model(jnp.asarray(r[None])))[0]
+    assert rel_err(padded[i, :len(r)], alone) <= 1e-5
+
+
+def test_kv_cached_decode_equals_full_forward(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  rng = np.random.default_rng(2)
+  rows = [rng.integers(0, 320, size=n) for n in (9, 4, 15)]
+  new = rng.integers(0, 320, size=(3, 6))
+  ids, mask = left_pad(rows)
+  prefill = jax.jit(lambda m, i, k: m.prefill(i, k, ids.shape[1] + new.shape[1]))
+  decode = jax.jit(lambda m, tok, c: m.decode(tok, c))
+  logits, cache = prefill(model, jnp.asarray(ids), jnp.asarray(mask))
+  steps = [logits]
+  for t in range(new.shape[1]):
+    logits, cache = decode(model, jnp.asarray(new[:, t]), cache)
+    steps.append(logits)
+  cached = np.stack([np.asarray(s) for s in steps], axis=1)  # [B, 1 + new, V]
+  assert int(cache.end) == ids.shape[1] + new.shape[1]
+  for i, row in enumerate(rows):
+    full = np.asarray(model(jnp.asarray(np.concatenate([row, new[i]])[None])))[0]
+    assert rel_err(cached[i], full[len(row) - 1:]) <= 1e-5
+
+
+def test_chunked_prefill_through_step_equals_one_prefill(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  ids = np.random.default_rng(3).integers(0, 320, size=(2, 24))
+  cache = model.init_cache(2, 32)
+  first, cache = model.step(jnp.asarray(ids[:, :10]), cache)
+  second, cache = model.step(jnp.asarray(ids[:, 10:]), cache)
+  full = np.asarray(model(jnp.asarray(ids)))
+  assert rel_err(np.concatenate([first, second], axis=1), full) <= 1e-5
+
+
+def test_causality_future_positions_get_zero_gradient(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  t = 12
+  x_BTD = model.embed(jnp.arange(t)[None] + 5)
+  positions = jnp.arange(t)[None]
+  mask = jnp.tril(jnp.ones((t, t), bool))[None]
+
+  def logit_sum_at(x, q):
+    h, _ = model.hidden(x, positions, mask)
+    return model.logits(h)[0, q].sum()
+
+  for q in (0, 5, t - 1):
+    grad = np.asarray(jax.grad(logit_sum_at)(x_BTD, q))[0]
+    assert np.all(grad[q + 1:] == 0.0), f"position {q} depends on the future"
+    assert np.all(np.abs(grad[: q + 1]).sum(-1) > 0), f"position {q} ignores its past"
+
+
+def test_bf16_is_close_to_fp32(hf_checkpoint):
+  path, ref = hf_checkpoint
+  ids = np.random.default_rng(4).integers(0, 320, size=(1, 64))
+  expected = torch_logits(ref, ids)
+  bf16 = models.from_pretrained(path, dtype=jnp.bfloat16)
+  assert bf16.embed_tokens.embedding[...].dtype == jnp.bfloat16
+  out = bf16(jnp.asarray(ids))
+  assert out.dtype == jnp.float32  # logits are accumulated in fp32 whatever the compute dtype
+  assert np.all(np.isfinite(out))
+  assert rel_err(out, expected) < 5e-2
+  # Same argmax on nearly all positions.
+  assert np.mean(np.argmax(out, -1) == np.argmax(expected, -1)) > 0.9
+  # fp32 storage with bf16 compute also runs.
+  mixed = models.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  assert mixed.embed_tokens.embedding[...].dtype == jnp.float32
+  assert rel_err(mixed(jnp.asarray(ids)), expected) < 5e-2
+
+
+def test_unsupported_configs_fail_clearly():
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2)
+  with pytest.raises(ValueError, match="model_type 'qwen3' is not supported"):
+    models.config_from_hf(dict(base, model_type="qwen3"))
+  with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+    models.config_from_hf(dict(base, model_type="llama",
+                               rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+  with pytest.raises(ValueError, match="sliding-window"):
+    models.config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True))
+  # Old-style top-level rope_theta and rope_scaling are read.
+  cfg = models.config_from_hf(dict(
+      base, model_type="llama", rope_theta=5e5,
+      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
+  assert cfg.rope_theta == 5e5 and cfg.rope_scaling.factor == 32.0

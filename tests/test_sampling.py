@@ -1,0 +1,133 @@
+"""The sampler without a proxy: HF greedy parity, EOS handling, sampling distribution, top-p/k."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from antidistill_jax import models, sampling
+
+
+@pytest.fixture(scope="module")
+def teacher(hf_checkpoint):
+  return models.from_pretrained(hf_checkpoint[0])
+
+
+def test_greedy_equals_transformers_generate(hf_checkpoint, teacher, tokenizer):
+  import torch
+  _, ref = hf_checkpoint
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 320, n).tolist() for n in (5, 23, 11)]
+  eos = [tokenizer.eos_token_id]
+  out = sampling.generate(teacher, prompts, max_new_tokens=20, tau=0.0, eos_ids=eos)
+  for p, ours in zip(prompts, out.tokens):
+    hf = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                      max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert ours == hf[0, len(p):].tolist()
+
+
+def test_eos_rows_stop_and_report_lengths(teacher):
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40]]
+  free = sampling.generate(teacher, prompts, max_new_tokens=12, tau=0.0)
+  assert list(free.lengths) == [12, 12, 12] and not free.finished.any()
+  # Make the 4th greedy token of row 0 and the 2nd of row 1 end their rows.
+  eos = (free.tokens[0][3], free.tokens[1][1])
+  out = sampling.generate(teacher, prompts, max_new_tokens=12, tau=0.0, eos_ids=eos, pad_id=0)
+  for row, ours in zip(free.tokens, out.tokens):
+    cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+    assert ours == row[:cut]  # EOS included, nothing after it
+  assert out.finished[0] and out.finished[1]
+  assert out.lengths[0] <= 4 and out.lengths[1] <= 2
+  assert [len(lp) for lp in out.logprobs] == list(out.lengths)
+
+
+def test_teacher_logprobs_are_the_models_own(teacher):
+  prompt = [3, 14, 15, 92, 65]
+  out = sampling.generate(teacher, [prompt], max_new_tokens=6, tau=1.0, seed=1)
+  seq = jnp.asarray([prompt + out.tokens[0]])
+  logp = jax.nn.log_softmax(teacher(seq)[0], -1)
+  expected = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.tokens[0])]
+  np.testing.assert_allclose(out.logprobs[0], expected, atol=1e-4)
+
+
+def test_sample_is_independent_of_batching(teacher):
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, 320, n).tolist() for n in (4, 9, 6, 13, 2)]
+  kw = dict(max_new_tokens=10, tau=1.0, top_p=0.9, seed=7)
+  whole = sampling.generate(teacher, prompts, **kw)
+  chunked = sampling.generate(teacher, prompts, batch_size=2, **kw)
+  resumed = sampling.generate(teacher, prompts[3:], first_row=3, **kw)
+  assert whole.tokens == chunked.tokens
+  assert whole.tokens[3:] == resumed.tokens
+  assert sampling.generate(teacher, prompts, **dict(kw, seed=8)).tokens != whole.tokens
+
+
+def test_sharded_batch_equals_single_device(teacher):
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(6)
+  prompts = [rng.integers(0, 320, n).tolist() for n in (4, 9, 6, 13, 2, 7)]
+  kw = dict(max_new_tokens=8, tau=1.0, seed=3)
+  assert (sampling.generate(teacher, prompts, mesh=mesh, **kw).tokens
+          == sampling.generate(teacher, prompts, **kw).tokens)
+
+
+def _first_token_freqs(teacher, prompt, n, **kw):
+  out = sampling.generate(teacher, [prompt] * n, max_new_tokens=1, seed=11, **kw)
+  counts = np.bincount([t[0] for t in out.tokens], minlength=teacher.config.vocab_size)
+  return counts / n
+
+
+def _tv(p, q):
+  return 0.5 * np.abs(p - q).sum()
+
+
+def test_first_token_frequencies_match_the_distribution(teacher):
+  prompt = [7, 8, 9, 10]
+  z = np.asarray(teacher(jnp.asarray([prompt]))[0, -1], np.float64)
+  n = 4000
+  for tau in (0.7, 1.5):
+    expected = np.exp(z / tau - np.max(z / tau))
+    expected /= expected.sum()
+    freqs = _first_token_freqs(teacher, prompt, n, tau=tau)
+    # Total variation of an n-sample empirical distribution concentrates well below this.
+    support = np.sum(expected > 1e-4)
+    assert _tv(freqs, expected) < 1.5 * np.sqrt(support / n), tau
+
+
+def test_top_p_removes_exactly_the_tail():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, None, 0.8)))
+  # 0.5 + 0.3 reaches 0.8: the third token is not needed.
+  assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, None, 0.81)))
+  assert kept.tolist() == [[True, True, True, False], [False, True, True, True]]
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, None, 0.3)))
+  assert kept.sum(1).tolist() == [1, 1]  # the top token always survives
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, None)))
+  assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+def test_top_p_sampling_frequencies(teacher):
+  prompt = [7, 8, 9, 10]
+  z = np.asarray(teacher(jnp.asarray([prompt]))[0, -1], np.float64)
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p)
+  keep = order[: np.searchsorted(np.cumsum(p[order]), 0.9) + 1]
+  expected = np.zeros_like(p)
+  expected[keep] = p[keep] / p[keep].sum()
+  n = 4000
+  freqs = _first_token_freqs(teacher, prompt, n, tau=1.0, top_p=0.9)
+  assert freqs[np.setdiff1d(np.arange(len(p)), keep)].sum() == 0.0
+  assert _tv(freqs, expected) < 1.5 * np.sqrt(len(keep) / n)
+
+
+def test_bad_arguments_fail_clearly(teacher):
+  with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings"):
+    sampling.generate(teacher, [[1] * 2000], max_new_tokens=100)
+  with pytest.raises(ValueError, match="empty prompt"):
+    sampling.generate(teacher, [[1], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match="needs a proxy model and its gradient"):
+    sampling.generate(teacher, [[1]], max_new_tokens=4, lam=1.0)
+  with pytest.raises(ValueError, match="placement='logits'"):
+    sampling.generate(teacher, [[1]], max_new_tokens=4, placement="logits")
