@@ -53,6 +53,7 @@ class DecodeSettings:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   vocab_size: int | None = None  # ids >= vocab_size are never sampled (None: all rows)
+  fd_stacked: bool = True  # fd: one vmapped call over stacked (theta+, theta-), else two calls
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -160,7 +161,8 @@ def _pad_delta(delta_BW, vocab):
 class _Proxies:
   """Prefill/decode of the proxy side, returning Delta [B, W] at each step.
 
-  fd:  state = (theta+, theta-) stacked on a leading axis of 2, one vmapped call per step.
+  fd:  state = (theta+, theta-), stacked on a leading axis of 2 for one vmapped call per step
+       (fd_stacked) or a pair for two calls; each copy has its own cache.
   jvp: state = (theta, g); the cache carries its tangent.
   """
 
@@ -170,21 +172,25 @@ class _Proxies:
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
 
-  def prefill(self, state, ids_BP, mask_BP, max_len):
-    if self.s.method == "fd":
-      run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
-      z_2BV, cache = jax.vmap(run)(state)
+  def _fd(self, run, state, *cache):
+    """Runs both perturbed copies: returns Delta and their caches."""
+    if self.s.fd_stacked:
+      z_2BV, cache = jax.vmap(run)(state, *cache)
       return _fd_delta(z_2BV[0], z_2BV[1], self.s.eps), cache
-    theta, g = state
+    (z_plus, c_plus), (z_minus, c_minus) = (run(state[i], *(c[i] for c in cache)) for i in (0, 1))
+    return _fd_delta(z_plus, z_minus, self.s.eps), (c_plus, c_minus)
+
+  def prefill(self, state, ids_BP, mask_BP, max_len):
     run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
+    if self.s.method == "fd":
+      return self._fd(run, state)
+    theta, g = state
     (_, cache), (dz_BV, dcache) = jax.jvp(run, (theta,), (g,))
     return dz_BV, (cache, (dcache.k, dcache.v))
 
   def decode(self, state, token_B, cache):
     if self.s.method == "fd":
-      run = lambda st, c: self._model(st).decode(token_B, c)
-      z_2BV, cache = jax.vmap(run)(state, cache)
-      return _fd_delta(z_2BV[0], z_2BV[1], self.s.eps), cache
+      return self._fd(lambda st, c: self._model(st).decode(token_B, c), state, cache)
     theta, g = state
     cache, (dk, dv) = cache
 
@@ -196,6 +202,30 @@ class _Proxies:
 
     (_, (k, v)), (dz_BV, (dk, dv)) = jax.jvp(run, (theta, (cache.k, cache.v)), (g, (dk, dv)))
     return dz_BV, (dataclasses.replace(cache, k=k, v=v, end=cache.end + 1), (dk, dv))
+
+
+def delta(proxy: Transformer, grad, input_ids_BT, *, eps: float = 1e-2, method: str = "fd",
+          pad_mask_BT=None) -> jax.Array:
+  """Delta [B, V] (fp32) at the last position of each row, by a full forward (no cache).
+
+  The analysis entry point: fd gives [log p(.; theta+eps g) - log p(.; theta-eps g)] / 2eps,
+  jvp the exact derivative of log p(.; theta) along g. Rows may be left-padded (pad_mask_BT).
+  """
+  from antidistill_jax import gradients
+  gradients.check_compatible(proxy, grad)
+  graphdef, theta = nnx.split(proxy)
+  ids = jnp.asarray(input_ids_BT)
+
+  def logp_last(state):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(ids, pad_mask_BT)[:, -1], axis=-1)
+
+  if method == "fd":
+    plus, minus = perturbed_states(theta, grad, eps)
+    return (logp_last(plus) - logp_last(minus)) / (2.0 * eps)
+  if method == "jvp":
+    g = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta)
+    return jax.jvp(logp_last, (theta,), (g,))[1].astype(jnp.float32)
+  raise ValueError(f"method={method!r}; expected one of {METHODS}.")
 
 
 # -- the compiled program ---------------------------------------------------------------------
@@ -264,13 +294,85 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One decode program: static settings, the split teacher and the prepared proxy side.
+
+  Calling it on a batch (ids, mask, row keys) runs the jitted prefill + scan; `lower` exposes
+  the compiled program (memory analysis, HLO) for benchmarks.
+  """
+  settings: DecodeSettings
+  teacher_def: Any
+  teacher_state: Any
+  proxy_def: Any = None
+  proxy_state: Any = None
+
+  def _args(self, ids_BP, mask_BP, row_keys_B):
+    return (self.teacher_def, self.teacher_state, self.proxy_def, self.proxy_state, ids_BP,
+            mask_BP, row_keys_B)
+
+  def __call__(self, ids_BP, mask_BP, row_keys_B):
+    return _decode_program(*self._args(ids_BP, mask_BP, row_keys_B), s=self.settings)
+
+  def lower(self, ids_BP, mask_BP, row_keys_B):
+    return _decode_program.lower(*self._args(ids_BP, mask_BP, row_keys_B), s=self.settings)
+
+
+def build_program(teacher: Transformer, *, max_new_tokens: int, tau: float = 1.0,
+                  top_p: float | None = None, top_k: int | None = None,
+                  eos_ids: Sequence[int] = (), pad_id: int = 0,
+                  proxy: Transformer | None = None, grad: Any = None, lam: float = 0.0,
+                  eps: float = 1e-2, method: str = "fd", placement: str = "paper",
+                  vocab_size: int | None = None, fd_stacked: bool = True) -> Program:
+  """Validates the settings and prepares the proxy side once (theta +- eps g, or (theta, g));
+  see `generate` for the arguments."""
+  proxy_def = proxy_state = None
+  if lam != 0.0:
+    if proxy is None or grad is None:
+      raise ValueError(f"lam={lam} needs a proxy model and its gradient (grad=...).")
+    from antidistill_jax import gradients  # the proxy side only
+    from antidistill_jax.tokenizer import shared_vocab_size
+    gradients.check_compatible(proxy, grad)
+    shared = shared_vocab_size(teacher.config, proxy.config)
+    vocab_size = shared if vocab_size is None else min(vocab_size, shared)
+    proxy_def, theta = nnx.split(proxy)
+    if method == "fd":
+      plus, minus = perturbed_states(theta, grad, eps)
+      proxy_state = (jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus) if fd_stacked
+                     else (plus, minus))
+    else:
+      proxy_state = (theta, jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta))
+  s = DecodeSettings(max_new_tokens=max_new_tokens, tau=float(tau), top_p=top_p, top_k=top_k,
+                     lam=float(lam), eps=float(eps), method=method, placement=placement,
+                     eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                     vocab_size=vocab_size, fd_stacked=fd_stacked)
+  teacher_def, teacher_state = nnx.split(teacher)
+  return Program(s, teacher_def, teacher_state, proxy_def, proxy_state)
+
+
+def batch_inputs(prompts: Sequence[Sequence[int]], *, rows: int, seed: int, first_row: int = 0,
+                 pad_id: int = 0, prompt_multiple: int = 16, mesh: Mesh | None = None):
+  """Left-padded ids and mask [rows, P] and per-row keys [rows] for one batch; with a mesh,
+  placed with the batch sharded over `data`."""
+  length = _round_up(max(len(p) for p in prompts), prompt_multiple)
+  ids, mask = left_pad(prompts, pad_id, length, rows)
+  row_idx = jnp.asarray(first_row + np.arange(rows), jnp.uint32)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_idx)
+  arrays = (jnp.asarray(ids), jnp.asarray(mask), keys)
+  if mesh is not None:
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    arrays = tuple(jax.device_put(x, data) for x in arrays)
+  return arrays
+
+
 def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              tau: float = 1.0, top_p: float | None = None, top_k: int | None = None,
              seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
              proxy: Transformer | None = None, grad: Any = None, lam: float = 0.0,
              eps: float = 1e-2, method: str = "fd", placement: str = "paper",
              vocab_size: int | None = None, batch_size: int | None = None,
-             prompt_multiple: int = 16, first_row: int = 0, mesh: Mesh | None = None) -> Generation:
+             prompt_multiple: int = 16, first_row: int = 0, mesh: Mesh | None = None,
+             fd_stacked: bool = True) -> Generation:
   """Samples continuations of `prompts` (token-id lists, any lengths) from the teacher,
   antidistilled by `proxy` along `grad` when lam != 0.
 
@@ -281,56 +383,33 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
   vocab_size: ids that may be sampled (default: the shared vocab of teacher and proxy when a
     proxy is used, else every teacher row).
   mesh: shards each batch over its `data` axis (batch padded to a multiple of its size).
+  fd_stacked: run the two fd proxies as one vmapped call (default; see bench/sampling.py).
   """
   if not prompts:
     return Generation([], [], np.zeros((0,), bool))
   if any(len(p) == 0 for p in prompts):
     raise ValueError("empty prompt: every prompt needs at least one token.")
-  cfg = teacher.config
   longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens > cfg.max_position_embeddings:
+  limit = teacher.config.max_position_embeddings
+  if longest + max_new_tokens > limit:
     raise ValueError(
         f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the teacher's "
-        f"max_position_embeddings={cfg.max_position_embeddings}; drop or truncate long prompts "
+        f"max_position_embeddings={limit}; drop or truncate long prompts "
         "(data.prompts does it with max_prompt_length).")
-  proxy_def = proxy_state = None
-  if lam != 0.0:
-    if proxy is None or grad is None:
-      raise ValueError(f"lam={lam} needs a proxy model and its gradient (grad=...).")
-    from antidistill_jax import gradients  # the proxy side only
-    from antidistill_jax.tokenizer import shared_vocab_size
-    gradients.check_compatible(proxy, grad)
-    shared = shared_vocab_size(cfg, proxy.config)
-    vocab_size = shared if vocab_size is None else min(vocab_size, shared)
-    proxy_def, theta = nnx.split(proxy)
-    if method == "fd":
-      plus, minus = perturbed_states(theta, grad, eps)
-      proxy_state = jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus)
-    else:
-      proxy_state = (theta, jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta))
-  s = DecodeSettings(max_new_tokens=max_new_tokens, tau=float(tau), top_p=top_p, top_k=top_k,
-                     lam=float(lam), eps=float(eps), method=method, placement=placement,
-                     eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                     vocab_size=vocab_size)
-  teacher_def, teacher_state = nnx.split(teacher)
-
+  program = build_program(teacher, max_new_tokens=max_new_tokens, tau=tau, top_p=top_p,
+                          top_k=top_k, eos_ids=eos_ids, pad_id=pad_id, proxy=proxy, grad=grad,
+                          lam=lam, eps=eps, method=method, placement=placement,
+                          vocab_size=vocab_size, fd_stacked=fd_stacked)
   batch_size = batch_size or len(prompts)
   shards = mesh.shape["data"] if mesh is not None else 1
   rows = _round_up(min(batch_size, len(prompts)), shards)
-  base_key = jax.random.key(seed)
   out_tokens, out_logp, out_done = [], [], []
   t0, n_tokens = time.time(), 0
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    ids, mask = left_pad(chunk, pad_id, _round_up(max(len(p) for p in chunk), prompt_multiple), rows)
-    row_idx = first_row + start + np.arange(rows)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.asarray(row_idx, jnp.uint32))
-    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    if mesh is not None:
-      data = NamedSharding(mesh, PartitionSpec("data"))
-      ids, mask, keys = (jax.device_put(x, data) for x in (ids, mask, keys))
-    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = jax.device_get(_decode_program(
-        teacher_def, teacher_state, proxy_def, proxy_state, ids, mask, keys, s=s))
+    batch = batch_inputs(chunk, rows=rows, seed=seed, first_row=first_row + start, pad_id=pad_id,
+                         prompt_multiple=prompt_multiple, mesh=mesh)
+    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = jax.device_get(program(*batch))
     if first_bad >= 0:
       raise FloatingPointError(
           f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
@@ -344,7 +423,6 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
       out_logp.append(logp_NB[:n, i].astype(np.float32))
       out_done.append(bool(done_B[i]))
       n_tokens += n
-    rate = n_tokens / max(time.time() - t0, 1e-9)
-    logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)",
-                 start + len(chunk), len(prompts), n_tokens, rate)
+    logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)", start + len(chunk),
+                 len(prompts), n_tokens, n_tokens / max(time.time() - t0, 1e-9))
   return Generation(out_tokens, out_logp, np.array(out_done, bool))

@@ -37,12 +37,13 @@ def _randomize(model, seed: int):
         p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]))
 
 
-def build_hf_checkpoint(path, model_type: str, tokenizer, seed: int = 0, **overrides):
+def build_hf_checkpoint(path, model_type: str, tokenizer, seed: int = 0, vocab_size: int = 384,
+                        **overrides):
   """A random HF model saved with transformers' own save_pretrained (the reference writer)."""
   import torch
   import transformers
   torch.manual_seed(seed)
-  hf = tiny.tiny_hf_config(model_type, vocab_size=384, eos_token_id=tokenizer.eos_token_id,
+  hf = tiny.tiny_hf_config(model_type, vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, **overrides)
   config = transformers.AutoConfig.for_model(**hf)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -83,3 +84,20 @@ def torch_logits(model, ids) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.tensor(np.asarray(ids))).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def teacher_proxy_dirs(tmp_path_factory, tokenizer):
+  """A Qwen2 teacher (384 rows) and a smaller Qwen2 proxy (352 rows) sharing one tokenizer."""
+  root = tmp_path_factory.mktemp("pair")
+  build_hf_checkpoint(root / "teacher", tokenizer=tokenizer, seed=2, **QWEN2)
+  build_hf_checkpoint(root / "proxy", tokenizer=tokenizer, seed=3, vocab_size=352,
+                      **dict(QWEN2, hidden_size=32, intermediate_size=64))
+  return str(root / "teacher"), str(root / "proxy")
+
+
+def random_examples(n: int, seed: int = 0, vocab: int = VOCAB):
+  """(prompt ids, completion ids) pairs of varied lengths."""
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, vocab, rng.integers(3, 12)).tolist(),
+           rng.integers(0, vocab, rng.integers(2, 20)).tolist()) for _ in range(n)]

@@ -1,0 +1,130 @@
+"""Decode throughput and memory of plain, ADS-fd (stacked and paired) and ADS-jvp sampling.
+
+  python bench/sampling.py                                   # tiny random models, 4:1 params
+  python bench/sampling.py --teacher=DIR --proxy=DIR --dtype=bfloat16 --batch_sizes=1,16,64
+
+For each mode and batch size: tokens/s of the compiled prefill + scan (compile excluded, the
+best of --repeats runs), the compiled program's memory (arguments + temporaries, from XLA's
+memory analysis, so it works on CPU too) and, where the device reports it, peak device memory.
+The ADS overhead (plain tokens/s / ADS tokens/s) is printed next to the FLOP-proportional
+ideal 1 + 2 C_proxy / C_teacher (the proxy's two passes). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from antidistill_jax import gradients, models, sampling, tiny
+
+_TEACHER = flags.DEFINE_string("teacher", "", "teacher HF dir (default: tiny random)")
+_PROXY = flags.DEFINE_string("proxy", "", "proxy HF dir (default: tiny random)")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "compute and parameter dtype")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "batch sizes")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "prompt tokens")
+_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generated tokens per row")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per cell (best is kept)")
+_MODES = flags.DEFINE_list("modes", ["plain", "fd", "fd_pair", "jvp"], "modes to run")
+_OUT = flags.DEFINE_string("out", "bench/results_sampling.json", "JSON output path")
+
+# Tiny teacher and proxy whose non-embedding parameter counts are 4:1.
+TEACHER_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2)
+PROXY_CFG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=1)
+
+
+def flops_per_token(cfg: models.ModelConfig) -> float:
+  """2 x the parameters a token passes through (the embedding lookup is free; the unembedding
+  matrix is counted once, tied or not)."""
+  lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
+  return 2.0 * (cfg.num_params() - lookup)
+
+
+def load_pair(tmp: str, dtype):
+  if _TEACHER.value:
+    return (models.from_pretrained(_TEACHER.value, dtype=dtype),
+            models.from_pretrained(_PROXY.value or _TEACHER.value, dtype=dtype))
+  tok = tiny.train_tokenizer(vocab_size=512)
+  paths = [tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed, **cfg)
+           for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
+  return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
+
+
+def run_cell(program, prompts, rows, repeats):
+  batch = sampling.batch_inputs(prompts, rows=rows, seed=0)
+  compiled = program.lower(*batch).compile()
+  mem = compiled.memory_analysis()
+  mem_bytes = None
+  if mem is not None:
+    mem_bytes = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)
+  jax.block_until_ready(program(*batch))  # warm-up (and cache hit for the jit)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(program(*batch))
+    best = min(best, time.perf_counter() - start)
+  stats = jax.devices()[0].memory_stats() or {}
+  return best, mem_bytes, stats.get("peak_bytes_in_use")
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(_DTYPE.value)
+  with tempfile.TemporaryDirectory() as tmp:
+    teacher, proxy = load_pair(tmp, dtype)
+  rng = np.random.default_rng(0)
+  vocab = min(teacher.config.vocab_size, proxy.config.vocab_size)
+  examples = [(rng.integers(0, vocab, 32).tolist(), rng.integers(0, vocab, 64).tolist())
+              for _ in range(4)]
+  grad, _ = gradients.proxy_gradient(proxy, examples, micro_batch_size=4)
+  c_t, c_p = flops_per_token(teacher.config), flops_per_token(proxy.config)
+  ideal = 1.0 + 2.0 * c_p / c_t
+  modes = {
+      "plain": dict(),
+      "fd": dict(proxy=proxy, grad=grad, lam=1.0, method="fd"),
+      "fd_pair": dict(proxy=proxy, grad=grad, lam=1.0, method="fd", fd_stacked=False),
+      "jvp": dict(proxy=proxy, grad=grad, lam=1.0, method="jvp"),
+  }
+  results = []
+  for b in map(int, _BATCH_SIZES.value):
+    prompts = [rng.integers(0, vocab, _PROMPT_LEN.value).tolist() for _ in range(b)]
+    plain_rate = None
+    for mode in _MODES.value:
+      program = sampling.build_program(teacher, max_new_tokens=_NEW_TOKENS.value, tau=1.0,
+                                       top_p=0.95, **modes[mode])
+      seconds, mem_bytes, peak = run_cell(program, prompts, b, _REPEATS.value)
+      rate = b * _NEW_TOKENS.value / seconds
+      plain_rate = rate if mode == "plain" else plain_rate
+      results.append(dict(mode=mode, batch=b, tokens_per_s=rate, seconds=seconds,
+                          program_bytes=mem_bytes, peak_device_bytes=peak,
+                          overhead=(plain_rate / rate) if plain_rate else None))
+  report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
+                num_devices=jax.device_count(), dtype=dtype.name,
+                teacher_params=teacher.config.num_params(), proxy_params=proxy.config.num_params(),
+                flops_ratio_proxy_teacher=c_p / c_t, ideal_overhead=ideal,
+                prompt_len=_PROMPT_LEN.value, max_new_tokens=_NEW_TOKENS.value, results=results)
+  print(f"device: {report['device']} ({report['platform']}), dtype {dtype.name}, teacher "
+        f"{report['teacher_params'] / 1e6:.2f}M / proxy {report['proxy_params'] / 1e6:.2f}M "
+        f"params, ideal ADS overhead 1 + 2*C_p/C_t = {ideal:.2f}")
+  print(f"{'mode':8} {'batch':>5} {'tokens/s':>10} {'overhead':>8} {'program MiB':>11} {'peak MiB':>9}")
+  for r in results:
+    overhead = f"{r['overhead']:.2f}" if r["overhead"] else "-"
+    mib = lambda x: f"{x / 2**20:.1f}" if x else "-"
+    print(f"{r['mode']:8} {r['batch']:5d} {r['tokens_per_s']:10.1f} {overhead:>8} "
+          f"{mib(r['program_bytes']):>11} {mib(r['peak_device_bytes']):>9}")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  app.run(main)
