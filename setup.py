@@ -21,6 +21,8 @@ setuptools.setup(
         "jinja2>=3.1",
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.7",
+        "pyarrow>=14",  # parquet sources (MATH, MMLU, GSM8K-Platinum)
+        "math-verify>=0.7",  # MATH grading
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",

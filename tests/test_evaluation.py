@@ -1,0 +1,151 @@
+"""Grading: GSM8K numbers, MATH through math-verify (and its fallback), MMLU letters, answer
+forcing, accuracy."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from antidistill_jax import evaluation as ev
+
+GSM8K_TEST = os.path.join(os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"), "test.jsonl")
+
+
+@pytest.mark.parametrize("text, number", [
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
+    ("#### 1,080", "1080"),
+    ("So she pays \\boxed{\\$1,250.00} in total.", "1250"),
+    ("The answer is \\boxed{18\\%}.", "18"),
+    ("\\boxed{2 \\times 9 = 18 \\text{ dollars}}", "18"),
+    ("The temperature drops to -5 degrees.", "-5"),
+    ("It costs $5.0.", "5"),
+    ("She has 3-4 apples, so 0.50 each.", "0.5"),
+    ("#### 12\nThen 7 more words.", "12"),
+    ("Twelve of them.", None),
+])
+def test_gsm8k_extraction(text, number):
+  assert ev.extract_answer("gsm8k", text) == number
+
+
+def test_gsm8k_compare():
+  gold = "He earns 5 * 200 = <<5*200=1000>>1000 dollars.\n#### 1,000"
+  assert ev.is_correct("gsm8k", gold, "So he makes $1000.")
+  assert ev.is_correct("gsm8k", gold, "The answer is \\boxed{1,000.00}")
+  assert not ev.is_correct("gsm8k", gold, "The answer is \\boxed{100}. Later 1000.")
+  assert not ev.is_correct("gsm8k", gold, "I cannot tell.")
+  assert ev.is_correct("gsm8k", "#### -3", "the change is \\boxed{-3}")
+  assert not ev.is_correct("gsm8k", "#### -3", "the change is \\boxed{3}")
+
+
+@pytest.mark.skipif(not os.path.isfile(GSM8K_TEST),
+                    reason=f"{GSM8K_TEST} not found (set ANTIDISTILL_GSM8K_DIR)")
+def test_every_gsm8k_test_gold_grades_correct():
+  with open(GSM8K_TEST) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 1319
+  for row in rows:
+    solution = row["answer"]
+    number = int(solution.rsplit("####", 1)[1].replace(",", ""))
+    assert ev.is_correct("gsm8k", solution, solution), solution
+    assert ev.is_correct("gsm8k", solution, f"Step by step... The answer is \\boxed{{{number}}}.")
+    assert ev.is_correct("gsm8k", solution, f"In total ${number:,}.")
+    assert not ev.is_correct("gsm8k", solution, f"... The answer is \\boxed{{{number + 1}}}.")
+
+
+@pytest.mark.parametrize("gold, pred", [
+    ("\\frac{1}{2}", "0.5"), ("\\frac{1}{2}", "1/2"), ("\\frac12", "\\dfrac{1}{2}"),
+    ("\\sqrt{2}", "\\sqrt2"), ("3\\sqrt{2}", "\\sqrt{18}"), ("[2, 5)", "[2,5)"),
+    ("(-\\infty, 3]", "(-\\infty,3]"), ("x^2+2x+1", "(x+1)^2"), ("9\\pi", "9 \\pi"),
+    ("60^\\circ", "60"),
+])
+def test_math_equivalent(gold, pred):
+  solution = f"Therefore the answer is $\\boxed{{{gold}}}$."
+  assert ev.is_correct("math", solution, f"<think>work</think> So we get $\\boxed{{{pred}}}$.")
+
+
+@pytest.mark.parametrize("gold, pred", [
+    ("\\frac{1}{2}", "\\frac{1}{3}"), ("\\sqrt{2}", "2"), ("[2, 5)", "(2, 5)"),
+    ("x^2+2x+1", "(x-1)^2"), ("9\\pi", "9"),
+])
+def test_math_different(gold, pred):
+  assert not ev.is_correct("math", f"$\\boxed{{{gold}}}$", f"$\\boxed{{{pred}}}$")
+
+
+def test_math_no_box_and_nested_braces():
+  solution = "So $x = \\boxed{\\frac{\\sqrt{3}}{2}}$."
+  assert ev.extract_answer("math", solution) == "\\frac{\\sqrt{3}}{2}"
+  assert ev.is_correct("math", solution, "\\boxed{\\frac{\\sqrt3}{2}}")
+  assert not ev.is_correct("math", solution, "I think it is sqrt(3)/2")  # nothing boxed
+
+
+def test_math_falls_back_to_strings_when_math_verify_fails(monkeypatch):
+  from math_verify.errors import TimeoutException
+
+  def times_out(gold, pred):
+    raise TimeoutException("slow")
+
+  monkeypatch.setattr(ev, "_math_verify_equal", times_out)
+  assert ev.is_correct("math", "\\boxed{\\dfrac{1}{2}}", "\\boxed{\\frac{1}{2}.}")
+  assert not ev.is_correct("math", "\\boxed{\\frac{1}{2}}", "\\boxed{0.5}")
+
+
+def test_math_grading_in_a_thread():
+  # math-verify's SIGALRM timeout raises outside the main thread: graded by strings there.
+  results = []
+  thread = threading.Thread(target=lambda: results.extend([
+      ev.is_correct("math", "\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}"),
+      ev.is_correct("math", "\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{3}}")]))
+  thread.start()
+  thread.join()
+  assert results == [True, False]
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("... so \\boxed{B}", "B"), ("\\boxed{\\text{(C)}}", "C"), ("\\boxed{d}", "D"),
+    ("\\boxed{A. Paris}", "A"), ("The answer is (D).", "D"), ("Answer: A", "A"),
+    ("**Answer:** **B**", "B"), ("Option C is correct.", "C"),
+    ("A is wrong, B too. The answer is C", "C"), ("I am not sure.", None),
+])
+def test_mmlu_letters(text, letter):
+  assert ev.extract_answer("mmlu", text) == letter
+
+
+def test_mmlu_compare():
+  assert ev.is_correct("mmlu", "\\boxed{B}", "Paris is B. So the answer is \\boxed{B}")
+  assert not ev.is_correct("mmlu", "\\boxed{B}", "The answer is (C)")
+  assert not ev.is_correct("mmlu", "\\boxed{B}", "no idea")
+
+
+def test_dataset_names():
+  assert ev.grader("hendrycks_math") == "math"  # whole names: no split("_")[1]
+  assert ev.grader("GSM8K") == "gsm8k" and ev.grader("jsonl:/a/b_c.jsonl") == "math"
+  with pytest.raises(ValueError, match="unknown dataset"):
+    ev.grader("math_holdout")
+
+
+def test_answer_forcing():
+  assert ev.close_think("<think>so 17") == "<think>so 17\n</think>"
+  assert ev.close_think("so 17") == "so 17\n</think>"  # R1 templates open <think> in the prompt
+  assert ev.close_think("<think>a</think>The answer is 3.") == "<think>a</think>The answer is 3."
+  assert ev.close_think("<think>a</think> <think>b") == "<think>a</think> <think>b\n</think>"
+  assert ev.answer_forcing_prefix("<think>17").endswith("</think>" + ev.FORCE_ANSWER)
+  assert ev.FORCE_ANSWER == "\n\n**Final Answer**\n\\[\\boxed{"
+  text = ev.forced_completion_text("<think>5 + 13 is 17", "18}\n\\]")
+  assert text == "<think>5 + 13 is 17\n</think>\n\n**Final Answer**\n\\[\\boxed{18}\n\\]"
+  assert not ev.is_correct("gsm8k", "#### 18", "<think>5 + 13 is 17")
+  assert ev.is_correct("gsm8k", "#### 18", text)
+  assert ev.is_correct("gsm8k", "#### 18", ev.forced_completion_text("<think>17", "18"))  # cut
+  assert not ev.is_correct("gsm8k", "#### 18", ev.forced_completion_text("<think>17", "19}"))
+  # As in the reference, the trace before the forcing string counts too.
+  assert ev.is_correct("gsm8k", "#### 18", ev.forced_completion_text("\\boxed{18}", "19}"))
+  assert ev.is_correct("math", "\\boxed{\\frac12}", ev.forced_completion_text("x", "0.5}\n\\]"))
+  assert ev.is_correct("mmlu", "\\boxed{C}", ev.forced_completion_text("hmm", "C}\n\\]"))
+
+
+def test_accuracy():
+  solutions = ["#### 1", "#### 2", "#### 3", "#### 4"]
+  assert ev.accuracy("gsm8k", solutions, ["\\boxed{1}", "2", "\\boxed{4}", "no"]) == 0.5
+  with pytest.raises(ValueError, match="4 solutions but 3 completions"):
+    ev.accuracy("gsm8k", solutions, ["1", "2", "3"])
