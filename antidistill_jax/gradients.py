@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.pytrees import flatten, unflatten_like
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 
@@ -35,15 +36,20 @@ Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 # -- loss ----------------------------------------------------------------------------------
 
 
-def sequence_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> jax.Array:
-  """Per-row mean NLL [B] of the tokens where loss_mask_BT is 1 (0 for rows with none).
+def token_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> tuple[jax.Array, jax.Array]:
+  """NLL [B, T-1] of each next token and its weight [B, T-1] (loss_mask of the target, fp32).
 
   Token t is scored by the logits at t - 1; sequences are right-padded (pad_mask_BT = 0).
   """
   logits_BTV = model(ids_BT, pad_mask_BT)[:, :-1]
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   nll_BT = -jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
-  mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+  return nll_BT, loss_mask_BT[:, 1:].astype(jnp.float32)
+
+
+def sequence_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> jax.Array:
+  """Per-row mean NLL [B] of the tokens where loss_mask_BT is 1 (0 for rows with none)."""
+  nll_BT, mask_BT = token_nll(model, ids_BT, pad_mask_BT, loss_mask_BT)
   return jnp.sum(nll_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
 
 
@@ -121,19 +127,11 @@ def global_norm(tree) -> jax.Array:
 # -- identity and validation --------------------------------------------------------------
 
 
-def _flat(tree) -> dict[str, Any]:
-  """{'layers/0/mlp/up_proj/kernel': leaf} for an nnx.State or a flat dict."""
-  if isinstance(tree, dict) and all(isinstance(k, str) and "/" in k for k in tree):
-    return dict(tree)
-  return {"/".join(map(str, p)): v.get_value() if hasattr(v, "get_value") else v
-          for p, v in nnx.to_flat_state(tree)}
-
-
 def fingerprint(model: Transformer) -> str:
   """A short hash of a model's config and parameter values (shape, dtype, sum, sum of squares
   per leaf, rounded so that it is stable across devices)."""
   h = hashlib.sha256(model.config.hf_config_json.encode())
-  for name, x in sorted(_flat(nnx.state(model, nnx.Param)).items()):
+  for name, x in sorted(flatten(nnx.state(model, nnx.Param)).items()):
     x32 = jnp.asarray(x, jnp.float32)
     stats = f"{name}:{x.shape}:{x.dtype}:{float(jnp.sum(x32)):.5e}:{float(jnp.sum(x32 * x32)):.5e}"
     h.update(stats.encode())
@@ -142,8 +140,8 @@ def fingerprint(model: Transformer) -> str:
 
 def check_compatible(proxy: Transformer, grad) -> None:
   """Raises ValueError naming every leaf that is missing, extra, or mis-shaped in `grad`."""
-  want = {k: tuple(v.shape) for k, v in _flat(nnx.state(proxy, nnx.Param)).items()}
-  have = {k: tuple(v.shape) for k, v in _flat(grad).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(nnx.state(proxy, nnx.Param)).items()}
+  have = {k: tuple(v.shape) for k, v in flatten(grad).items()}
   missing = sorted(set(want) - set(have))
   extra = sorted(set(have) - set(want))
   shapes = sorted(f"{k}: gradient {have[k]} vs proxy {want[k]}"
@@ -162,7 +160,7 @@ def check_compatible(proxy: Transformer, grad) -> None:
 
 def save_gradient(path: str | os.PathLike[str], grad, metadata: dict[str, Any]) -> None:
   """Writes g (orbax, one array per parameter) and its metadata (JSON) under `path`."""
-  flat = _flat(grad)
+  flat = flatten(grad)
   meta = dict(metadata, leaves={k: list(v.shape) for k, v in flat.items()})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(os.path.abspath(os.fspath(path)),
@@ -191,13 +189,8 @@ def load_gradient(path: str | os.PathLike[str], proxy: Transformer, *,
         f"gradient at {path!r} was computed for proxy {meta.get('proxy_fingerprint')}, not "
         f"for this proxy ({fingerprint(proxy)}); recompute it, or pass check_fingerprint=False.")
   _, params = nnx.split(proxy)
-  target = {}
-  for p, var in nnx.to_flat_state(params):
-    x = var.get_value()
-    target["/".join(map(str, p))] = jax.ShapeDtypeStruct(x.shape, jnp.float32,
-                                                         sharding=getattr(x, "sharding", None))
+  target = {name: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=getattr(x, "sharding", None))
+            for name, x in flatten(params).items()}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     flat = ckpt.restore(path, args=ocp.args.Composite(grad=ocp.args.StandardRestore(target)))["grad"]
-  grad = nnx.from_flat_state([(p, var.replace(flat["/".join(map(str, p))]))
-                              for p, var in nnx.to_flat_state(params)])
-  return grad, meta
+  return unflatten_like(params, flat), meta

@@ -1,0 +1,350 @@
+"""The attacker's side: supervised fine-tuning (distillation) of a student on teacher traces.
+
+LoRA (through `nnx.LoRA`) on q, k, v, o, gate, up, down, or full fine-tuning; completion-only
+token-mean NLL; optax AdamW with linear warmup + cosine decay, global-norm clipping and
+gradient accumulation over micro-batches; the batch sharded over a mesh's `data` axis; the
+holdout loss every `eval_every` steps (train and holdout curves: the paper's Figure 5); orbax
+checkpoints so a killed run resumes and ends with the same parameters as an uninterrupted
+one (the data order is a pure function of seed and step). The reference settings are
+`DistillConfig()`'s defaults: r = alpha = 128, dropout 0, lr 5e-4, weight decay 0.1, clip 1.0,
+warmup 3%, batch 16, 3 epochs, max length 4096.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from antidistill_jax import gradients
+from antidistill_jax.models.checkpoint import abstract_model
+from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.pytrees import flatten, unflatten_like
+
+Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  lora_rank: int | None = 128  # None: full fine-tuning
+  lora_alpha: float = 128.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+  learning_rate: float = 5e-4
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  warmup_fraction: float = 0.03
+  epochs: int = 3
+  batch_size: int = 16  # examples per optimizer step
+  micro_batch_size: int = 4  # examples per forward/backward (gradient accumulation)
+  max_length: int = 4096  # longer sequences are truncated (completion end dropped)
+  length_multiple: int = 64  # sequence lengths are padded up to a multiple: few shapes compile
+  eval_every: int = 50
+  checkpoint_every: int = 50
+  seed: int = 0
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.batch_size % self.micro_batch_size:
+      raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
+                       f"micro_batch_size={self.micro_batch_size}.")
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+class LoRALinear(nnx.Module):
+  """base(x) + (alpha / r) * B(A(dropout(x))); the base kernel and bias are the original
+  Linear's own Params, so parameter paths (q_proj/kernel) and their sharding are unchanged and
+  the LoRA factors live under q_proj/lora."""
+
+  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, dropout: float,
+               rngs: nnx.Rngs):
+    self.kernel, self.bias = base.kernel, base.bias
+    self.dtype = base.dtype
+    self.lora = nnx.LoRA(base.in_features, rank, base.out_features, dtype=base.dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+    self.scale = alpha / rank
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def __call__(self, x_BTI):
+    dtype = self.dtype or x_BTI.dtype
+    y_BTO = jnp.einsum("...i,io->...o", x_BTI.astype(dtype), self.kernel[...].astype(dtype))
+    if self.bias is not None:
+      y_BTO = y_BTO + self.bias[...].astype(dtype)
+    h = self.dropout(x_BTI) if self.dropout is not None else x_BTI
+    return y_BTO + (self.scale * self.lora(h)).astype(dtype)
+
+  def merged_kernel(self):
+    """kernel + (alpha / r) A B, computed in fp32, in the kernel's dtype."""
+    kernel = self.kernel[...]
+    delta = self.scale * (self.lora.lora_a[...].astype(jnp.float32)
+                          @ self.lora.lora_b[...].astype(jnp.float32))
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _projections(model: Transformer, targets):
+  for layer in model.layers:
+    for parent in (layer.self_attn, layer.mlp):
+      for name in targets:
+        if hasattr(parent, name):
+          yield parent, name
+
+
+def add_lora(model: Transformer, *, rank: int, alpha: float, dropout: float = 0.0,
+             targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> Transformer:
+  """Wraps the target projections of every layer with LoRA (in place; returns the model).
+  B starts at zero, so the model's function is unchanged until it trains."""
+  unknown = set(targets) - set(LORA_TARGETS)
+  if unknown:
+    raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_TARGETS}.")
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  for parent, name in _projections(model, targets):
+    setattr(parent, name, LoRALinear(getattr(parent, name), rank=rank, alpha=alpha,
+                                     dropout=dropout, rngs=rngs))
+  return model
+
+
+def merge_lora(model: Transformer) -> Transformer:
+  """A plain Transformer (no LoRA modules) whose kernels hold base + (alpha/r) A B."""
+  flat = flatten(nnx.state(model, nnx.Param))
+  for li, layer in enumerate(model.layers):
+    for block in ("self_attn", "mlp"):
+      for name in LORA_TARGETS:
+        module = getattr(getattr(layer, block), name, None)
+        if isinstance(module, LoRALinear):
+          flat[f"layers/{li}/{block}/{name}/kernel"] = module.merged_kernel()
+  plain = abstract_model(model.config, model.dtype, model.embed_tokens.embedding[...].dtype)
+  graphdef, state = nnx.split(plain)
+  return nnx.merge(graphdef, unflatten_like(state, flat))
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def sft_examples(tokenizer, traces: Sequence[dict[str, Any]], *, system: str | None,
+                 max_length: int) -> list[Example]:
+  """Re-tokenizes teacher traces with the STUDENT's tokenizer and chat template: the prompt is
+  the (system, user) chat rendering of the problem, the completion the trace text plus the
+  student's EOS when the trace finished. Completions are cut to fit max_length."""
+  from antidistill_jax.data.prompts import user_message
+  from antidistill_jax.tokenizer import prompt_ids
+  out, cut = [], 0
+  for row in traces:
+    prompt = prompt_ids(tokenizer, user_message(row["problem"]), system=system)
+    completion = tokenizer.encode(row["completion"], add_special_tokens=False)
+    if row.get("finished", True) and tokenizer.eos_token_id is not None:
+      completion = completion + [tokenizer.eos_token_id]
+    room = max_length - len(prompt)
+    if room <= 0:
+      raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room under "
+                       f"max_length={max_length}; raise max_length or drop long prompts.")
+    cut += len(completion) > room
+    out.append((prompt, completion[:room]))
+  if cut:
+    logging.warning("truncated %d of %d completions to max_length=%d.", cut, len(out), max_length)
+  return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The example order of one epoch: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, config: DistillConfig, step: int) -> np.ndarray:
+  """Example indices of optimizer step `step` (0-based); the last batch of an epoch may be
+  short. Steps run through the epochs in order."""
+  per_epoch = -(-n // config.batch_size)
+  epoch, k = divmod(step, per_epoch)
+  order = epoch_order(n, config.seed, epoch)
+  return order[k * config.batch_size:(k + 1) * config.batch_size]
+
+
+def num_steps(n: int, config: DistillConfig) -> int:
+  return config.epochs * -(-n // config.batch_size)
+
+
+def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh):
+  """Fixed-shape right-padded micro-batches (ids, pad, loss) of the given examples."""
+  for start in range(0, len(indices), config.micro_batch_size):
+    chunk = [examples[i] for i in indices[start:start + config.micro_batch_size]]
+    longest = max(len(p) + len(c) for p, c in chunk)
+    length = min(-(-longest // config.length_multiple) * config.length_multiple,
+                 max(config.max_length, longest))
+    arrays = gradients.pack_examples(chunk, rows, length, config.pad_id)
+    arrays = tuple(jnp.asarray(a) for a in arrays)
+    if mesh is not None:
+      data = NamedSharding(mesh, PartitionSpec("data"))
+      arrays = tuple(jax.device_put(a, data) for a in arrays)
+    yield arrays
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+  warmup = int(config.warmup_fraction * total_steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=0.0)
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="acc")
+def _grad_step(graphdef, params, rngs, frozen, acc, ids_BT, pad_BT, loss_BT):
+  """acc + grad of the summed completion NLL of one micro-batch; also that sum, the number
+  of completion tokens, and the dropout RNG state after the call."""
+  def total(p, r):  # the RNG state is an argument: dropout advances it inside this trace
+    model = nnx.merge(graphdef, p, r, frozen, copy=True)  # fresh Variables of this trace
+    nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
+    return jnp.sum(nll_BT * mask_BT), nnx.state(model, nnx.RngState)
+  (value, new_rngs), grad = jax.value_and_grad(total, has_aux=True)(params, rngs)
+  return jax.tree.map(jnp.add, acc, grad), value, jnp.sum(loss_BT[:, 1:]), new_rngs
+
+
+@functools.partial(jax.jit, static_argnames="tx", donate_argnames=("params", "opt_state"))
+def _apply(tx, params, opt_state, grad_sum, n_tokens):
+  """One AdamW step on the token-mean gradient."""
+  grad = jax.tree.map(lambda g: g / jnp.maximum(n_tokens, 1.0), grad_sum)
+  updates, opt_state = tx.update(grad, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grad)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _eval_step(graphdef, params, rngs, frozen, ids_BT, pad_BT, loss_BT):
+  model = nnx.merge(graphdef, params, rngs, frozen)
+  model.eval()  # dropout off
+  nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
+  return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def split_student(model: Transformer, config: DistillConfig):
+  """(graphdef, trainable, rngs, frozen): LoRA factors (or every Param for full fine-tuning),
+  dropout RNG state, and everything else."""
+  return nnx.split(model, nnx.LoRAParam if config.lora_rank else nnx.Param, nnx.RngState, ...)
+
+
+def evaluate_loss(parts, examples: Sequence[Example], config: DistillConfig, *, rows: int,
+                  mesh: Mesh | None = None) -> float:
+  """Token-mean completion NLL of the student `parts` (from split_student) on examples."""
+  graphdef, params, rngs, frozen = parts
+  total, count = 0.0, 0.0
+  for batch in _micro_batches(examples, np.arange(len(examples)), config, rows, mesh):
+    s, c = _eval_step(graphdef, params, rngs, frozen, *batch)
+    total, count = total + float(s), count + float(c)
+  return total / max(count, 1.0)
+
+
+def distill(student: Transformer, train: Sequence[Example], holdout: Sequence[Example],
+            workdir: str, config: DistillConfig = DistillConfig(), *, mesh: Mesh | None = None,
+            max_steps: int | None = None) -> tuple[Transformer, list[dict[str, float]]]:
+  """Fine-tunes `student` (modified in place) on `train` (prompt ids, completion ids) pairs,
+  resuming from the latest checkpoint in workdir/checkpoints if there is one.
+
+  Returns the trained student with LoRA merged into plain kernels (ready for
+  models.save_pretrained) and the loss history, also written to workdir/curves.{json,png}.
+  max_steps stops early (the schedule still spans the whole run): a later call resumes.
+  """
+  if not train:
+    raise ValueError("distill needs at least one training example.")
+  if config.lora_rank:
+    add_lora(student, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+             targets=config.lora_targets, seed=config.seed)
+  graphdef, trainable, rngs, frozen = split_student(student, config)
+  total = num_steps(len(train), config)
+  end = total if max_steps is None else min(total, max_steps)
+  tx = make_optimizer(config, total)
+  # Checkpointed state: flat string-keyed dicts, which orbax stores and optax updates as is.
+  state = {"params": flatten(trainable), "rngs": flatten(rngs)}
+  state["opt_state"] = tx.init(state["params"])
+  history: list[dict[str, float]] = []
+  shards = mesh.shape["data"] if mesh is not None else 1
+  rows = -(-config.micro_batch_size // shards) * shards
+
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+      item_names=("state", "history"))
+  start = manager.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    state, history = restored["state"], restored["history"]["history"]
+    logging.info("resumed distillation at step %d of %d from %s", start, total, workdir)
+
+  t0, tokens = time.time(), 0
+  for step in range(start, end):
+    params = unflatten_like(trainable, state["params"])
+    step_rngs = unflatten_like(rngs, state["rngs"])
+    acc = jax.tree.map(jnp.zeros_like, params)
+    loss_sum, n_tok = 0.0, 0.0
+    for batch in _micro_batches(train, batch_indices(len(train), config, step), config, rows, mesh):
+      acc, s, c, step_rngs = _grad_step(graphdef, params, step_rngs, frozen, acc, *batch)
+      loss_sum, n_tok = loss_sum + float(s), n_tok + float(c)
+    new_params, opt_state, grad_norm = _apply(tx, state["params"], state["opt_state"],
+                                              flatten(acc), jnp.float32(n_tok))
+    state = {"params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state}
+    tokens += int(n_tok)
+    record = {"step": step + 1, "train_loss": loss_sum / max(n_tok, 1.0),
+              "grad_norm": float(grad_norm)}
+    if holdout and ((step + 1) % config.eval_every == 0 or step + 1 == total):
+      parts = (graphdef, unflatten_like(trainable, state["params"]), step_rngs, frozen)
+      record["holdout_loss"] = evaluate_loss(parts, holdout, config, rows=rows, mesh=mesh)
+    history.append(record)
+    logging.info("distill step %d/%d: %s (%.0f tokens/s)", step + 1, total,
+                 {k: round(v, 4) for k, v in record.items() if k != "step"},
+                 tokens / max(time.time() - t0, 1e-9))
+    if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+      manager.save(step + 1, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"history": history})))
+  manager.wait_until_finished()
+  manager.close()
+
+  nnx.update(student, unflatten_like(trainable, state["params"]),
+             unflatten_like(rngs, state["rngs"]))
+  write_curves(workdir, history)
+  return (merge_lora(student) if config.lora_rank else student), history
+
+
+# -- curves -----------------------------------------------------------------------------------
+
+
+def write_curves(workdir: str, history: Sequence[dict[str, float]]) -> None:
+  """workdir/curves.json and curves.png: train and holdout loss against the step."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "curves.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(list(history), f, indent=1)
+  os.replace(tmp, os.path.join(workdir, "curves.json"))
+  if not history:
+    return
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([r["step"] for r in history], [r["train_loss"] for r in history], label="train")
+  evals = [r for r in history if "holdout_loss" in r]
+  if evals:
+    ax.plot([r["step"] for r in evals], [r["holdout_loss"] for r in evals], "o-", label="holdout")
+  ax.set_xlabel("step")
+  ax.set_ylabel("completion NLL (nats/token)")
+  ax.set_title("student distillation")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "curves.png"), dpi=120)
+  plt.close(fig)

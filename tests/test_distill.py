@@ -1,0 +1,129 @@
+"""Student distillation: LoRA touches only LoRA factors, merged export parity with transformers,
+exact resume, sharded equals single-device, loss goes down, student re-tokenization."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from antidistill_jax import distill, gradients, models, tiny
+from antidistill_jax.pytrees import flatten
+from conftest import LLAMA, build_hf_checkpoint, random_examples, torch_logits
+
+SMALL = distill.DistillConfig(lora_rank=4, lora_alpha=8.0, learning_rate=1e-2, epochs=2,
+                              batch_size=4, micro_batch_size=2, eval_every=2,
+                              checkpoint_every=1, length_multiple=16, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tokenizer):
+  path = tmp_path_factory.mktemp("student")
+  build_hf_checkpoint(path, tokenizer=tokenizer, seed=5, **LLAMA)
+  return str(path)
+
+
+def _mean_loss(model, examples):
+  ids, pad, loss = gradients.pack_examples(examples, len(examples), 64)
+  nll, mask = gradients.token_nll(model, jnp.asarray(ids), jnp.asarray(pad), jnp.asarray(loss))
+  return float(jnp.sum(nll * mask) / jnp.sum(mask))
+
+
+def test_one_lora_step_changes_only_lora_params(student_dir, tmp_path):
+  student = models.from_pretrained(student_dir)
+  before = {k: np.asarray(v) for k, v in flatten(nnx.state(student, nnx.Param)).items()}
+  distill.distill(student, random_examples(8), [], str(tmp_path), SMALL, max_steps=1)
+  after = {k: np.asarray(v) for k, v in flatten(nnx.state(student, nnx.Param)).items()}
+  lora = sorted(k for k in after if "/lora/" in k)
+  assert len(lora) == 2 * 7 * student.config.num_layers  # A and B of q,k,v,o,gate,up,down
+  assert set(after) - set(lora) == set(before)
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+  assert all(np.any(after[k] != 0) for k in lora if k.endswith("lora_b"))  # B left zero init
+
+
+def test_merged_export_loads_in_transformers_with_the_same_logits(student_dir, tmp_path):
+  import torch
+  import transformers
+  student = models.from_pretrained(student_dir)
+  merged, _ = distill.distill(student, random_examples(8), [], str(tmp_path / "run"), SMALL,
+                              max_steps=3)
+  assert not any("/lora/" in k for k in flatten(nnx.state(merged, nnx.Param)))
+  ids = np.random.default_rng(0).integers(0, 320, size=(2, 24))
+  with_lora = np.asarray(student(jnp.asarray(ids)))
+  np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids))), with_lora,
+                             atol=1e-4 * np.abs(with_lora).max())
+  base = np.asarray(models.from_pretrained(student_dir)(jnp.asarray(ids)))
+  assert np.abs(with_lora - base).max() > 1e-3  # training changed the function
+  models.save_pretrained(merged, tmp_path / "export")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+  np.testing.assert_allclose(torch_logits(hf, ids), with_lora, atol=1e-4 * np.abs(with_lora).max())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_killed_then_resumed_run_equals_uninterrupted(student_dir, tmp_path, dropout):
+  config = dataclasses.replace(SMALL, lora_dropout=dropout)  # dropout: its RNG is resumed too
+  train, holdout = random_examples(10, seed=1), random_examples(3, seed=2)
+  full_model, full_hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                          str(tmp_path / "full"), config)
+  assert len(full_hist) == distill.num_steps(10, config) == 6
+  # "Kill" after 4 steps, then a fresh process-like restart in the same workdir.
+  distill.distill(models.from_pretrained(student_dir), train, holdout, str(tmp_path / "cut"),
+                  config, max_steps=4)
+  resumed_model, resumed_hist = distill.distill(models.from_pretrained(student_dir), train,
+                                                holdout, str(tmp_path / "cut"), config)
+  assert resumed_hist == full_hist
+  a, b = flatten(nnx.state(full_model, nnx.Param)), flatten(nnx.state(resumed_model, nnx.Param))
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]), err_msg=k)
+  curves = json.loads((tmp_path / "cut" / "curves.json").read_text())
+  assert curves == full_hist and any("holdout_loss" in r for r in curves)
+  assert (tmp_path / "cut" / "curves.png").stat().st_size > 0
+
+
+def test_sharded_batch_equals_single_device(student_dir, tmp_path):
+  train = random_examples(8, seed=3)
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  one, h1 = distill.distill(models.from_pretrained(student_dir), train, [], str(tmp_path / "a"),
+                            SMALL, max_steps=2)
+  two, h2 = distill.distill(models.from_pretrained(student_dir), train, [], str(tmp_path / "b"),
+                            SMALL, max_steps=2, mesh=mesh)
+  np.testing.assert_allclose([r["train_loss"] for r in h2], [r["train_loss"] for r in h1], rtol=1e-5)
+  for k, v in flatten(nnx.state(one, nnx.Param)).items():
+    w = np.asarray(flatten(nnx.state(two, nnx.Param))[k])
+    np.testing.assert_allclose(w, np.asarray(v), atol=1e-5 * np.abs(np.asarray(v)).max(), err_msg=k)
+
+
+@pytest.mark.parametrize("lora_rank", [8, None])
+def test_distilling_lowers_the_loss_on_the_traces(student_dir, tmp_path, lora_rank):
+  traces = random_examples(6, seed=4)
+  student = models.from_pretrained(student_dir)
+  before = _mean_loss(student, traces)
+  config = distill.DistillConfig(lora_rank=lora_rank, lora_alpha=16.0, epochs=8, batch_size=6,
+                                 micro_batch_size=3, learning_rate=1e-2 if lora_rank else 2e-3,
+                                 eval_every=100, checkpoint_every=100, length_multiple=16,
+                                 max_length=64)
+  trained, history = distill.distill(student, traces, traces, str(tmp_path), config)
+  after = _mean_loss(trained, traces)
+  assert after < 0.7 * before, (before, after)
+  assert history[-1]["holdout_loss"] == pytest.approx(after, rel=1e-4)
+
+
+def test_student_retokenizes_traces_with_its_own_template(tokenizer):
+  student_tok = tiny.train_tokenizer(vocab_size=400)  # another vocabulary than the teacher's
+  traces = [{"problem": "What is 2 + 3?", "completion": "2 + 3 = 5. #### 5", "finished": True},
+            {"problem": "What is 7 * 6?", "completion": "7 * 6 = 42 " * 30, "finished": False}]
+  out = distill.sft_examples(student_tok, traces, system="Be brief.", max_length=80)
+  prompt, completion = out[0]
+  assert student_tok.decode(prompt) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>"
+                                        "user\nWhat is 2 + 3?\n<|im_end|>\n<|im_start|>assistant\n")
+  assert completion[-1] == student_tok.eos_token_id
+  assert student_tok.decode(completion[:-1]) == "2 + 3 = 5. #### 5"
+  assert len(out[1][0]) + len(out[1][1]) == 80  # the unfinished long trace is cut, no EOS
+  assert out[1][1][-1] != student_tok.eos_token_id
+  with pytest.raises(ValueError, match="leaves no room under max_length=10"):
+    distill.sft_examples(student_tok, traces, system="Be brief.", max_length=10)
