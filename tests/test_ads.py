@@ -165,3 +165,14 @@ def test_fd_as_two_calls_equals_the_stacked_call(pair):
   kw = dict(max_new_tokens=10, tau=1.0, seed=9, proxy=proxy, grad=grad, lam=3.0)
   assert (sampling.generate(teacher, prompts, fd_stacked=False, **kw).tokens
           == sampling.generate(teacher, prompts, **kw).tokens)
+
+
+def test_lam_zero_compiles_no_proxy_work(pair):
+  teacher, proxy, grad = pair
+  batch = sampling.batch_inputs([[5, 6, 7]], rows=1, seed=0)
+  plain = sampling.build_program(teacher, max_new_tokens=4)
+  zero = sampling.build_program(teacher, max_new_tokens=4, proxy=proxy, grad=grad, lam=0.0)
+  ads = sampling.build_program(teacher, max_new_tokens=4, proxy=proxy, grad=grad, lam=1.0)
+  assert zero.proxy_state is None
+  assert zero.lower(*batch).as_text() == plain.lower(*batch).as_text()
+  assert ads.lower(*batch).as_text() != plain.lower(*batch).as_text()

@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from antidistill_jax.models import sharding as sharding_lib
 from antidistill_jax.models.config import ModelConfig, config_to_hf, load_config
 from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.pytrees import path_name, unflatten_like
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,13 +103,13 @@ def from_pretrained(path: str | os.PathLike[str], *, dtype=jnp.float32, param_dt
   param_dtype = jnp.dtype(param_dtype or dtype)
   model = abstract_model(cfg, dtype, param_dtype)
   graphdef, state = nnx.split(model)
-  flat = list(nnx.to_flat_state(state))
+  shapes = {path_name(p): (p, tuple(v.get_value().shape)) for p, v in nnx.to_flat_state(state)}
   files = _tensor_files(path)
 
-  wanted = {}  # HF name -> (flat index, transposed)
-  for i, (p, _) in enumerate(flat):
-    name, transposed = hf_name(p)
-    wanted[name] = (i, transposed)
+  wanted = {}  # HF name -> (our flat name, transposed)
+  for name, (p, _) in shapes.items():
+    hf, transposed = hf_name(p)
+    wanted[hf] = (name, transposed)
   unmapped = sorted(n for n in files if n not in wanted and not _IGNORED.match(n)
                     and not (n == "lm_head.weight" and cfg.tie_embeddings))
   missing = sorted(n for n in wanted if n not in files)
@@ -119,30 +120,27 @@ def from_pretrained(path: str | os.PathLike[str], *, dtype=jnp.float32, param_dt
         + (f"parameters with no tensor: {missing}." if missing else "")
         + " Check that config.json belongs to these weights and that every shard is present.")
 
-  values: list[Any] = [None] * len(flat)
-  for name, array in _read_tensors(files, wanted):
-    i, transposed = wanted[name]
-    p, var = flat[i]
-    expected = tuple(var.get_value().shape)
+  values: dict[str, Any] = {}
+  for hf, array in _read_tensors(files, wanted):
+    name, transposed = wanted[hf]
+    p, expected = shapes[name]
     shape = tuple(array.shape[::-1]) if transposed else tuple(array.shape)
     if shape != expected:
       hf_expected = expected[::-1] if transposed else expected
-      raise CheckpointError(f"tensor {name!r} in {path!r} has shape {tuple(array.shape)}, the "
-                            f"config implies {hf_expected} (parameter {'/'.join(map(str, p))}).")
+      raise CheckpointError(f"tensor {hf!r} in {path!r} has shape {tuple(array.shape)}, the "
+                            f"config implies {hf_expected} (parameter {name}).")
     if not np.all(np.isfinite(array.astype(np.float32))):
-      raise CheckpointError(f"tensor {name!r} in {path!r} holds NaN or inf values.")
+      raise CheckpointError(f"tensor {hf!r} in {path!r} holds NaN or inf values.")
     host = (array.T if transposed else array).astype(param_dtype)
     if mesh is None:
-      values[i] = jnp.asarray(host)
+      values[name] = jnp.asarray(host)
     else:
       s = sharding_lib.named_sharding(p, host.shape, mesh, rules)
-      values[i] = jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx])
+      values[name] = jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx])
     del array, host
-  for (p, var), value in zip(flat, values):
-    var.set_value(value)
   logging.info("loaded %s (%s, %.1fM parameters) from %s", cfg.model_type, param_dtype.name,
                cfg.num_params() / 1e6, path)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return nnx.merge(graphdef, unflatten_like(state, values))
 
 
 def _host(x: jax.Array) -> np.ndarray:
