@@ -15,6 +15,9 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "generate.py")
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG))
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() first (multi-host TPU/GPU jobs; "
+    "launch/tpu.sh sets it)")
 
 
 def run_generate(config) -> list[str]:
@@ -48,6 +51,11 @@ def run_generate(config) -> list[str]:
 
 def main(argv):
   del argv
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
+    logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+                 jax.device_count())
   run_generate(_CONFIG.value)
 
 

@@ -22,7 +22,7 @@ case "${1:-}" in
     ;;
   run)
     shift
-    ssh_all "cd ~/$REMOTE_DIR && .venv/bin/python -m antidistill_jax.main $*"
+    ssh_all "cd ~/$REMOTE_DIR && .venv/bin/python -m antidistill_jax.main --distributed $*"
     ;;
   *)
     echo "usage: $0 setup | run [flags...]" >&2; exit 2 ;;
