@@ -239,3 +239,44 @@ def accuracy(dataset: str, solutions: Sequence[str], completions: Sequence[str])
   if not solutions:
     raise ValueError("accuracy of no examples.")
   return sum(is_correct(dataset, s, c) for s, c in zip(solutions, completions)) / len(solutions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a model end to end.
+
+
+def evaluate(model, tokenizer, examples, out_dir, *, dataset: str, name: str = "eval",
+             **sampling_kwargs) -> dict:
+  """Generates and grades `model`'s traces on `examples`: out_dir/<name>.jsonl (+ .meta.json)
+  through `traces.generate_traces`, and a summary out_dir/<name>.json, which is returned.
+
+  sampling_kwargs go to generate_traces (max_new_tokens and batch_size are required). Students
+  are evaluated greedily, so tau defaults to 0; the teacher is evaluated with the settings of
+  its training traces (tau, top_p, and proxy, grad, lam, eps, ... when antidistilled). A rerun
+  with the same settings reads the finished traces back instead of generating again.
+  """
+  import json
+  import os
+
+  from antidistill_jax import traces  # needs jax; grading alone does not
+
+  sampling_kwargs.setdefault("tau", 0.0)
+  os.makedirs(out_dir, exist_ok=True)
+  trace_path = os.path.join(out_dir, f"{name}.jsonl")
+  meta = traces.generate_traces(model, tokenizer, examples, trace_path, dataset=dataset,
+                                **sampling_kwargs)
+  stats, counts = meta["statistics"], meta["counts"]
+  summary = dict(name=name, dataset=dataset, traces=trace_path,
+                 accuracy=stats["accuracy"], forced_accuracy=stats["forced_accuracy"],
+                 n=counts["rows"], dropped=counts["dropped"],
+                 fraction_finished=stats["fraction_finished"], length_mean=stats["length_mean"],
+                 settings=meta["config"])
+  out_path = os.path.join(out_dir, f"{name}.json")
+  tmp = f"{out_path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+  os.replace(tmp, out_path)
+  logging.info("%s on %s: accuracy %s, answer-forced %s (n=%d, %d dropped)", name, dataset,
+               summary["accuracy"], summary["forced_accuracy"], summary["n"], summary["dropped"])
+  return summary

@@ -13,7 +13,6 @@ the proxy it is used with.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from antidistill_jax.models.transformer import Transformer
+from antidistill_jax import pytrees
 from antidistill_jax.pytrees import flatten, unflatten_like
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
@@ -128,14 +128,8 @@ def global_norm(tree) -> jax.Array:
 
 
 def fingerprint(model: Transformer) -> str:
-  """A short hash of a model's config and parameter values (shape, dtype, sum, sum of squares
-  per leaf, rounded so that it is stable across devices)."""
-  h = hashlib.sha256(model.config.hf_config_json.encode())
-  for name, x in sorted(flatten(nnx.state(model, nnx.Param)).items()):
-    x32 = jnp.asarray(x, jnp.float32)
-    stats = f"{name}:{x.shape}:{x.dtype}:{float(jnp.sum(x32)):.5e}:{float(jnp.sum(x32 * x32)):.5e}"
-    h.update(stats.encode())
-  return h.hexdigest()[:16]
+  """A short hash of a model's config and parameter values (see pytrees.fingerprint)."""
+  return pytrees.fingerprint(nnx.state(model, nnx.Param), salt=model.config.hf_config_json)
 
 
 def check_compatible(proxy: Transformer, grad) -> None:

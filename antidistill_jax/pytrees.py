@@ -27,3 +27,17 @@ def unflatten_like(template, flat: Mapping[str, Any]):
   """An nnx.State shaped like `template` holding the arrays of `flat` (template unchanged)."""
   return nnx.from_flat_state([(p, v.replace(flat[path_name(p)]))
                               for p, v in nnx.to_flat_state(template)])
+
+
+def fingerprint(tree, salt: str = "") -> str:
+  """A short hash of an nnx.State or flat dict: per leaf its name, shape, dtype, and sum and
+  sum of squares rounded to 6 digits (stable across devices and summation orders)."""
+  import hashlib
+
+  import jax.numpy as jnp
+  h = hashlib.sha256(salt.encode())
+  for name, x in sorted(flatten(tree).items()):
+    x32 = jnp.asarray(x, jnp.float32)
+    h.update(f"{name}:{x.shape}:{x.dtype}:{float(jnp.sum(x32)):.5e}:"
+             f"{float(jnp.sum(x32 * x32)):.5e}".encode())
+  return h.hexdigest()[:16]

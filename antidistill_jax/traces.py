@@ -1,0 +1,389 @@
+"""Teacher traces on disk: one JSONL row per kept prompt, a JSON sidecar with the settings and
+statistics, and generation that survives being killed.
+
+  meta = generate_traces(teacher, tok, examples, "runs/x/train.jsonl", dataset="gsm8k",
+                         max_new_tokens=1024, batch_size=64, tau=0.9, top_p=0.95,
+                         proxy=proxy, grad=grad, lam=0.2)
+  rows = read_traces("runs/x/train.jsonl")      # list of dicts, in example order
+  meta = read_meta("runs/x/train.jsonl")         # runs/x/train.jsonl.meta.json
+
+Row keys (later code reads them): index (position in `examples`), source_index, problem,
+solution (gold), prompt_ids, completion_ids (EOS included), completion (decoded, special
+tokens skipped), finished (ended with EOS), teacher_logprob (sum over the completion of the
+unperturbed temperature-1 teacher log-probs), num_tokens, correct (raw grade), and with answer
+forcing: forced (the decoded forced tokens) and forced_correct.
+
+Sidecar: {"config": every setting that changes the rows, "counts": ..., "statistics": ...}.
+
+Crash safety. Rows are appended batch by batch to `<path>.partial` (flush + fsync), next to
+`<path>.partial.json` that holds the config. A new call with the same config resumes at the
+last whole batch: a torn last line (killed mid-write) and the rows of an incomplete batch are
+dropped, and the batch is generated again with `sampling.generate(first_row=...)`, whose
+randomness is per global row. Batches are the same fixed slices of the prompt list in every
+run, so the finished file is byte-identical to an uninterrupted run's. A call whose config
+differs from the stored one is refused with the differing keys. When all rows are written,
+the sidecar is written (tmp file + os.replace), then the partial file is renamed to `path`; a
+later call with the same config returns the sidecar without generating.
+
+Answer forcing (the reference's second accuracy): each trace, without its trailing EOS, is
+continued by the tokens of `evaluation.answer_forcing_prefix(text)[len(text):]` (closes an
+open think block, then FORCE_ANSWER), and the teacher adds FORCED_TOKENS greedy tokens with no
+perturbation; `evaluation.forced_completion_text` + `is_correct` grade the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+
+from antidistill_jax import evaluation, gradients, pytrees, sampling
+from antidistill_jax import tokenizer as tok_lib
+from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
+
+FORMAT_VERSION = 1
+FORCED_TOKENS = 32  # greedy tokens generated after FORCE_ANSWER, as in the reference
+# Forced prefixes (prompt + whole trace) vary in length by up to max_new_tokens; a coarse
+# padding multiple keeps the number of compiled shapes of the 32-step program small.
+FORCE_PROMPT_MULTIPLE = 128
+# Statistics that depend on the machine and on interruptions, not on the rows.
+TIMING_KEYS = ("seconds", "tokens_per_second")
+
+
+# -- paths and atomic files ---------------------------------------------------------------
+
+
+def meta_path(path: str | os.PathLike[str]) -> str:
+  return os.fspath(path) + ".meta.json"
+
+
+def _partial_paths(path: str) -> tuple[str, str]:
+  return path + ".partial", path + ".partial.json"
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  """Writes a tmp file, fsyncs it and renames it over `path`: readers see old or new, never
+  half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  _write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _row_line(row: dict) -> bytes:
+  return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _complete_lines(path: str) -> list[bytes]:
+  """The newline-terminated lines of `path` that parse as JSON, up to the first that does not;
+  a torn last line (no newline) is left out."""
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = []
+  for line in data.split(b"\n")[:-1]:  # the piece after the last newline is torn (or empty)
+    try:
+      json.loads(line)
+    except ValueError:
+      break
+    lines.append(line + b"\n")
+  return lines
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def read_traces(path: str | os.PathLike[str]) -> list[dict]:
+  """The rows of a finished trace file, in example order."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    partial = _partial_paths(path)[0]
+    hint = (f"; {partial} holds an unfinished run: call generate_traces again with the same "
+            "settings to finish it" if os.path.exists(partial) else "")
+    raise FileNotFoundError(f"no trace file {path!r}{hint}.")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict:
+  """The sidecar of a finished trace file: config, counts, statistics."""
+  mpath = meta_path(path)
+  if not os.path.exists(mpath):
+    raise FileNotFoundError(f"no sidecar {mpath!r} for trace file {os.fspath(path)!r}.")
+  return _read_json(mpath)
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+def _sha256(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(stored: dict, wanted: dict) -> list[str]:
+  """'key: stored X, now Y' for each (dotted) key whose value differs."""
+  a, b = _flatten(stored), _flatten(wanted)
+  missing = object()
+  diffs = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, missing), b.get(k, missing)
+    if va != vb:
+      fmt = lambda v: "(absent)" if v is missing else repr(v)
+      diffs.append(f"{k}: stored {fmt(va)}, now {fmt(vb)}")
+  return diffs
+
+
+def _check_config(stored: dict, wanted: dict, what: str, fix: str) -> None:
+  diffs = config_differences(stored, wanted)
+  if diffs:
+    raise ValueError(f"{what} was generated with different settings ({'; '.join(diffs)}). "
+                     f"{fix}")
+
+
+def _forcing_suffix_tokens(tokenizer) -> int:
+  """Tokens of the longest answer-forcing suffix: the one that also closes the think block."""
+  return len(tokenizer.encode(evaluation.answer_forcing_prefix(""), add_special_tokens=False))
+
+
+# -- answer forcing -------------------------------------------------------------------------
+
+
+def forcing_prompt(tokenizer, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                   eos_ids: Sequence[int]) -> list[int]:
+  """prompt + completion (trailing EOS removed) + the ids of the text that closes an open think
+  block and appends FORCE_ANSWER. Whether the block is open is read from the text with special
+  tokens kept (a `</think>` that the tokenizer treats as special still closes it)."""
+  ids = list(completion_ids)
+  if ids and ids[-1] in set(eos_ids):
+    ids = ids[:-1]
+  text = tokenizer.decode(ids, skip_special_tokens=False)
+  suffix = evaluation.answer_forcing_prefix(text)[len(text):]
+  return list(prompt_ids) + ids + tokenizer.encode(suffix, add_special_tokens=False)
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+def _pad_chunk(chunk: list[list[int]], rows: int) -> list[list[int]]:
+  """Fills the last, short batch up to `rows` with copies of its first prompt so every batch
+  runs the same compiled program; the copies' outputs are discarded."""
+  return chunk + [chunk[0]] * (rows - len(chunk))
+
+
+def _batch_rows(teacher, tokenizer, examples, prompts, start: int, *, config: dict,
+                dataset: str, eos_ids, pad_id: int, proxy, grad, mesh) -> tuple[list[dict], int]:
+  """Generates, forces and grades the rows of one batch; returns them and their token count."""
+  c = config
+  bs = c["batch_size"]
+  chunk = prompts.ids[start:start + bs]
+  kw = dict(eos_ids=eos_ids, pad_id=pad_id, vocab_size=c["vocab_size"], batch_size=bs, mesh=mesh)
+  gen = sampling.generate(
+      teacher, _pad_chunk(chunk, bs), max_new_tokens=c["max_new_tokens"], tau=c["tau"],
+      top_p=c["top_p"], top_k=c["top_k"], seed=c["seed"], first_row=start,
+      proxy=proxy if c["lam"] else None, grad=grad if c["lam"] else None, lam=c["lam"],
+      eps=c["eps"], method=c["method"], placement=c["placement"], **kw)
+  forced_texts = None
+  if c["answer_forcing"]:
+    forced_prompts = [forcing_prompt(tokenizer, p, t, eos_ids)
+                      for p, t in zip(chunk, gen.tokens)]
+    forced = sampling.generate(teacher, _pad_chunk(forced_prompts, bs),
+                               max_new_tokens=c["forced_tokens"], tau=0.0, lam=0.0,
+                               prompt_multiple=FORCE_PROMPT_MULTIPLE, **kw)
+    forced_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in forced.tokens]
+  rows, n_tokens = [], 0
+  for i, prompt in enumerate(chunk):
+    example = examples[prompts.indices[start + i]]
+    ids = [int(t) for t in gen.tokens[i]]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    row = dict(index=prompts.indices[start + i], source_index=int(example.source_index),
+               problem=example.problem, solution=example.solution, prompt_ids=list(prompt),
+               completion_ids=ids, completion=text, finished=bool(gen.finished[i]),
+               teacher_logprob=float(np.sum(gen.logprobs[i], dtype=np.float64)),
+               num_tokens=len(ids),
+               correct=evaluation.is_correct(dataset, example.solution, text))
+    if forced_texts is not None:
+      row["forced"] = forced_texts[i]
+      row["forced_correct"] = evaluation.is_correct(
+          dataset, example.solution, evaluation.forced_completion_text(text, forced_texts[i]))
+    rows.append(row)
+    n_tokens += len(ids)
+  return rows, n_tokens
+
+
+def _statistics(rows: list[dict], answer_forcing: bool, seconds: float) -> dict:
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None
+  lengths = np.array([r["num_tokens"] for r in rows], np.float64)
+  q = lambda p: float(np.quantile(lengths, p)) if len(lengths) else None
+  tokens = int(lengths.sum())
+  return dict(
+      accuracy=mean([r["correct"] for r in rows]),
+      forced_accuracy=mean([r["forced_correct"] for r in rows]) if answer_forcing else None,
+      fraction_finished=mean([r["finished"] for r in rows]),
+      length_mean=mean(lengths), length_p10=q(0.1), length_p50=q(0.5), length_p90=q(0.9),
+      length_max=int(lengths.max()) if len(lengths) else None,
+      generated_tokens=tokens, seconds=seconds,
+      tokens_per_second=tokens / seconds if seconds > 0 else None)
+
+
+def generate_traces(teacher, tokenizer, examples: Sequence[Any], path: str | os.PathLike[str],
+                    *, dataset: str, max_new_tokens: int, batch_size: int, tau: float = 1.0,
+                    top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+                    proxy=None, grad=None, lam: float = 0.0, eps: float = 1e-2,
+                    method: str = "fd", placement: str = "paper",
+                    system: str | None = SYSTEM_PROMPT, max_prompt_length: int | None = None,
+                    answer_forcing: bool = True, split: str | None = None, mesh=None,
+                    extra_config: dict | None = None) -> dict:
+  """Samples one trace per example from `teacher` (antidistilled by proxy/grad when lam != 0),
+  grades it, and writes `path` (JSONL) and `path`.meta.json; returns the sidecar.
+
+  examples: `data.Example`s; prompts longer than max_prompt_length are dropped (counted).
+  max_prompt_length: default, the longest prompt for which prompt + max_new_tokens (+ the
+    answer-forcing suffix and its FORCED_TOKENS) fits in the teacher's context.
+  split, extra_config: recorded in the config (e.g. the teacher's path), so a resume or a
+    rerun with other values is refused.
+  mesh: shards each batch over `data`; not part of the config (a resumed run may use another
+    topology, at the cost of bit-identity).
+  """
+  path = os.fspath(path)
+  limit = teacher.config.max_position_embeddings
+  if max_prompt_length is None:
+    reserve = (_forcing_suffix_tokens(tokenizer) + FORCED_TOKENS) if answer_forcing else 0
+    max_prompt_length = limit - max_new_tokens - reserve
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  prompts = build_prompts(tokenizer, examples, max_prompt_length, system=system)
+  eos_ids = tok_lib.eos_ids(tokenizer, teacher.config)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  # Rows past the tokenizer are padding of the embedding table: never sample them.
+  vocab_size = len(tokenizer) if len(tokenizer) < teacher.config.vocab_size else None
+  config = dict(
+      format=FORMAT_VERSION, dataset=dataset, split=split, num_examples=len(examples),
+      examples_sha256=_sha256([[e.problem, e.solution, int(e.source_index)] for e in examples]),
+      prompts_sha256=_sha256(prompts.ids), system=system, max_prompt_length=max_prompt_length,
+      max_new_tokens=max_new_tokens, batch_size=batch_size, tau=float(tau), top_p=top_p,
+      top_k=top_k, seed=seed, lam=float(lam), eps=float(eps), method=method,
+      placement=placement, eos_ids=list(eos_ids), pad_id=pad_id, vocab_size=vocab_size,
+      teacher_fingerprint=gradients.fingerprint(teacher),
+      # The proxy only matters when it perturbs: lam=0 rows are the same with or without it.
+      proxy_fingerprint=gradients.fingerprint(proxy) if lam and proxy is not None else None,
+      grad_fingerprint=pytrees.fingerprint(grad) if lam and grad is not None else None,
+      answer_forcing=answer_forcing, forced_tokens=FORCED_TOKENS if answer_forcing else None,
+      extra=extra_config or {})
+  config = json.loads(json.dumps(config))  # as it reads back from disk
+
+  # Finished already?
+  if os.path.exists(path):
+    if not os.path.exists(meta_path(path)):
+      raise ValueError(f"{path} exists without its sidecar {meta_path(path)}; delete it or "
+                       "write to another path.")
+    meta = read_meta(path)
+    _check_config(meta["config"], config, path,
+                  f"Delete {path} and {meta_path(path)} to regenerate, or write to another path.")
+    logging.info("%s is complete (%d rows); not regenerating.", path, meta["counts"]["rows"])
+    partial, state_path = _partial_paths(path)
+    if os.path.exists(state_path) and not os.path.exists(partial):
+      os.remove(state_path)  # left by a run killed between its last rename and this cleanup
+    return meta
+
+  # Resume or start.
+  partial, state_path = _partial_paths(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  n_total = len(prompts.ids)
+  lines: list[bytes] = []
+  seconds = 0.0
+  if os.path.exists(partial):
+    if not os.path.exists(state_path):
+      raise ValueError(f"{partial} exists without {state_path}; delete it to start over.")
+    state = _read_json(state_path)
+    _check_config(state["config"], config, partial,
+                  "Rerun with the stored settings to resume it, or delete "
+                  f"{partial} and {state_path} to start over (or write to another path).")
+    seconds = float(state.get("seconds", 0.0))
+    lines = _complete_lines(partial)
+    n_valid = len(lines)
+    if len(lines) < n_total:  # resume at a batch boundary: batches are fixed slices
+      lines = lines[:len(lines) - len(lines) % batch_size]
+    for i, line in enumerate(lines):
+      if json.loads(line)["index"] != prompts.indices[i]:
+        raise ValueError(f"{partial} row {i} is not example {prompts.indices[i]}; the file is "
+                         f"not from this run: delete {partial} and {state_path}.")
+    if n_valid != len(lines) or os.path.getsize(partial) != sum(map(len, lines)):
+      logging.warning("%s: dropping %d bytes of torn or incomplete-batch rows.", partial,
+                      os.path.getsize(partial) - sum(map(len, lines)))
+      _write_atomic(partial, b"".join(lines))
+    logging.info("resuming %s at row %d of %d.", path, len(lines), n_total)
+  else:
+    _write_json(state_path, dict(config=config, seconds=0.0))
+    _write_atomic(partial, b"")
+
+  done_tokens, t0 = 0, time.time()
+  with open(partial, "ab") as f:
+    for start in range(len(lines), n_total, batch_size):
+      t_batch = time.time()
+      rows, n_tokens = _batch_rows(teacher, tokenizer, examples, prompts, start, config=config,
+                                   dataset=dataset, eos_ids=eos_ids, pad_id=pad_id, proxy=proxy,
+                                   grad=grad, mesh=mesh)
+      f.write(b"".join(map(_row_line, rows)))
+      f.flush()
+      os.fsync(f.fileno())
+      seconds += time.time() - t_batch
+      _write_json(state_path, dict(config=config, seconds=seconds))
+      done_tokens += n_tokens
+      logging.info("%s: %d/%d rows, %.1f tokens/s", os.path.basename(path),
+                   min(start + batch_size, n_total), n_total,
+                   done_tokens / max(time.time() - t0, 1e-9))
+
+  rows = [json.loads(line) for line in _complete_lines(partial)]
+  if len(rows) != n_total:
+    raise RuntimeError(f"{partial} has {len(rows)} rows after generation, expected {n_total}.")
+  meta = dict(config=config,
+              counts=dict(examples=len(examples), prompts=n_total, dropped=prompts.dropped,
+                          rows=len(rows)),
+              statistics=_statistics(rows, answer_forcing, seconds))
+  _write_json(meta_path(path), meta)
+  os.replace(partial, path)
+  _fsync_dir(path)
+  os.remove(state_path)
+  s = meta["statistics"]
+  logging.info("%s: %d rows, accuracy %s, forced %s, %.0f tokens/s", path, len(rows),
+               s["accuracy"], s["forced_accuracy"], s["tokens_per_second"] or 0.0)
+  return meta

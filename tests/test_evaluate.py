@@ -1,0 +1,49 @@
+"""evaluation.evaluate: traces + summary JSON; the teacher evaluated with lam != 0 goes through
+its proxy, students greedily by default."""
+
+import json
+import os
+
+from antidistill_jax import evaluation, traces
+from test_traces import KW, fake_forcing, make_examples, tiny_pair  # noqa: F401 (module fixture)
+
+
+def test_evaluate_writes_the_summary(tiny_pair, tokenizer, tmp_path):
+  teacher, proxy, grad = tiny_pair
+  examples = make_examples(4)
+  common = dict(dataset="gsm8k", seed=11, **KW)
+  plain = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="teacher", **common)
+  ads = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="teacher_ads",
+                            proxy=proxy, grad=grad, lam=3.0, eps=1e-2, **common)
+  for name, summary in (("teacher", plain), ("teacher_ads", ads)):
+    with open(os.path.join(tmp_path, f"{name}.json")) as f:
+      assert json.load(f) == summary
+    meta = traces.read_meta(os.path.join(tmp_path, f"{name}.jsonl"))
+    assert summary["settings"] == meta["config"]
+    assert summary["accuracy"] == meta["statistics"]["accuracy"]
+    assert summary["forced_accuracy"] == meta["statistics"]["forced_accuracy"]
+    assert (summary["n"], summary["dropped"]) == (4, 0)
+    assert summary["traces"] == os.path.join(tmp_path, f"{name}.jsonl")
+  assert ads["settings"]["lam"] == 3.0 and ads["settings"]["proxy_fingerprint"] is not None
+  # Same seed, same rows: only the proxy's perturbation can make the completions differ.
+  plain_rows = traces.read_traces(os.path.join(tmp_path, "teacher.jsonl"))
+  ads_rows = traces.read_traces(os.path.join(tmp_path, "teacher_ads.jsonl"))
+  assert [r["prompt_ids"] for r in plain_rows] == [r["prompt_ids"] for r in ads_rows]
+  assert [r["completion_ids"] for r in plain_rows] != [r["completion_ids"] for r in ads_rows]
+  # Students: greedy unless told otherwise.
+  no_tau = {k: v for k, v in KW.items() if k not in ("tau", "top_p")}
+  student = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="student",
+                                dataset="gsm8k", **no_tau)
+  assert student["settings"]["tau"] == 0.0
+  student_rows = traces.read_traces(os.path.join(tmp_path, "student.jsonl"))
+  assert [r["completion_ids"] for r in student_rows] != [r["completion_ids"] for r in plain_rows]
+
+
+def test_evaluate_reports_the_answer_forced_accuracy(tiny_pair, tokenizer, tmp_path,
+                                                    monkeypatch):
+  teacher, _, _ = tiny_pair
+  fake_forcing(monkeypatch, tokenizer, ["0}", "4}", "6}", "9}"])  # golds 0, 3, 6, 9
+  summary = evaluation.evaluate(teacher, tokenizer, make_examples(4), tmp_path, name="student",
+                                dataset="gsm8k", **KW)
+  assert summary["forced_accuracy"] == 0.75
+  assert summary["accuracy"] <= summary["forced_accuracy"]
