@@ -26,9 +26,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from antidistill_jax import gradients
+from antidistill_jax import gradients, parallel
 from antidistill_jax.models.checkpoint import abstract_model
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.pytrees import flatten, unflatten_like
@@ -185,11 +185,7 @@ def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh):
     length = min(-(-longest // config.length_multiple) * config.length_multiple,
                  max(config.max_length, longest))
     arrays = gradients.pack_examples(chunk, rows, length, config.pad_id)
-    arrays = tuple(jnp.asarray(a) for a in arrays)
-    if mesh is not None:
-      data = NamedSharding(mesh, PartitionSpec("data"))
-      arrays = tuple(jax.device_put(a, data) for a in arrays)
-    yield arrays
+    yield parallel.shard_batch([jnp.asarray(a) for a in arrays], mesh)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -272,8 +268,7 @@ def distill(student: Transformer, train: Sequence[Example], holdout: Sequence[Ex
   state = {"params": flatten(trainable), "rngs": flatten(rngs)}
   state["opt_state"] = tx.init(state["params"])
   history: list[dict[str, float]] = []
-  shards = mesh.shape["data"] if mesh is not None else 1
-  rows = -(-config.micro_batch_size // shards) * shards
+  rows = parallel.round_rows(config.micro_batch_size, mesh)
 
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),

@@ -24,10 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from antidistill_jax.models.transformer import Transformer
-from antidistill_jax import pytrees
+from antidistill_jax import parallel, pytrees
 from antidistill_jax.pytrees import flatten, unflatten_like
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
@@ -92,8 +92,7 @@ def proxy_gradient(proxy: Transformer, examples: Sequence[Example], *, micro_bat
   graphdef, params = nnx.split(proxy)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   acc = jax.tree.map(jnp.zeros_like, params)
-  shards = mesh.shape["data"] if mesh is not None else 1
-  rows = -(-micro_batch_size // shards) * shards
+  rows = parallel.round_rows(micro_batch_size, mesh)
   # Longest first: the bucketed lengths then shrink monotonically and few shapes compile.
   order = sorted(range(len(examples)), key=lambda i: -(len(examples[i][0]) + len(examples[i][1])))
   total_loss, n_tokens, t0 = 0.0, 0, time.time()
@@ -103,10 +102,7 @@ def proxy_gradient(proxy: Transformer, examples: Sequence[Example], *, micro_bat
     ids, pad, loss = pack_examples(batch, rows, -(-longest // length_multiple) * length_multiple,
                                    pad_id)
     weight = (np.arange(rows) < len(batch)).astype(np.float32)
-    arrays = [jnp.asarray(x) for x in (ids, pad, loss, weight)]
-    if mesh is not None:
-      data = NamedSharding(mesh, PartitionSpec("data"))
-      arrays = [jax.device_put(x, data) for x in arrays]
+    arrays = parallel.shard_batch([jnp.asarray(x) for x in (ids, pad, loss, weight)], mesh)
     acc, value = _accumulate(graphdef, params, acc, *arrays)
     total_loss += float(value)
     n_tokens += int(sum(len(c) for _, c in batch))

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from antidistill_jax import parallel
 from antidistill_jax.models.transformer import Transformer
 
 METHODS = ("fd", "jvp")
@@ -358,11 +359,7 @@ def batch_inputs(prompts: Sequence[Sequence[int]], *, rows: int, seed: int, firs
   ids, mask = left_pad(prompts, pad_id, length, rows)
   row_idx = jnp.asarray(first_row + np.arange(rows), jnp.uint32)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_idx)
-  arrays = (jnp.asarray(ids), jnp.asarray(mask), keys)
-  if mesh is not None:
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    arrays = tuple(jax.device_put(x, data) for x in arrays)
-  return arrays
+  return parallel.shard_batch((jnp.asarray(ids), jnp.asarray(mask), keys), mesh)
 
 
 def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -401,8 +398,7 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
                           lam=lam, eps=eps, method=method, placement=placement,
                           vocab_size=vocab_size, fd_stacked=fd_stacked)
   batch_size = batch_size or len(prompts)
-  shards = mesh.shape["data"] if mesh is not None else 1
-  rows = _round_up(min(batch_size, len(prompts)), shards)
+  rows = parallel.round_rows(min(batch_size, len(prompts)), mesh)
   out_tokens, out_logp, out_done = [], [], []
   t0, n_tokens = time.time(), 0
   for start in range(0, len(prompts), batch_size):

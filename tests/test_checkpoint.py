@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from antidistill_jax import models
+from antidistill_jax import models, parallel
 from conftest import torch_logits
 
 
@@ -125,7 +125,8 @@ def test_load_onto_a_mesh_places_shards_and_keeps_logits(hf_checkpoint):
                            axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   with pytest.raises(ValueError, match=r"mesh axes \['data', 'model'\] are not Auto"):
     models.from_pretrained(path, mesh=explicit)
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = parallel.make_mesh(data=-1, model=4)
+  assert dict(mesh.shape) == {"data": 2, "model": 4}
   sharded = models.from_pretrained(path, mesh=mesh)
   q = sharded.layers[0].self_attn.q_proj.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")

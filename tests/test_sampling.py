@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from antidistill_jax import models, sampling
+from antidistill_jax import models, parallel, sampling
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_sample_is_independent_of_batching(teacher):
 
 
 def test_sharded_batch_equals_single_device(teacher):
-  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = parallel.make_mesh(data=4, devices=jax.devices()[:4])
   rng = np.random.default_rng(6)
   prompts = [rng.integers(0, 320, n).tolist() for n in (4, 9, 6, 13, 2, 7)]
   kw = dict(max_new_tokens=8, tau=1.0, seed=3)
@@ -131,3 +131,13 @@ def test_bad_arguments_fail_clearly(teacher):
     sampling.generate(teacher, [[1]], max_new_tokens=4, lam=1.0)
   with pytest.raises(ValueError, match="placement='logits'"):
     sampling.generate(teacher, [[1]], max_new_tokens=4, placement="logits")
+
+
+def test_make_mesh_checks_the_device_count():
+  with pytest.raises(ValueError, match="needs 6 devices, 8 given"):
+    parallel.make_mesh(data=3, model=2)
+  with pytest.raises(ValueError, match="do not split into model=3"):
+    parallel.make_mesh(model=3)
+  mesh = parallel.make_mesh()
+  assert dict(mesh.shape) == {"data": 8, "model": 1}
+  assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
