@@ -47,3 +47,12 @@ def shard_batch(arrays, mesh: Mesh | None):
     return tuple(arrays)
   data = NamedSharding(mesh, PartitionSpec(DATA))
   return tuple(jax.device_put(a, data) for a in arrays)
+
+
+def to_host(tree):
+  """numpy copies of (possibly sharded) arrays; on a multi-host job every process gathers the
+  whole array (process_allgather), so all hosts see the same results."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)

@@ -405,7 +405,7 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
     chunk = prompts[start:start + batch_size]
     batch = batch_inputs(chunk, rows=rows, seed=seed, first_row=first_row + start, pad_id=pad_id,
                          prompt_multiple=prompt_multiple, mesh=mesh)
-    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = jax.device_get(program(*batch))
+    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = parallel.to_host(program(*batch))
     if first_bad >= 0:
       raise FloatingPointError(
           f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from antidistill_jax import gradients, models, sampling
+from antidistill_jax import gradients, models, parallel, sampling
 from conftest import random_examples
 
 
@@ -176,3 +176,19 @@ def test_lam_zero_compiles_no_proxy_work(pair):
   assert zero.proxy_state is None
   assert zero.lower(*batch).as_text() == plain.lower(*batch).as_text()
   assert ads.lower(*batch).as_text() != plain.lower(*batch).as_text()
+
+
+def test_tensor_parallel_models_give_the_same_gradient_and_samples(pair, teacher_proxy_dirs):
+  teacher, proxy, grad = pair
+  mesh = parallel.make_mesh(data=2, model=4)
+  teacher_tp = models.from_pretrained(teacher_proxy_dirs[0], mesh=mesh)
+  proxy_tp = models.from_pretrained(teacher_proxy_dirs[1], mesh=mesh)
+  assert teacher_tp.layers[0].mlp.up_proj.kernel[...].sharding.spec[1] == "model"
+  grad_tp, _ = gradients.proxy_gradient(proxy_tp, random_examples(8, seed=4), micro_batch_size=8,
+                                        mesh=mesh)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_tp)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * np.abs(np.asarray(a)).max())
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
+  kw = dict(max_new_tokens=8, tau=1.0, seed=2, lam=2.0)
+  assert (sampling.generate(teacher_tp, prompts, proxy=proxy_tp, grad=grad_tp, mesh=mesh, **kw).tokens
+          == sampling.generate(teacher, prompts, proxy=proxy, grad=grad, **kw).tokens)

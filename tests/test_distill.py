@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from antidistill_jax import distill, gradients, models, tiny
+from antidistill_jax import distill, gradients, models, parallel, tiny
 from antidistill_jax.pytrees import flatten
 from conftest import LLAMA, build_hf_checkpoint, random_examples, torch_logits
 
@@ -85,13 +85,15 @@ def test_killed_then_resumed_run_equals_uninterrupted(student_dir, tmp_path, dro
   assert (tmp_path / "cut" / "curves.png").stat().st_size > 0
 
 
-def test_sharded_batch_equals_single_device(student_dir, tmp_path):
+@pytest.mark.parametrize("model_axis", [1, 4])
+def test_sharded_batch_equals_single_device(student_dir, tmp_path, model_axis):
+  """Data parallel (data=2), and with the student's weights tensor-parallel over model=4."""
   train = random_examples(8, seed=3)
-  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = parallel.make_mesh(data=2, model=model_axis, devices=jax.devices()[:2 * model_axis])
   one, h1 = distill.distill(models.from_pretrained(student_dir), train, [], str(tmp_path / "a"),
                             SMALL, max_steps=2)
-  two, h2 = distill.distill(models.from_pretrained(student_dir), train, [], str(tmp_path / "b"),
-                            SMALL, max_steps=2, mesh=mesh)
+  two, h2 = distill.distill(models.from_pretrained(student_dir, mesh=mesh), train, [],
+                            str(tmp_path / "b"), SMALL, max_steps=2, mesh=mesh)
   np.testing.assert_allclose([r["train_loss"] for r in h2], [r["train_loss"] for r in h1], rtol=1e-5)
   for k, v in flatten(nnx.state(one, nnx.Param)).items():
     w = np.asarray(flatten(nnx.state(two, nnx.Param))[k])

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from antidistill_jax import parallel
 from antidistill_jax.models import sharding as sharding_lib
 from antidistill_jax.models.config import ModelConfig, config_to_hf, load_config
 from antidistill_jax.models.transformer import Transformer
@@ -143,13 +144,6 @@ def from_pretrained(path: str | os.PathLike[str], *, dtype=jnp.float32, param_dt
   return nnx.merge(graphdef, unflatten_like(state, values))
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
 def save_pretrained(model: Transformer, path: str | os.PathLike[str], *, dtype=None,
                     max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes config.json + safetensors (sharded with an index past max_shard_bytes) that
@@ -160,7 +154,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike[str], *, dtype=N
   tensors: dict[str, np.ndarray] = {}
   for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transposed = hf_name(p)
-    array = _host(var.get_value())
+    array = np.asarray(parallel.to_host(var.get_value()))
     array = array.T if transposed else array
     tensors[name] = np.ascontiguousarray(array.astype(dtype) if dtype is not None else array)
   if jax.process_index() != 0:
