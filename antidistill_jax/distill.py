@@ -192,12 +192,15 @@ def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh):
 
 
 def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+  """Clip, then AdamW on a warmup-cosine schedule; like the HF Trainer the reference used, no
+  weight decay on vectors (biases, norm scales)."""
   warmup = int(config.warmup_fraction * total_steps)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
       end_value=0.0)
   return optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                     optax.adamw(schedule, weight_decay=config.weight_decay))
+                     optax.adamw(schedule, weight_decay=config.weight_decay,
+                                 mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params)))
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="acc")

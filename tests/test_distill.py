@@ -129,3 +129,13 @@ def test_student_retokenizes_traces_with_its_own_template(tokenizer):
   assert out[1][1][-1] != student_tok.eos_token_id
   with pytest.raises(ValueError, match="leaves no room under max_length=10"):
     distill.sft_examples(student_tok, traces, system="Be brief.", max_length=10)
+
+
+def test_optimizer_decays_matrices_not_vectors():
+  config = distill.DistillConfig(learning_rate=0.1, weight_decay=0.5, warmup_fraction=0.0)
+  tx = distill.make_optimizer(config, total_steps=10)
+  params = {"a/kernel": jnp.ones((2, 2)), "a/bias": jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert np.all(np.asarray(updates["a/kernel"]) < 0)  # decayed toward zero
+  np.testing.assert_array_equal(np.asarray(updates["a/bias"]), 0.0)
