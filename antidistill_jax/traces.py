@@ -293,6 +293,8 @@ def generate_traces(teacher, tokenizer, examples: Sequence[Any], path: str | os.
   prompts = build_prompts(tokenizer, examples, max_prompt_length, system=system)
   eos_ids = tok_lib.eos_ids(tokenizer, teacher.config)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  if lam and proxy is not None:  # the proxy must have a row for every token of the tokenizer
+    tok_lib.shared_vocab_size(teacher.config, proxy.config, tokenizer)
   # Rows past the tokenizer are padding of the embedding table: never sample them.
   vocab_size = len(tokenizer) if len(tokenizer) < teacher.config.vocab_size else None
   config = dict(

@@ -302,3 +302,15 @@ def test_no_answer_forcing(tiny_pair, tokenizer, tmp_path):
                                 answer_forcing=False, **KW)
   rows = traces.read_traces(path)
   assert "forced" not in rows[0] and meta["statistics"]["forced_accuracy"] is None
+
+
+def test_a_proxy_without_rows_for_every_token_is_refused(tiny_pair, tokenizer, tmp_path):
+  teacher, _, _ = tiny_pair
+  short = tiny.make_tiny_checkpoint(tmp_path / "short", tokenizer=tokenizer, seed=2,
+                                    vocab_size=len(tokenizer) - 20, hidden_size=32,
+                                    intermediate_size=64)
+  proxy = models.from_pretrained(short)
+  grad, _ = gradients.proxy_gradient(proxy, [([5, 6, 7], [8, 9])], micro_batch_size=1)
+  with pytest.raises(ValueError, match="vocab mismatch"):
+    traces.generate_traces(teacher, tokenizer, make_examples(2), tmp_path / "t.jsonl",
+                           dataset="gsm8k", proxy=proxy, grad=grad, lam=1.0, **KW)
