@@ -63,8 +63,7 @@ def reference(tiny_pair, tokenizer, tmp_path_factory):
   """An uninterrupted run: 5 prompts in batches of 2 (the last one short)."""
   teacher, _, _ = tiny_pair
   path = str(tmp_path_factory.mktemp("ref") / "train.jsonl")
-  meta = traces.generate_traces(teacher, tokenizer, make_examples(5), path, dataset="gsm8k",
-                                seed=7, **KW)
+  meta = five_traces(teacher, tokenizer, path)
   with open(path, "rb") as f:
     return f.read(), meta
 
@@ -92,13 +91,18 @@ def counting_generate(monkeypatch, fail_at=None):
   return calls
 
 
+def five_traces(teacher, tokenizer, path):
+  """The run both kill tests interrupt: 5 examples, batches of 2, seed 7."""
+  return traces.generate_traces(teacher, tokenizer, make_examples(5), path, dataset="gsm8k",
+                                seed=7, **KW)
+
+
 def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, reference,
                                                      tmp_path, monkeypatch):
   teacher, _, _ = tiny_pair
   ref_bytes, ref_meta = reference
   path = str(tmp_path / "train.jsonl")
-  run = lambda: traces.generate_traces(teacher, tokenizer, make_examples(5), path,
-                                       dataset="gsm8k", seed=7, **KW)
+  run = lambda: five_traces(teacher, tokenizer, path)
   # Each batch makes two generate calls (traces, then answer forcing): die in the second batch.
   counting_generate(monkeypatch, fail_at=3)
   with pytest.raises(Killed):
@@ -136,8 +140,7 @@ def test_kill_while_writing_the_last_newline(tiny_pair, tokenizer, reference, tm
   teacher, _, _ = tiny_pair
   ref_bytes, _ = reference
   path = str(tmp_path / "train.jsonl")
-  run = lambda: traces.generate_traces(teacher, tokenizer, make_examples(5), path,
-                                       dataset="gsm8k", seed=7, **KW)
+  run = lambda: five_traces(teacher, tokenizer, path)
   counting_generate(monkeypatch, fail_at=1)
   with pytest.raises(Killed):
     run()
