@@ -55,6 +55,8 @@ class DecodeSettings:
   pad_id: int = 0
   vocab_size: int | None = None  # ids >= vocab_size are never sampled (None: all rows)
   fd_stacked: bool = True  # fd: one vmapped call over stacked (theta+, theta-), else two calls
+  scan_chunk: int = 32  # decode steps per lax.scan; generation stops after the chunk in which
+                        # every row has finished
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -69,6 +71,17 @@ class DecodeSettings:
       raise ValueError(f"top_k={self.top_k} must be >= 1.")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+    if self.scan_chunk < 1:
+      raise ValueError(f"scan_chunk={self.scan_chunk} must be >= 1.")
+
+  @property
+  def chunk(self) -> int:
+    return min(self.scan_chunk, self.max_new_tokens)
+
+  @property
+  def num_steps(self) -> int:
+    """Steps of the buffers and cache: max_new_tokens rounded up to whole chunks."""
+    return -(-self.max_new_tokens // self.chunk) * self.chunk
 
   @property
   def uses_proxy(self) -> bool:
@@ -82,6 +95,7 @@ class Generation:
   tokens: list[list[int]]
   logprobs: list[np.ndarray]
   finished: np.ndarray  # [num_prompts] bool: ended with an EOS id
+  decode_steps: int = 0  # decode steps run, summed over batches (stops early once all finish)
 
   @property
   def lengths(self) -> np.ndarray:
@@ -235,10 +249,13 @@ def delta(proxy: Transformer, grad, input_ids_BT, *, eps: float = 1e-2, method: 
 @functools.partial(jax.jit, static_argnames=("teacher_def", "proxy_def", "s"))
 def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, mask_BP,
                     row_keys_B, *, s: DecodeSettings):
-  """Prefill + lax.scan decode. Returns tokens [N, B], teacher log-probs [N, B], done [B],
-  and the first step with non-finite adjusted logits (-1 if none)."""
+  """Prefill, then a while_loop over chunks of `s.chunk` decode steps, each a lax.scan; the loop
+  ends once every row has finished (or after max_new_tokens). Returns tokens [N, B], teacher
+  log-probs [N, B], was-done-before-step flags [N, B] (True for steps never run), done [B], the
+  first step with non-finite adjusted logits (-1 if none) and the number of steps run."""
   b, p = ids_BP.shape
-  max_len = p + s.max_new_tokens
+  n, chunk = s.num_steps, s.chunk
+  max_len = p + n
   teacher = nnx.merge(teacher_def, teacher_state)
   z_T_BV, cache_T = teacher.prefill(ids_BP, mask_BP, max_len)
   vocab = z_T_BV.shape[-1]
@@ -268,10 +285,29 @@ def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, 
       delta_BV, cache_P = proxies.decode(proxy_state, token_B, cache_P)
     return (z_T_BV, delta_BV, cache_T, cache_P, done_B, first_bad), out
 
+  def run_chunk(loop):
+    c, carry, (tokens_NB, logp_NB, was_done_NB) = loop
+    first = c * chunk
+    carry, (tokens_CB, logp_CB, was_done_CB) = jax.lax.scan(
+        step, carry, first + jnp.arange(chunk, dtype=jnp.int32))
+    at = (first, jnp.zeros((), jnp.int32))
+    outs = (jax.lax.dynamic_update_slice(tokens_NB, tokens_CB, at),
+            jax.lax.dynamic_update_slice(logp_NB, logp_CB, at),
+            jax.lax.dynamic_update_slice(was_done_NB, was_done_CB, at))
+    return c + 1, carry, outs
+
+  def more(loop):
+    c, carry, _ = loop
+    return (c * chunk < s.max_new_tokens) & ~jnp.all(carry[4])
+
   carry = (z_T_BV, delta_BV, cache_T, cache_P, jnp.zeros((b,), bool), jnp.array(-1, jnp.int32))
-  carry, (tokens_NB, logp_NB, was_done_NB) = jax.lax.scan(
-      step, carry, jnp.arange(s.max_new_tokens, dtype=jnp.int32))
-  return tokens_NB, logp_NB, was_done_NB, carry[4], carry[5]
+  outs = (jnp.full((n, b), s.pad_id, jnp.int32), jnp.zeros((n, b), jnp.float32),
+          jnp.ones((n, b), bool))
+  c, carry, (tokens_NB, logp_NB, was_done_NB) = jax.lax.while_loop(
+      more, run_chunk, (jnp.zeros((), jnp.int32), carry, outs))
+  m = s.max_new_tokens
+  return (tokens_NB[:m], logp_NB[:m], was_done_NB[:m], carry[4], carry[5],
+          jnp.minimum(c * chunk, m))
 
 
 # -- host-side driver -------------------------------------------------------------------------
@@ -324,7 +360,8 @@ def build_program(teacher: Transformer, *, max_new_tokens: int, tau: float = 1.0
                   eos_ids: Sequence[int] = (), pad_id: int = 0,
                   proxy: Transformer | None = None, grad: Any = None, lam: float = 0.0,
                   eps: float = 1e-2, method: str = "fd", placement: str = "paper",
-                  vocab_size: int | None = None, fd_stacked: bool = True) -> Program:
+                  vocab_size: int | None = None, fd_stacked: bool = True,
+                  scan_chunk: int = 32) -> Program:
   """Validates the settings and prepares the proxy side once (theta +- eps g, or (theta, g));
   see `generate` for the arguments."""
   proxy_def = proxy_state = None
@@ -346,7 +383,7 @@ def build_program(teacher: Transformer, *, max_new_tokens: int, tau: float = 1.0
   s = DecodeSettings(max_new_tokens=max_new_tokens, tau=float(tau), top_p=top_p, top_k=top_k,
                      lam=float(lam), eps=float(eps), method=method, placement=placement,
                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                     vocab_size=vocab_size, fd_stacked=fd_stacked)
+                     vocab_size=vocab_size, fd_stacked=fd_stacked, scan_chunk=scan_chunk)
   teacher_def, teacher_state = nnx.split(teacher)
   return Program(s, teacher_def, teacher_state, proxy_def, proxy_state)
 
@@ -369,7 +406,7 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
              eps: float = 1e-2, method: str = "fd", placement: str = "paper",
              vocab_size: int | None = None, batch_size: int | None = None,
              prompt_multiple: int = 16, first_row: int = 0, mesh: Mesh | None = None,
-             fd_stacked: bool = True) -> Generation:
+             fd_stacked: bool = True, scan_chunk: int = 32) -> Generation:
   """Samples continuations of `prompts` (token-id lists, any lengths) from the teacher,
   antidistilled by `proxy` along `grad` when lam != 0.
 
@@ -381,9 +418,11 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
     proxy is used, else every teacher row).
   mesh: shards each batch over its `data` axis (batch padded to a multiple of its size).
   fd_stacked: run the two fd proxies as one vmapped call (default; see bench/sampling.py).
+  scan_chunk: decode steps per lax.scan chunk; a batch stops after the chunk in which all its
+    rows reached EOS (outputs do not depend on it).
   """
   if not prompts:
-    return Generation([], [], np.zeros((0,), bool))
+    return Generation([], [], np.zeros((0,), bool), 0)
   if any(len(p) == 0 for p in prompts):
     raise ValueError("empty prompt: every prompt needs at least one token.")
   longest = max(len(p) for p in prompts)
@@ -396,16 +435,18 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
   program = build_program(teacher, max_new_tokens=max_new_tokens, tau=tau, top_p=top_p,
                           top_k=top_k, eos_ids=eos_ids, pad_id=pad_id, proxy=proxy, grad=grad,
                           lam=lam, eps=eps, method=method, placement=placement,
-                          vocab_size=vocab_size, fd_stacked=fd_stacked)
+                          vocab_size=vocab_size, fd_stacked=fd_stacked, scan_chunk=scan_chunk)
   batch_size = batch_size or len(prompts)
   rows = parallel.round_rows(min(batch_size, len(prompts)), mesh)
   out_tokens, out_logp, out_done = [], [], []
-  t0, n_tokens = time.time(), 0
+  t0, n_tokens, decode_steps = time.time(), 0, 0
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     batch = batch_inputs(chunk, rows=rows, seed=seed, first_row=first_row + start, pad_id=pad_id,
                          prompt_multiple=prompt_multiple, mesh=mesh)
-    tokens_NB, logp_NB, was_done_NB, done_B, first_bad = parallel.to_host(program(*batch))
+    tokens_NB, logp_NB, was_done_NB, done_B, first_bad, steps = parallel.to_host(
+        program(*batch))
+    decode_steps += int(steps)
     if first_bad >= 0:
       raise FloatingPointError(
           f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
@@ -421,4 +462,4 @@ def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], *, max_new_
       n_tokens += n
     logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)", start + len(chunk),
                  len(prompts), n_tokens, n_tokens / max(time.time() - t0, 1e-9))
-  return Generation(out_tokens, out_logp, np.array(out_done, bool))
+  return Generation(out_tokens, out_logp, np.array(out_done, bool), decode_steps)

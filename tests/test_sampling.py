@@ -141,3 +141,17 @@ def test_make_mesh_checks_the_device_count():
   mesh = parallel.make_mesh()
   assert dict(mesh.shape) == {"data": 8, "model": 1}
   assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+
+
+def test_generation_stops_once_every_row_finished(teacher):
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  free = sampling.generate(teacher, prompts, max_new_tokens=40, tau=0.0)
+  assert free.decode_steps == 40
+  eos = (free.tokens[0][2], free.tokens[1][4])  # both rows end within the first 8 steps
+  kw = dict(max_new_tokens=40, tau=0.0, eos_ids=eos)
+  for chunk in (1, 8, 13, 64):
+    out = sampling.generate(teacher, prompts, scan_chunk=chunk, **kw)
+    last = max(out.lengths)
+    assert out.decode_steps == min(-(-last // chunk) * chunk, 40), chunk
+    assert out.tokens == sampling.generate(teacher, prompts, scan_chunk=40, **kw).tokens
+    assert out.finished.all()
