@@ -36,14 +36,37 @@ Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 # -- loss ----------------------------------------------------------------------------------
 
 
-def token_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> tuple[jax.Array, jax.Array]:
+LOSS_CHUNK = 256  # positions unembedded at a time by token_nll
+
+
+def token_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT,
+              chunk: int | None = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
   """NLL [B, T-1] of each next token and its weight [B, T-1] (loss_mask of the target, fp32).
 
   Token t is scored by the logits at t - 1; sequences are right-padded (pad_mask_BT = 0).
+  The unembedding and log-softmax run over `chunk` positions at a time under jax.checkpoint,
+  so neither the forward nor the backward pass holds more than a [B, chunk, V] slice of the
+  logits (a 152k vocabulary makes the whole [B, T, V] the largest tensor of training).
+  chunk=None computes them in one piece.
   """
-  logits_BTV = model(ids_BT, pad_mask_BT)[:, :-1]
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
+  h_BTD = model.hidden_states(ids_BT, pad_mask_BT)[:, :-1]
+  targets_BT = ids_BT[:, 1:]
+  t = h_BTD.shape[1]
+
+  def nll(h_BCD, targets_BC):
+    logp_BCV = jax.nn.log_softmax(model.logits(h_BCD), axis=-1)
+    return -jnp.take_along_axis(logp_BCV, targets_BC[..., None], axis=-1)[..., 0]
+
+  if chunk is None or t <= chunk:
+    nll_BT = nll(h_BTD, targets_BT)
+  else:
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(
+        h_BTD.shape[0], n, chunk, -1).swapaxes(0, 1)
+    targets_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(-1, n, chunk).swapaxes(0, 1)
+    nll_NBC = jax.lax.map(lambda xs: jax.checkpoint(nll)(*xs), (h_NBCD, targets_NBC))
+    nll_BT = nll_NBC.swapaxes(0, 1).reshape(h_BTD.shape[0], -1)[:, :t]
   return nll_BT, loss_mask_BT[:, 1:].astype(jnp.float32)
 
 

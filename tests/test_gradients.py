@@ -100,3 +100,19 @@ def test_mismatched_tree_names_leaves(proxy):
   flat["layers/0/self_attn/q_norm/scale"] = np.zeros(8)
   with pytest.raises(ValueError, match=r"missing leaves \['layers/1/mlp/up_proj/kernel'\].*extra leaves \['layers/0/self_attn/q_norm/scale'\]"):
     gradients.check_compatible(proxy, flat)
+
+
+def test_chunked_loss_equals_one_piece(proxy):
+  examples = random_examples(3, seed=5)
+  ids, pad, loss = (jnp.asarray(a) for a in gradients.pack_examples(examples, 3, 40))
+  whole = gradients.token_nll(proxy, ids, pad, loss, chunk=None)[0]
+  for chunk in (7, 16, 39):
+    np.testing.assert_allclose(gradients.token_nll(proxy, ids, pad, loss, chunk=chunk)[0], whole,
+                               rtol=1e-6, atol=1e-6)
+  graphdef, theta = nnx.split(proxy)
+  def total(p, chunk):
+    return jnp.sum(gradients.token_nll(nnx.merge(graphdef, p), ids, pad, loss, chunk=chunk)[0])
+  g_whole = jax.grad(total)(theta, None)
+  g_chunk = jax.grad(total)(theta, 7)
+  for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_chunk)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * np.abs(np.asarray(a)).max())

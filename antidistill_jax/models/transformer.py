@@ -106,6 +106,11 @@ class Transformer(nnx.Module):
     pad_mask_BT (1 = real token) may pad on either side; each row's positions count its real
     tokens only, so a padded row gives the same logits as the row alone.
     """
+    return self.logits(self.hidden_states(input_ids_BT, pad_mask_BT))
+
+  def hidden_states(self, input_ids_BT: jax.Array, pad_mask_BT: jax.Array | None = None):
+    """The full forward up to the final norm: [B, T, D]; `__call__` without the unembedding
+    (losses unembed it in chunks to bound the [B, T, V] memory)."""
     _, t = input_ids_BT.shape
     causal_TT = jnp.tril(jnp.ones((t, t), bool))
     if pad_mask_BT is None:
@@ -115,8 +120,7 @@ class Transformer(nnx.Module):
       pad_mask_BT = pad_mask_BT.astype(bool)
       positions_BT = jnp.maximum(jnp.cumsum(pad_mask_BT, axis=1, dtype=jnp.int32) - 1, 0)
       mask_BTS = causal_TT[None] & pad_mask_BT[:, None, :]
-    h_BTD, _ = self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS)
-    return self.logits(h_BTD)
+    return self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS)[0]
 
   def init_cache(self, batch: int, max_len: int, start_B=None, dtype=None) -> KVCache:
     return KVCache.init(self.config, batch, max_len, dtype or self.dtype, start_B)
