@@ -4,7 +4,7 @@
   python -m antidistill_jax.main --config=configs/generate.py --config.checkpoint=DIR
 
 Loads a teacher through `models.from_pretrained`, renders the prompts with its chat template
-and samples with `sampling.generate`.
+and samples with `sampling.generate`, plainly and, with a proxy, antidistilled.
 """
 
 import os
@@ -20,32 +20,59 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "launch/tpu.sh sets it)")
 
 
-def run_generate(config) -> list[str]:
+def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
+  """`path`, or a tiny random checkpoint built once under workdir/name."""
+  from antidistill_jax import tiny
+  if path:
+    return path
+  path = os.path.join(workdir, name)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    logging.info("building a tiny random %s at %s", name, path)
+    tiny.make_tiny_checkpoint(path, **tiny_config)
+  return path
+
+
+def run_generate(config) -> dict[str, list[str]]:
+  """Plain samples of the prompts, and antidistilled ones when config.lam != 0.
+
+  The antidistillation direction g is the proxy's gradient on the teacher's greedy answers to
+  the same prompts: enough to show the mechanics; the experiment uses a holdout split.
+  """
   import jax.numpy as jnp
 
-  from antidistill_jax import models, sampling, tiny
+  from antidistill_jax import gradients, models, sampling
   from antidistill_jax import tokenizer as tok_lib
 
-  path = config.checkpoint
-  if not path:
-    path = os.path.join(config.workdir, "tiny_teacher")
-    if not os.path.exists(os.path.join(path, "config.json")):
-      logging.info("building a tiny random teacher at %s", path)
-      tiny.make_tiny_checkpoint(path)
-  teacher = models.from_pretrained(path, dtype=jnp.dtype(config.dtype))
-  tokenizer = tok_lib.load_tokenizer(path)
+  teacher_path = _checkpoint(config.checkpoint, config.workdir, "tiny_teacher")
+  dtype = jnp.dtype(config.dtype)
+  teacher = models.from_pretrained(teacher_path, dtype=dtype)
+  tokenizer = tok_lib.load_tokenizer(teacher_path)
   prompts = [tok_lib.prompt_ids(tokenizer, p, system=config.system_prompt or None)
              for p in config.prompts]
-  start = time.time()
-  out = sampling.generate(teacher, prompts, max_new_tokens=config.max_new_tokens, tau=config.tau,
-                          top_p=config.top_p if config.tau > 0 else None, seed=config.seed,
-                          eos_ids=tok_lib.eos_ids(path, teacher.config),
-                          pad_id=tokenizer.pad_token_id or 0)
-  seconds = time.time() - start
-  texts = [tokenizer.decode(t) for t in out.tokens]
-  for prompt, text, logp in zip(config.prompts, texts, out.logprobs):
-    print(f"\n### {prompt}\n{text!r}\n(mean teacher log-prob {logp.mean():.3f})")
-  print(f"\n{int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")
+  kw = dict(max_new_tokens=config.max_new_tokens, tau=config.tau,
+            top_p=config.top_p if config.tau > 0 else None, seed=config.seed,
+            eos_ids=tok_lib.eos_ids(teacher_path, teacher.config),
+            pad_id=tokenizer.pad_token_id or 0)
+  runs = {"plain": {}}
+  if config.lam:
+    proxy_path = _checkpoint(config.proxy, config.workdir, "tiny_proxy", seed=1, hidden_size=32,
+                             intermediate_size=64, tokenizer=tokenizer)
+    proxy = models.from_pretrained(proxy_path, dtype=dtype)
+    greedy = sampling.generate(teacher, prompts, **dict(kw, tau=0.0, top_p=None))
+    grad, meta = gradients.proxy_gradient(proxy, list(zip(prompts, greedy.tokens)),
+                                          micro_batch_size=len(prompts))
+    logging.info("proxy gradient: %s", meta)
+    runs[f"antidistilled (lam={config.lam}, eps={config.eps})"] = dict(
+        proxy=proxy, grad=grad, lam=config.lam, eps=config.eps)
+  texts = {}
+  for name, extra in runs.items():
+    start = time.time()
+    out = sampling.generate(teacher, prompts, **kw, **extra)
+    seconds = time.time() - start
+    texts[name] = [tokenizer.decode(t) for t in out.tokens]
+    print(f"\n===== {name}: {int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")
+    for prompt, text, logp in zip(config.prompts, texts[name], out.logprobs):
+      print(f"\n### {prompt}\n{text!r}\n(mean teacher log-prob {logp.mean():.3f})")
   return texts
 
 

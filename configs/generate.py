@@ -1,7 +1,8 @@
-"""Generate from a teacher checkpoint (default: a tiny random model built offline).
+"""Generate from a teacher, plainly and antidistilled (default: tiny random models built offline).
 
   python -m antidistill_jax.main --config=configs/generate.py \
-      --config.checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-7B --config.dtype=bfloat16
+      --config.checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-7B \
+      --config.proxy=/path/to/Qwen2.5-3B --config.dtype=bfloat16 --config.lam=0.1
 """
 
 import ml_collections
@@ -19,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
   c.max_new_tokens = 32
-  c.tau = 0.0  # greedy
+  c.tau = 1.0  # 0 is greedy
   c.top_p = 0.95
   c.seed = 0
+  c.proxy = ""  # local HF directory sharing the teacher's tokenizer; empty: a tiny random one
+  c.lam = 5.0  # 0: plain sampling only
+  c.eps = 1e-2
   return c

@@ -11,8 +11,11 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   config.workdir = str(tmp_path)
   config.max_new_tokens = 6
   texts = main.run_generate(config)
-  assert len(texts) == len(config.prompts) and all(isinstance(t, str) for t in texts)
+  plain, ads = texts["plain"], texts["antidistilled (lam=5.0, eps=0.01)"]
+  assert len(plain) == len(ads) == len(config.prompts)
+  assert plain != ads  # same seed: only the perturbation differs
   assert os.path.exists(tmp_path / "tiny_teacher" / "model.safetensors")
-  assert "tokens in" in capsys.readouterr().out
-  # A second run loads the same checkpoint and, greedy, says the same.
+  assert os.path.exists(tmp_path / "tiny_proxy" / "model.safetensors")
+  assert "===== antidistilled" in capsys.readouterr().out
+  # A second run loads the same checkpoints and, with the same seed, says the same.
   assert main.run_generate(config) == texts
