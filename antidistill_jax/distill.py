@@ -97,11 +97,13 @@ class LoRALinear(nnx.Module):
 
 
 def _projections(model: Transformer, targets):
-  for layer in model.layers:
-    for parent in (layer.self_attn, layer.mlp):
+  """(state path of the projection, its parent module, its attribute name) for every target."""
+  for i, layer in enumerate(model.layers):
+    for block in ("self_attn", "mlp"):
+      parent = getattr(layer, block)
       for name in targets:
         if hasattr(parent, name):
-          yield parent, name
+          yield f"layers/{i}/{block}/{name}", parent, name
 
 
 def add_lora(model: Transformer, *, rank: int, alpha: float, dropout: float = 0.0,
@@ -112,7 +114,7 @@ def add_lora(model: Transformer, *, rank: int, alpha: float, dropout: float = 0.
   if unknown:
     raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_TARGETS}.")
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  for parent, name in _projections(model, targets):
+  for _, parent, name in _projections(model, targets):
     setattr(parent, name, LoRALinear(getattr(parent, name), rank=rank, alpha=alpha,
                                      dropout=dropout, rngs=rngs))
   return model
@@ -121,12 +123,10 @@ def add_lora(model: Transformer, *, rank: int, alpha: float, dropout: float = 0.
 def merge_lora(model: Transformer) -> Transformer:
   """A plain Transformer (no LoRA modules) whose kernels hold base + (alpha/r) A B."""
   flat = flatten(nnx.state(model, nnx.Param))
-  for li, layer in enumerate(model.layers):
-    for block in ("self_attn", "mlp"):
-      for name in LORA_TARGETS:
-        module = getattr(getattr(layer, block), name, None)
-        if isinstance(module, LoRALinear):
-          flat[f"layers/{li}/{block}/{name}/kernel"] = module.merged_kernel()
+  for path, parent, name in _projections(model, LORA_TARGETS):
+    module = getattr(parent, name)
+    if isinstance(module, LoRALinear):
+      flat[f"{path}/kernel"] = module.merged_kernel()
   plain = abstract_model(model.config, model.dtype, model.embed_tokens.embedding[...].dtype)
   graphdef, state = nnx.split(plain)
   return nnx.merge(graphdef, unflatten_like(state, flat))

@@ -13,7 +13,6 @@ the proxy it is used with.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -26,8 +25,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax.models.transformer import Transformer
 from antidistill_jax import parallel, pytrees
+from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.pytrees import flatten, unflatten_like
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)

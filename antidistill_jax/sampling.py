@@ -33,8 +33,9 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax import parallel
+from antidistill_jax import gradients, parallel
 from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.tokenizer import shared_vocab_size
 
 METHODS = ("fd", "jvp")
 PLACEMENTS = ("paper", "reference")
@@ -158,6 +159,11 @@ def perturbed_states(proxy_state, grad_state, eps: float):
   return shift(1.0), shift(-1.0)
 
 
+def _tangent(grad_state, proxy_state):
+  """g cast to each parameter's dtype: jax.jvp wants tangents of the primal's dtype."""
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grad_state, proxy_state)
+
+
 def _fd_delta(z_plus_BV, z_minus_BV, eps):
   # Logit differences: log-prob differences minus a per-row constant, which softmax ignores.
   return (z_plus_BV.astype(jnp.float32) - z_minus_BV.astype(jnp.float32)) / (2.0 * eps)
@@ -226,7 +232,6 @@ def delta(proxy: Transformer, grad, input_ids_BT, *, eps: float = 1e-2, method: 
   The analysis entry point: fd gives [log p(.; theta+eps g) - log p(.; theta-eps g)] / 2eps,
   jvp the exact derivative of log p(.; theta) along g. Rows may be left-padded (pad_mask_BT).
   """
-  from antidistill_jax import gradients
   gradients.check_compatible(proxy, grad)
   graphdef, theta = nnx.split(proxy)
   ids = jnp.asarray(input_ids_BT)
@@ -238,8 +243,7 @@ def delta(proxy: Transformer, grad, input_ids_BT, *, eps: float = 1e-2, method: 
     plus, minus = perturbed_states(theta, grad, eps)
     return (logp_last(plus) - logp_last(minus)) / (2.0 * eps)
   if method == "jvp":
-    g = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta)
-    return jax.jvp(logp_last, (theta,), (g,))[1].astype(jnp.float32)
+    return jax.jvp(logp_last, (theta,), (_tangent(grad, theta),))[1].astype(jnp.float32)
   raise ValueError(f"method={method!r}; expected one of {METHODS}.")
 
 
@@ -368,8 +372,6 @@ def build_program(teacher: Transformer, *, max_new_tokens: int, tau: float = 1.0
   if lam != 0.0:
     if proxy is None or grad is None:
       raise ValueError(f"lam={lam} needs a proxy model and its gradient (grad=...).")
-    from antidistill_jax import gradients  # the proxy side only
-    from antidistill_jax.tokenizer import shared_vocab_size
     gradients.check_compatible(proxy, grad)
     shared = shared_vocab_size(teacher.config, proxy.config)
     vocab_size = shared if vocab_size is None else min(vocab_size, shared)
@@ -379,7 +381,7 @@ def build_program(teacher: Transformer, *, max_new_tokens: int, tau: float = 1.0
       proxy_state = (jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus) if fd_stacked
                      else (plus, minus))
     else:
-      proxy_state = (theta, jax.tree.map(lambda g, p: g.astype(p.dtype), grad, theta))
+      proxy_state = (theta, _tangent(grad, theta))
   s = DecodeSettings(max_new_tokens=max_new_tokens, tau=float(tau), top_p=top_p, top_k=top_k,
                      lam=float(lam), eps=float(eps), method=method, placement=placement,
                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),

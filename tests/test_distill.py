@@ -3,7 +3,6 @@ exact resume, sharded equals single-device, loss goes down, student re-tokenizat
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -97,16 +97,21 @@ def five_traces(teacher, tokenizer, path):
                                 seed=7, **KW)
 
 
-def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, reference,
-                                                     tmp_path, monkeypatch):
-  teacher, _, _ = tiny_pair
-  ref_bytes, ref_meta = reference
+def killed_run(teacher, tokenizer, tmp_path, monkeypatch, fail_at):
+  """Starts five_traces and kills it at generate call `fail_at`; returns (path, rerun)."""
   path = str(tmp_path / "train.jsonl")
   run = lambda: five_traces(teacher, tokenizer, path)
-  # Each batch makes two generate calls (traces, then answer forcing): die in the second batch.
-  counting_generate(monkeypatch, fail_at=3)
+  counting_generate(monkeypatch, fail_at=fail_at)
   with pytest.raises(Killed):
     run()
+  return path, run
+
+
+def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, reference,
+                                                     tmp_path, monkeypatch):
+  ref_bytes, ref_meta = reference
+  # Each batch makes two generate calls (traces, then answer forcing): die in the second batch.
+  path, run = killed_run(tiny_pair[0], tokenizer, tmp_path, monkeypatch, fail_at=3)
   assert not os.path.exists(path) and not os.path.exists(traces.meta_path(path))
   with open(path + ".partial", "rb") as f:
     partial = f.read()
@@ -137,13 +142,8 @@ def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, refer
 def test_kill_while_writing_the_last_newline(tiny_pair, tokenizer, reference, tmp_path,
                                              monkeypatch):
   """A last row that parses but lacks its newline is torn too: its batch is generated again."""
-  teacher, _, _ = tiny_pair
   ref_bytes, _ = reference
-  path = str(tmp_path / "train.jsonl")
-  run = lambda: five_traces(teacher, tokenizer, path)
-  counting_generate(monkeypatch, fail_at=1)
-  with pytest.raises(Killed):
-    run()
+  path, run = killed_run(tiny_pair[0], tokenizer, tmp_path, monkeypatch, fail_at=1)
   with open(path + ".partial", "wb") as f:
     f.write(ref_bytes[:-1])
   calls = counting_generate(monkeypatch)
