@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.extend.core import jaxprs_in_params
+from jax.sharding import PartitionSpec
 
-from antidistill_jax import models
+from antidistill_jax import models, parallel
 from conftest import torch_logits
 
 
@@ -28,7 +31,10 @@ def test_config_reads_architecture(hf_checkpoint):
   path, ref = hf_checkpoint
   cfg = models.load_config(path)
   hf = ref.config
-  assert cfg.head_dim == getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+  hf_head_dim = getattr(hf, "head_dim", None)
+  assert cfg.head_dim == (hf_head_dim if hf_head_dim else hf.hidden_size // hf.num_attention_heads)
+  # And the weights agree: q_proj is [N * H, D] in HF layout.
+  assert ref.model.layers[0].self_attn.q_proj.weight.shape[0] == cfg.num_heads * cfg.head_dim
   assert cfg.num_kv_heads == hf.num_key_value_heads < cfg.num_heads
   assert cfg.tie_embeddings == hf.tie_word_embeddings
   if cfg.model_type == "qwen2":
@@ -168,3 +174,95 @@ def test_unsupported_configs_fail_clearly():
       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
   assert cfg.rope_theta == 5e5 and cfg.rope_scaling.factor == 32.0
+
+
+def _avals(jaxpr):
+  """Every variable's aval in a closed jaxpr, nested jaxprs (jit, custom_jvp...) included."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for sub in jaxprs_in_params(eqn.params):
+      yield from _avals(sub)
+
+
+def test_prefill_attends_over_the_prompt_only(hf_checkpoint):
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  cfg = model.config
+  b, p, s = 2, 16, 1024
+  ids = jnp.ones((b, p), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda m, i: m.prefill(i, i, s))(model, ids)
+  # The only S-sized values are the cache's [B, S, K, H] (the pad that fills it): no logits,
+  # mask or probabilities over S slots.
+  cache_shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
+  s_sized = {a.shape for a in _avals(jaxpr.jaxpr) if s in getattr(a, "shape", ())}
+  assert s_sized == {cache_shape}
+  # And compiled scratch memory does not grow with the cache length.
+  def temp_bytes(max_len):
+    f = jax.jit(lambda m, i: m.prefill(i, i, max_len))
+    return f.lower(model, ids).compile().memory_analysis().temp_size_in_bytes
+  short, long = temp_bytes(64), temp_bytes(4096)
+  assert long <= 1.1 * short + 4096, (short, long)
+
+
+def test_prefill_decode_derivatives_are_finite_with_left_pads(hf_checkpoint):
+  """Left-pad queries attend to nothing; their rows must not put NaN into values, jvp tangents
+  (what the exact-JVP Delta carries through the cache) or gradients."""
+  path, _ = hf_checkpoint
+  graphdef, theta = nnx.split(models.from_pretrained(path))
+  ids, mask = left_pad([np.arange(3) + 7, np.arange(11) + 1])
+  token = jnp.asarray([5, 9])
+
+  def run(state):
+    model = nnx.merge(graphdef, state)
+    z0, cache = model.prefill(jnp.asarray(ids), jnp.asarray(mask), ids.shape[1] + 2)
+    z1, cache = model.decode(token, cache)
+    return (z0, z1), (cache.k, cache.v)
+
+  g = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape), x.dtype),
+                   theta)
+  primals, tangents = jax.jit(lambda st, d: jax.jvp(run, (st,), (d,)))(theta, g)
+  grad = jax.jit(jax.grad(lambda st: sum(z.sum() for z in run(st)[0])))(theta)
+  for tree in (primals, tangents, grad):
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
+  # The pad slots' keys do get (finite) tangents: they are computed, just never attended to.
+  assert np.any(np.asarray(tangents[1][0][0])[0, :ids.shape[1] - 3] != 0)
+
+
+@pytest.mark.parametrize("data, model_axis", [(4, 2), (2, 4)])
+def test_sharded_model_gives_the_same_logits_and_pins_the_cache(hf_checkpoint, data, model_axis):
+  path, _ = hf_checkpoint
+  plain = models.from_pretrained(path)
+  assert plain.mesh is None
+  mesh = parallel.make_mesh(data=data, model=model_axis)
+  sharded = models.shard_model(models.from_pretrained(path), mesh)
+  assert sharded.mesh is mesh
+  rng = np.random.default_rng(5)
+  ids, mask = left_pad([rng.integers(0, 320, size=n) for n in (5, 12, 9, 2)])
+  new = rng.integers(0, 320, size=(4, 3))
+
+  def run(model, i, m):
+    logits, cache = model.prefill(i, m, ids.shape[1] + new.shape[1])
+    prefill_cache, steps = cache, [logits]
+    for t in range(new.shape[1]):
+      logits, cache = model.decode(jnp.asarray(new[:, t]), cache)
+      steps.append(logits)
+    return jnp.stack(steps, 1), prefill_cache, cache
+
+  want = jax.jit(run)(plain, jnp.asarray(ids), jnp.asarray(mask))
+  got = jax.jit(run)(sharded, *parallel.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh))
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  # Kv heads split over `model` only when it divides them (Qwen2: 2 heads; Llama: 1).
+  k = sharded.config.num_kv_heads
+  heads = "model" if k % model_axis == 0 else None
+  want_sharding = jax.sharding.NamedSharding(mesh, PartitionSpec("data", None, heads, None))
+  for cache in got[1:]:
+    for x in cache.k + cache.v:
+      assert x.sharding.is_equivalent_to(want_sharding, x.ndim), x.sharding
+  # The sampler's fd path: one vmapped prefill over stacked parameter copies, on the mesh.
+  graphdef, theta = nnx.split(sharded)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), theta)
+  prefill = lambda st: nnx.merge(graphdef, st).prefill(jnp.asarray(ids), jnp.asarray(mask), 32)
+  z_2BV, _ = jax.jit(jax.vmap(prefill))(stacked)
+  np.testing.assert_allclose(np.asarray(z_2BV[1]), np.asarray(want[0][:, 0]), rtol=1e-5,
+                             atol=1e-5)

@@ -1,4 +1,4 @@
-"""Grouped-query attention as a grouped einsum (no repeated K/V)."""
+"""Grouped-query attention through `jax.nn.dot_product_attention` (no repeated K/V)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,37 @@ from flax import nnx
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import apply_rope, linear
 
-# Masked logits get the most negative finite fp32, not -inf: a fully masked row (a left-pad
-# query) then softmaxes to a finite uniform row instead of NaN, and exp(min - max) is exactly
-# 0, so real rows see exactly zero weight (and zero gradient) on masked keys.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+           mask_BTS: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v over the keys that mask_BTS allows -> [B, T, N, H].
+
+  jax.nn.dot_product_attention does what the grouped einsum did, checked in jax 0.10.2:
+  - GQA: query head n = kv_head * G + g (HF's repeat_kv grouping); the XLA path vmaps over G,
+    so K/V are never repeated.
+  - Precision: logits in fp32 whatever the input dtype (bf16 inputs use the BF16_BF16_F32 dot
+    algorithm), softmax in fp32, probabilities cast to the value dtype for the second matmul.
+    fp32 inputs use the default matmul precision, so the fp32 parity tests
+    (jax_default_matmul_precision=float32) see full fp32.
+  - Masked logits become -0.7 * finfo(fp32).max, a finite value: a fully masked row (a left-pad
+    query) softmaxes to a finite uniform row instead of NaN, and its values, gradients and jvp
+    tangents stay finite; real rows give exactly zero weight (and zero gradient) to masked keys.
+  Measured on CPU: bitwise the same output as the previous grouped einsum, fp32 and bf16
+  (B=4, T=S=64, 28 query / 4 kv heads, left-padded rows).
+
+  implementation=None lets JAX choose. In jax 0.10.2 None *is* the XLA path; cuDNN flash
+  attention ('cudnn') must be asked for, and we do not: it is a custom_vjp, so the exact-JVP
+  Delta's jax.jvp through the proxy could not pass it, and it has no fp32 (should a later JAX
+  make None pick cuDNN, that jvp fails loudly; pass 'xla' then). On TPU the fast
+  paths are the Pallas kernels (splash attention for prefill, ragged paged attention for
+  decode, which would also skip the cache slots not yet written, where the XLA path reads all
+  S); the same objections hold (splash is a custom_vjp, ragged paged attention has no
+  derivatives at all), so they could serve the teacher only, and this code runs on GPU/CPU.
+  """
+  dtype = q_BTNH.dtype
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask=mask_BTS[:, None],
+      implementation=None)
 
 
 class Attention(nnx.Module):
@@ -27,11 +54,12 @@ class Attention(nnx.Module):
     self.o_proj = linear(n * h, d, cfg.o_bias, **kw)
 
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
-    """Self-attention over the T new tokens.
+    """Self-attention over the T new tokens -> (out [B, T, D], (k, v)).
 
-    Without a cache, keys are the T new tokens themselves (mask_BTS is [B, T, T]). With a
-    cache (k, v of [B, S, K, H]), the new keys are written at slot `end` and the queries attend
-    over all S slots; returns the updated (k, v) too.
+    Without a cache, the keys are the T new tokens themselves (mask_BTS is [B, T, T]) and the
+    returned (k, v) are theirs, [B, T, K, H] (prefill copies them into a fresh cache). With a
+    cache (k, v of [B, S, K, H]), the new keys are written at slot `end`, the queries attend
+    over all S slots, and the returned (k, v) is the updated cache.
     """
     b, t, _ = x_BTD.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -39,21 +67,14 @@ class Attention(nnx.Module):
     k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(b, t, k, h), cos_BTH, sin_BTH)
     v_BTKH = self.v_proj(x_BTD).reshape(b, t, k, h)
 
-    if kv_cache is not None:
+    if kv_cache is None:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    else:
       k_cache, v_cache = kv_cache
       zero = jnp.zeros((), jnp.int32)
       k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), (zero, end, zero, zero))
       v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), (zero, end, zero, zero))
-      new_cache = (k_BSKH, v_BSKH)
-    else:
-      k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
 
-    # Query head n = kv_head * G + g, the same grouping as HF's repeat_kv.
-    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTKGH.dtype),
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, _MASK_VALUE)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    out_BTD = self.o_proj(out_BTKGH.reshape(b, t, n * h).astype(x_BTD.dtype))
-    return out_BTD, new_cache
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    out_BTD = self.o_proj(out_BTNH.reshape(b, t, n * h))
+    return out_BTD, (k_BSKH, v_BSKH)

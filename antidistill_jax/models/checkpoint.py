@@ -141,7 +141,9 @@ def from_pretrained(path: str | os.PathLike[str], *, dtype=jnp.float32, param_dt
     del array, host
   logging.info("loaded %s (%s, %.1fM parameters) from %s", cfg.model_type, param_dtype.name,
                cfg.num_params() / 1e6, path)
-  return nnx.merge(graphdef, unflatten_like(state, values))
+  model = nnx.merge(graphdef, unflatten_like(state, values))
+  model.mesh = mesh  # activations and KV caches are then constrained on it (models.sharding)
+  return model
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike[str], *, dtype=None,

@@ -5,6 +5,11 @@ Every weight has one logical layout (declared here once, derived from its path);
 table picks the mesh axis for each logical axis. The default shards vocab, attention heads
 and the MLP hidden dimension over a `model` axis when the mesh has one (tensor parallelism)
 and replicates them otherwise; `{"embed": "data"}` adds FSDP-style sharding over `data`.
+
+Activations and the KV cache have their own logical axes and rule table (ACTIVATION_RULES):
+batch over `data`, kv heads over `model`. The model pins them with `constrain` when it knows
+its mesh (`Transformer.mesh`, set by `shard_model`), so the cache that the decode loop carries
+keeps one layout instead of whatever GSPMD propagation picks for each program.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DEFAULT_RULES: Mapping[str, str | None] = {
     "vocab": "model", "heads": "model", "mlp": "model", "embed": None}
+
+# Separate names from the weights' so that a weight rule such as {"embed": "data"} (FSDP) never
+# lands on an activation's model dimension next to its batch on `data`.
+ACTIVATION_RULES: Mapping[str, str | None] = {"batch": "data", "kv_heads": "model"}
+RESIDUAL_AXES = ("batch", None, None)  # [B, T, D]: replicated D, as between Megatron blocks
+CACHE_AXES = ("batch", None, "kv_heads", None)  # [B, S, K, H]
 
 _LINEAR_AXES = {
     "q_proj": ("embed", "heads"), "k_proj": ("embed", "heads"), "v_proj": ("embed", "heads"),
@@ -55,23 +66,47 @@ def check_mesh(mesh: Mesh) -> None:
         "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
 
 
+def _spec(axes, shape, mesh: Mesh, rules: Mapping[str, str | None]):
+  """(PartitionSpec, [(dim index, mesh axis) left replicated because it does not divide])."""
+  spec, replicated = [], []
+  axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+  for i, (dim, logical) in enumerate(zip(shape, axes)):
+    mesh_axis = rules.get(logical) if logical else None
+    if mesh_axis is None or mesh_axis not in mesh.shape:
+      mesh_axis = None
+    elif dim % mesh.shape[mesh_axis]:
+      replicated.append((i, mesh_axis))
+      mesh_axis = None
+    spec.append(mesh_axis)
+  return PartitionSpec(*spec), replicated
+
+
 def partition_spec(path, shape, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
   """PartitionSpec for one parameter; a dimension that the mesh axis does not divide stays
   replicated (logged), so any model loads on any mesh."""
-  rules = DEFAULT_RULES if rules is None else rules
-  axes = logical_axes(path)
-  spec = []
-  for dim, logical in zip(shape, axes + (None,) * (len(shape) - len(axes))):
-    mesh_axis = rules.get(logical) if logical else None
-    if mesh_axis is not None and mesh_axis in mesh.shape:
-      if dim % mesh.shape[mesh_axis]:
-        logging.warning("%s: dim %d not divisible by mesh axis %r (%d); replicating it.",
-                        "/".join(map(str, path)), dim, mesh_axis, mesh.shape[mesh_axis])
-        mesh_axis = None
-    else:
-      mesh_axis = None
-    spec.append(mesh_axis)
-  return PartitionSpec(*spec)
+  spec, replicated = _spec(logical_axes(path), shape, mesh,
+                           DEFAULT_RULES if rules is None else rules)
+  for i, mesh_axis in replicated:
+    logging.warning("%s: dim %d not divisible by mesh axis %r (%d); replicating it.",
+                    "/".join(map(str, path)), shape[i], mesh_axis, mesh.shape[mesh_axis])
+  return spec
+
+
+def activation_spec(axes, shape, mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec of an activation or cache array under ACTIVATION_RULES. A dimension that its
+  mesh axis does not divide is replicated without a warning: that is the expected layout of,
+  e.g., Qwen2.5-3B's 2 kv heads on a model axis of 4 (7B's 4 kv heads do shard)."""
+  return _spec(axes, shape, mesh, ACTIVATION_RULES)[0]
+
+
+def constrain(x: jax.Array, axes, mesh: Mesh | None) -> jax.Array:
+  """x pinned to its logical `axes` on `mesh` (with_sharding_constraint); x itself when the
+  model has no mesh. Under jax.vmap (stacked parameter copies) the mapped axis is left
+  unconstrained; under jvp/grad the tangents and cotangents get the same layout."""
+  if mesh is None:
+    return x
+  spec = activation_spec(axes, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def named_sharding(path, shape, mesh: Mesh, rules=None) -> NamedSharding:
@@ -79,9 +114,12 @@ def named_sharding(path, shape, mesh: Mesh, rules=None) -> NamedSharding:
 
 
 def shard_model(model, mesh: Mesh, rules=None):
-  """Moves every parameter of an nnx model onto `mesh` (in place) and returns the model."""
+  """Moves every parameter of an nnx model onto `mesh` (in place), records the mesh as
+  `model.mesh` (so a Transformer constrains its activations and cache to it) and returns the
+  model."""
   check_mesh(mesh)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = var.get_value()
     var.set_value(jax.device_put(value, named_sharding(path, value.shape, mesh, rules)))
+  model.mesh = mesh
   return model

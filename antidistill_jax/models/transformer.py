@@ -6,9 +6,14 @@ Attribute names mirror the Hugging Face module tree (`embed_tokens`, `layers[i].
 Entry points (all shapes explicit):
   model(input_ids_BT, pad_mask_BT=None)       -> logits_BTV (fp32); full forward, any padding.
   model.prefill(input_ids_BT, pad_mask_BT, S) -> (logits_BV at the last slot, KVCache of S slots);
-                                                 prompts must be LEFT-padded.
+                                                 prompts must be LEFT-padded; attention runs
+                                                 over the P prompt tokens only.
   model.decode(token_B, cache)                -> (logits_BV, cache); one new token per row.
   model.step(input_ids_BT, cache)             -> (logits_BTV, cache); T new tokens at cache.end.
+
+Sharding: with `mesh` set (models.shard_model sets it), the residual stream [B, T, D] and the
+KV cache [B, S, K, H] are pinned to the layouts of `models.sharding` (batch over `data`, kv
+heads over `model`); the weights carry their own NamedShardings and XLA propagates the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from antidistill_jax.models import sharding
 from antidistill_jax.models.attention import Attention
-from antidistill_jax.models.cache import KVCache
+from antidistill_jax.models.cache import KVCache, prompt_layout
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import MLP, RMSNorm, rope_cos_sin
 
@@ -35,20 +42,27 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, **kw)
 
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
-    attn_BTD, kv_cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                        kv_cache, end)
+    """-> (x_BTD, (k, v)): the updated cache, or the T new keys/values without one."""
+    attn_BTD, kv = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
+                                  kv_cache, end)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-    return x_BTD, kv_cache
+    return x_BTD, kv
 
 
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    """dtype: compute dtype of activations; param_dtype: storage dtype of the weights."""
+               mesh: Mesh | None = None, rngs: nnx.Rngs):
+    """dtype: compute dtype of activations; param_dtype: storage dtype of the weights;
+    mesh: the mesh the weights live on (usually left None and set by models.shard_model)."""
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
+    # An explicit, static attribute (hashable, so it lives in the graphdef and survives
+    # nnx.split/merge and jit's static arguments) rather than a mesh inferred from where the
+    # parameters happen to be: None means no sharding constraints at all, and a model whose
+    # weights were placed by hand says which mesh its activations belong to.
+    self.mesh = mesh
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype,
@@ -68,26 +82,36 @@ class Transformer(nnx.Module):
     """Token embeddings [B, T, D] in the compute dtype."""
     return self.embed_tokens(input_ids_BT).astype(self.dtype)
 
+  def _blocks(self, x_BTD, positions_BT, mask_BTS, kv_layers=None, end=None):
+    """Blocks + final norm -> (h_BTD, per-layer (k, v)): the updated caches when kv_layers
+    (per layer (k, v) of [B, S, K, H]) is given, else the T new keys/values [B, T, K, H]."""
+    cos_BTH, sin_BTH = rope_cos_sin(positions_BT, jnp.asarray(self.config.inv_freq()), self.dtype)
+    x_BTD = self._pin_residual(x_BTD)
+    kv_out = []
+    for i, layer in enumerate(self.layers):
+      with jax.named_scope(f"layer_{i}"):
+        kv = None if kv_layers is None else kv_layers[i]
+        x_BTD, kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end)
+        x_BTD = self._pin_residual(x_BTD)
+      kv_out.append(kv)
+    return self.norm(x_BTD), kv_out
+
+  def _pin_residual(self, x_BTD):
+    return sharding.constrain(x_BTD, sharding.RESIDUAL_AXES, self.mesh)
+
   def hidden(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None):
     """Blocks + final norm on embeddings x_BTD: hidden states [B, T, D] and the updated cache.
 
     mask_BTS[b, t, s] says whether query t may attend to key s (s indexes the cache slots when
     a cache is given, the T new tokens otherwise).
     """
-    cos_BTH, sin_BTH = rope_cos_sin(positions_BT, jnp.asarray(self.config.inv_freq()), self.dtype)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      with jax.named_scope(f"layer_{i}"):
-        kv = None if cache is None else (cache.k[i], cache.v[i])
-        x_BTD, kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, None if cache is None else cache.end)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    h_BTD = self.norm(x_BTD)
-    if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), start_B=cache.start_B,
-                      end=cache.end + x_BTD.shape[1])
-    return h_BTD, cache
+    if cache is None:
+      return self._blocks(x_BTD, positions_BT, mask_BTS)[0], None
+    h_BTD, kv = self._blocks(x_BTD, positions_BT, mask_BTS, list(zip(cache.k, cache.v)),
+                             cache.end)
+    cache = KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), start_B=cache.start_B,
+                    end=cache.end + x_BTD.shape[1])
+    return h_BTD, cache.constrain(self.mesh)
 
   def unembed_table(self) -> jax.Array:
     """[V, D]: the embedding itself when tied (no copy), else lm_head."""
@@ -123,7 +147,8 @@ class Transformer(nnx.Module):
     return self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS)[0]
 
   def init_cache(self, batch: int, max_len: int, start_B=None, dtype=None) -> KVCache:
-    return KVCache.init(self.config, batch, max_len, dtype or self.dtype, start_B)
+    return KVCache.init(self.config, batch, max_len, dtype or self.dtype, start_B).constrain(
+        self.mesh)
 
   def step(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Appends T tokens per row at cache.end; fp32 logits [B, T, V] and the new cache."""
@@ -134,17 +159,22 @@ class Transformer(nnx.Module):
   def prefill(self, input_ids_BT: jax.Array, pad_mask_BT: jax.Array, max_len: int):
     """Runs LEFT-padded prompts into a fresh cache of `max_len` slots.
 
+    The prompt attends to itself only ([B, P, P] causal + left-pad mask, positions counted from
+    each row's first real token); its keys/values then fill slots [0, P) of the cache. Memory
+    scales with P^2, not P * max_len: no query may see a slot past the prompt anyway.
+
     Returns fp32 logits [B, V] at the last prompt slot (the next-token distribution of every
     row) and the cache. Only the last slot is unembedded: no [B, T, V] buffer.
     """
-    b, t = input_ids_BT.shape
+    t = input_ids_BT.shape[1]
     if max_len < t:
       raise ValueError(f"cache length {max_len} is shorter than the padded prompt length {t}.")
     start_B = t - jnp.sum(pad_mask_BT.astype(jnp.int32), axis=1)
-    cache = self.init_cache(b, max_len, start_B)
-    positions_BT, mask_BTS = cache.query_layout(t)
-    h_BTD, cache = self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS, cache)
-    return self.logits(h_BTD[:, -1]), cache
+    positions_BT, mask_BTT = prompt_layout(start_B, t)
+    h_BTD, kv = self._blocks(self.embed(input_ids_BT), positions_BT, mask_BTT)
+    cache = KVCache.from_prompt([k for k, _ in kv], [v for _, v in kv], max_len, start_B,
+                                self.dtype)
+    return self.logits(h_BTD[:, -1]), cache.constrain(self.mesh)
 
   def decode(self, token_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One new token per row -> fp32 logits [B, V] and the cache advanced by one slot."""
