@@ -1,0 +1,113 @@
+"""Time of the sort-free top-p filter against the sorting reference and against no filter.
+
+  python bench/filters.py                                  # [32, V], V in {4096, 152064}
+  python bench/filters.py --vocabs=4096 --repeats=20 --top_k=50
+
+For each vocabulary size and logit distribution (random normal with std 0.5: near uniform,
+like a random-weight model; std 5; peaked: a few dominant tokens over std-2 noise, like a
+trained model), the jitted step is timed alone and followed by the sampler's draw
+(`jax.random.categorical` per row with its own key): no filter, `filters.filter_logits`,
+`filters.filter_logits_sorted`. Times are the best of --repeats runs after compilation, the
+variants interleaved so that load from other processes hits them alike. Prints one JSON line
+and a markdown table; `ratio` is the step's time over the unfiltered draw's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from antidistill_jax import filters
+
+_VOCABS = flags.DEFINE_list("vocabs", ["4096", "152064"], "vocabulary sizes")
+_BATCH = flags.DEFINE_integer("batch", 32, "rows")
+_DISTS = flags.DEFINE_list("dists", ["flat", "std5", "peaked"], "logit distributions")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus mass (passed traced, as the sampler does)")
+_TOP_K = flags.DEFINE_integer("top_k", None, "top-k before top-p (default: none)")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs per cell (best is kept)")
+_SORTED_REPEATS = flags.DEFINE_integer("sorted_repeats", 3, "timed runs of the sorting filter")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON here")
+
+
+def make_logits(dist: str, batch: int, vocab: int, seed: int = 0) -> jax.Array:
+  key = jax.random.key(seed)
+  if dist == "flat":
+    return 0.5 * jax.random.normal(key, (batch, vocab))
+  if dist == "std5":
+    return 5.0 * jax.random.normal(key, (batch, vocab))
+  if dist == "peaked":  # four dominant tokens (about 0.8 / 0.1 / 0.04 / 0.005 of the mass)
+    noise_BV = 2.0 * jax.random.normal(key, (batch, vocab))
+    top_B4 = jax.random.randint(jax.random.fold_in(key, 1), (batch, 4), 0, vocab)
+    boost_4 = jnp.array([14.0, 12.0, 11.0, 9.0])
+    return noise_BV.at[jnp.arange(batch)[:, None], top_B4].add(boost_4)
+  raise ValueError(f"dist={dist!r}; expected flat, std5 or peaked.")
+
+
+def step_fns(top_k: int | None):
+  """name -> jitted (logits, top_p, keys) -> array, for every timed variant."""
+  filters_ = {"none": lambda x, p: x,
+              "sort_free": lambda x, p: filters.filter_logits(x, top_k, p),
+              "sorted": lambda x, p: filters.filter_logits_sorted(x, top_k, p)}
+  fns = {}
+  for name, filt in filters_.items():
+    fns[f"{name}"] = jax.jit(lambda x, p, keys, filt=filt: filt(x, p))
+    fns[f"{name}+draw"] = jax.jit(
+        lambda x, p, keys, filt=filt: jax.vmap(jax.random.categorical)(keys, filt(x, p)))
+  return fns
+
+
+def time_cells(fns, args, repeats: int, sorted_repeats: int) -> dict[str, float]:
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  best = {name: float("inf") for name in fns}
+  for r in range(repeats):
+    for name, fn in fns.items():
+      if name.startswith("sorted") and r >= sorted_repeats:
+        continue
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best
+
+
+def main(argv):
+  del argv
+  fns = step_fns(_TOP_K.value)
+  rows = []
+  for vocab in map(int, _VOCABS.value):
+    keys_B = jax.random.split(jax.random.key(1), _BATCH.value)
+    for dist in _DISTS.value:
+      logits_BV = make_logits(dist, _BATCH.value, vocab)
+      args = (logits_BV, jnp.float32(_TOP_P.value), keys_B)
+      best = time_cells(fns, args, _REPEATS.value, _SORTED_REPEATS.value)
+      base = best["none+draw"]
+      for name, seconds in best.items():
+        rows.append(dict(vocab=vocab, dist=dist, variant=name, ms=round(seconds * 1e3, 3),
+                         ratio=round(seconds / base, 3)))
+      print(f"V={vocab} {dist}: " + ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in best.items()),
+            flush=True)
+  result = dict(bench="filters", backend=jax.default_backend(), device=str(jax.devices()[0]),
+                batch=_BATCH.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+                repeats=_REPEATS.value, rows=rows)
+  print(json.dumps(result))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+  names = list(fns)
+  print(f"\n[{_BATCH.value}, V], top_p={_TOP_P.value}, top_k={_TOP_K.value}, "
+        f"{jax.default_backend()}: ms (x unfiltered draw)\n")
+  print("| V | dist | " + " | ".join(names) + " |")
+  print("|---|---|" + "---|" * len(names))
+  for vocab in map(int, _VOCABS.value):
+    for dist in _DISTS.value:
+      cells = {r["variant"]: r for r in rows if r["vocab"] == vocab and r["dist"] == dist}
+      print(f"| {vocab} | {dist} | " + " | ".join(
+          f"{cells[n]['ms']:.2f} ({cells[n]['ratio']:.2f}x)" for n in names) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)
