@@ -3,16 +3,18 @@
   l(theta_P) = (1/N) sum_n (1/|c_n|) sum_{t in c_n} -log p(x_t | x_<t; theta_P)
 
 over N held-out teacher traces (prompt p_n, completion c_n), loss on completion tokens only.
-g = grad l is taken with `jax.grad` over the proxy's nnx.Param state in fp32, summed over
-fixed-shape micro-batches (bounded memory, few compilations) and divided by N once, with the
-batch sharded over a mesh's `data` axis when one is given. It is computed once per proxy and
-trace set and saved with orbax next to metadata that lets a later run check it belongs to
-the proxy it is used with.
+g = grad l is taken with `jax.grad` over the proxy's nnx.Param state in fp32 (fp32 parameters
+and fp32 compute, also for a bf16 proxy, as in the reference), summed over fixed-shape
+micro-batches (bounded memory, few compilations) and divided by N once, with the batch sharded
+over a mesh's `data` axis when one is given. It is computed once per proxy and trace set and
+saved with orbax next to metadata that lets a later run check it belongs to the proxy it is
+used with (the same checkpoint in fp32 or bf16 passes the check; see `fingerprint`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any, Sequence
@@ -99,20 +101,39 @@ def _accumulate(graphdef, params, acc, ids_BT, pad_BT, loss_BT, weight_B):
   return jax.tree.map(jnp.add, acc, grad), value
 
 
+def fp32_split(proxy: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params) of an fp32 twin of `proxy`: its nnx.Param state cast to fp32 (same tree,
+  same shardings) and its graph with every module's compute `dtype` set to fp32.
+
+  Casting the parameters alone is not enough: a bf16-loaded proxy's graphdef carries bf16 as
+  the compute dtype (Transformer.dtype, the Linear/Embed `dtype`), so its activations would be
+  bf16 whatever the parameters; that moves g by ~0.5%. The reference computes g in fp32. The
+  twin is the proxy's own graph (merged anew: the proxy is untouched), so every other static
+  setting of the proxy (its mesh, say) carries over.
+  """
+  graphdef, params = nnx.split(proxy, nnx.Param)
+  twin = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+  for _, node in nnx.iter_graph(twin):
+    if isinstance(node, nnx.Module) and getattr(node, "dtype", None) is not None:
+      node.dtype = jnp.dtype(jnp.float32)
+  return nnx.split(twin, nnx.Param)
+
+
 def proxy_gradient(proxy: Transformer, examples: Sequence[Example], *, micro_batch_size: int = 8,
                    length_multiple: int = 64, pad_id: int = 0,
                    mesh: Mesh | None = None) -> tuple[nnx.State, dict[str, Any]]:
   """g = grad of the mean completion-only NLL of `proxy` on `examples`, in fp32.
 
-  Returns (g as an nnx.State shaped like the proxy's parameters, metadata dict).
+  fp32 parameters and fp32 compute whatever the proxy's own dtypes (see fp32_split); the proxy
+  is not modified. Returns (g as an nnx.State shaped like the proxy's nnx.Param state, fp32
+  leaves; metadata dict).
   """
   if not examples:
     raise ValueError("proxy_gradient needs at least one (prompt, completion) example.")
   empty = [i for i, (_, c) in enumerate(examples) if len(c) == 0]
   if empty:
     raise ValueError(f"examples {empty[:10]} have empty completions: no loss tokens.")
-  graphdef, params = nnx.split(proxy)
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  graphdef, params = fp32_split(proxy)
   acc = jax.tree.map(jnp.zeros_like, params)
   rows = parallel.round_rows(micro_batch_size, mesh)
   # Longest first: the bucketed lengths then shrink monotonically and few shapes compile.
@@ -145,9 +166,17 @@ def global_norm(tree) -> jax.Array:
 # -- identity and validation --------------------------------------------------------------
 
 
+# config.json keys that say how a checkpoint was stored or written, not what it computes.
+_STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version")
+
+
 def fingerprint(model: Transformer) -> str:
-  """A short hash of a model's config and parameter values (see pytrees.fingerprint)."""
-  return pytrees.fingerprint(nnx.state(model, nnx.Param), salt=model.config.hf_config_json)
+  """A short hash of a model's checkpoint: its config.json and its parameter values rounded
+  to bf16 (see pytrees.fingerprint). The same checkpoint loaded in fp32 or bf16, on one device
+  or sharded, has one fingerprint; other weights (another seed, a fine-tune, a perturbed or
+  permuted matrix) have another."""
+  hf = {k: v for k, v in model.config.hf_config.items() if k not in _STORAGE_KEYS}
+  return pytrees.fingerprint(nnx.state(model, nnx.Param), salt=json.dumps(hf, sort_keys=True))
 
 
 def check_compatible(proxy: Transformer, grad) -> None:

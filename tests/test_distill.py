@@ -35,7 +35,9 @@ def _mean_loss(model, examples):
 def test_one_lora_step_changes_only_lora_params(student_dir, tmp_path):
   student = models.from_pretrained(student_dir)
   before = {k: np.asarray(v) for k, v in flatten(nnx.state(student, nnx.Param)).items()}
-  distill.distill(student, random_examples(8), [], str(tmp_path), SMALL, max_steps=1)
+  # No warmup: under warmup the first step's learning rate is 0 (as in transformers).
+  config = dataclasses.replace(SMALL, warmup_fraction=0.0)
+  distill.distill(student, random_examples(8), [], str(tmp_path), config, max_steps=1)
   after = {k: np.asarray(v) for k, v in flatten(nnx.state(student, nnx.Param)).items()}
   lora = sorted(k for k in after if "/lora/" in k)
   assert len(lora) == 2 * 7 * student.config.num_layers  # A and B of q,k,v,o,gate,up,down
@@ -138,3 +140,53 @@ def test_optimizer_decays_matrices_not_vectors():
   updates, _ = tx.update(zero, tx.init(params), params)
   assert np.all(np.asarray(updates["a/kernel"]) < 0)  # decayed toward zero
   np.testing.assert_array_equal(np.asarray(updates["a/bias"]), 0.0)
+
+
+def test_lora_init_matches_peft(student_dir):
+  """A ~ kaiming_uniform(a=sqrt(5)) as PEFT's (bound 1/sqrt(in), not he_uniform's sqrt(6/in)),
+  B = 0: the attacker starts where the paper's does."""
+  student = distill.add_lora(models.from_pretrained(student_dir), rank=16, alpha=16.0)
+  factors = flatten(nnx.state(student, nnx.LoRAParam))
+  assert len(factors) == 2 * 7 * student.config.num_layers
+  for path in (k[:-len("/lora_a")] for k in factors if k.endswith("/lora_a")):
+    a, b = np.asarray(factors[f"{path}/lora_a"]), np.asarray(factors[f"{path}/lora_b"])
+    bound = 1 / np.sqrt(a.shape[0])  # fan_in = in_features ([in, r], like PEFT's A.T)
+    assert np.abs(a).max() <= bound, path
+    assert np.abs(a).max() > 0.9 * bound, path  # uniform over the whole interval
+    np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.1, err_msg=path)
+    np.testing.assert_array_equal(b, 0.0, err_msg=path)
+
+
+def _learning_rates(config, total_steps):
+  """The learning rate of each step of make_optimizer's AdamW, read off its updates: with a
+  constant gradient, no clipping and no weight decay, Adam's step is lr * g / |g| = lr."""
+  tx = distill.make_optimizer(config, total_steps)
+  params = {"w": jnp.zeros((1, 1))}
+  grad = {"w": jnp.ones((1, 1))}
+  state, lrs = tx.init(params), []
+  for _ in range(total_steps):
+    updates, state = tx.update(grad, state, params)
+    lrs.append(-float(updates["w"][0, 0]))
+  return np.array(lrs)
+
+
+@pytest.mark.parametrize("total_steps", [50, 100, 10])
+def test_schedule_matches_transformers(total_steps):
+  """Warmup steps are ceil(fraction * steps) as in transformers (50 * 3% = 1.5 -> 2, not 1),
+  then cosine decay to 0: the learning rate of every step equals the HF Trainer's."""
+  import types
+
+  import torch
+  import transformers
+  config = distill.DistillConfig(learning_rate=5e-4, weight_decay=0.0, clip_norm=1e9,
+                                 warmup_fraction=0.03)
+  warmup = transformers.TrainingArguments.get_warmup_steps(
+      types.SimpleNamespace(warmup_steps=config.warmup_fraction), total_steps)
+  opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  schedule = transformers.get_cosine_schedule_with_warmup(opt, warmup, total_steps)
+  hf = []
+  for _ in range(total_steps):
+    hf.append(opt.param_groups[0]["lr"])
+    opt.step()
+    schedule.step()
+  np.testing.assert_allclose(_learning_rates(config, total_steps), hf, rtol=1e-5, atol=1e-9)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from antidistill_jax import gradients, models
-from conftest import random_examples
+from antidistill_jax import gradients, models, parallel, pytrees
+from conftest import QWEN2, build_hf_checkpoint, random_examples
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,28 @@ def test_micro_batched_and_sharded_equal_one_batch(proxy):
     np.testing.assert_allclose(np.asarray(c), a, rtol=1e-4, atol=tol)
 
 
-def test_gradient_is_fp32_for_a_bf16_proxy(teacher_proxy_dirs):
+def _bf16_rounded(state):
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), state)
+
+
+def test_gradient_of_a_bf16_proxy_is_computed_in_fp32(teacher_proxy_dirs):
+  """g of a bf16 proxy is g of its bf16 weights upcast, with fp32 compute throughout (as the
+  reference computes it): bf16 activations would move g by ~0.4%."""
+  examples = random_examples(4, seed=6)
   proxy16 = models.from_pretrained(teacher_proxy_dirs[1], dtype=jnp.bfloat16)
-  grad, _ = gradients.proxy_gradient(proxy16, random_examples(2), micro_batch_size=2)
-  assert {x.dtype for x in jax.tree.leaves(grad)} == {jnp.dtype(jnp.float32)}
+  grad16, _ = gradients.proxy_gradient(proxy16, examples, micro_batch_size=4)
+  assert jax.tree.structure(grad16) == jax.tree.structure(nnx.state(proxy16, nnx.Param))
+  assert {x.dtype for x in jax.tree.leaves(grad16)} == {jnp.dtype(jnp.float32)}
+  assert proxy16.dtype == jnp.bfloat16  # the proxy itself is left as it was
+  # The same bf16 values in an fp32 model.
+  proxy32 = models.from_pretrained(teacher_proxy_dirs[1])
+  nnx.update(proxy32, _bf16_rounded(nnx.state(proxy32, nnx.Param)))
+  for a, b in zip(jax.tree.leaves(nnx.state(proxy16, nnx.Param)),
+                  jax.tree.leaves(nnx.state(proxy32, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+  grad32, _ = gradients.proxy_gradient(proxy32, examples, micro_batch_size=4)
+  diff = float(gradients.global_norm(jax.tree.map(jnp.subtract, grad16, grad32)))
+  assert diff <= 1e-5 * float(gradients.global_norm(grad32))
 
 
 def test_save_load_roundtrip_and_validation(proxy, teacher_proxy_dirs, tmp_path):
@@ -83,14 +101,76 @@ def test_save_load_roundtrip_and_validation(proxy, teacher_proxy_dirs, tmp_path)
     gradients.load_gradient(tmp_path / "nowhere", proxy)
 
 
-def test_fingerprint_detects_other_weights(proxy, teacher_proxy_dirs, tmp_path):
+def test_save_load_roundtrip_tied_and_untied(hf_checkpoint, tmp_path):
+  """Qwen2 (tied) and Llama (untied: the top-level lm_head leaf has no "/" in its name)."""
+  proxy = models.from_pretrained(hf_checkpoint[0])
+  grad, meta = gradients.proxy_gradient(proxy, random_examples(3), micro_batch_size=4)
+  gradients.save_gradient(tmp_path / "g", grad, meta)
+  loaded, _ = gradients.load_gradient(tmp_path / "g", proxy)
+  assert jax.tree.structure(loaded) == jax.tree.structure(grad)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert ("lm_head" in pytrees.flatten(loaded)) == (not proxy.config.tie_embeddings)
+
+
+def test_flatten_plain_dicts_and_states():
+  x, y = np.zeros(2), np.ones(3)
+  assert pytrees.flatten({"lm_head": x, "layers/0/k": y}) == {"lm_head": x, "layers/0/k": y}
+  assert pytrees.flatten({"layers": {0: {"k": y}}, "lm_head": x}) == {"layers/0/k": y, "lm_head": x}
+  state = nnx.State({"lm_head": nnx.Param(x), "layers": {0: {"k": nnx.Param(y)}}})
+  assert pytrees.flatten(state) == {"lm_head": x, "layers/0/k": y}
+  back = pytrees.unflatten_like(state, {"lm_head": y, "layers/0/k": x})
+  assert back["lm_head"].get_value() is y and back["layers"][0]["k"].get_value() is x
+
+
+def test_fingerprint_follows_the_checkpoint_not_the_dtype(proxy, teacher_proxy_dirs, tmp_path):
   grad, meta = gradients.proxy_gradient(proxy, random_examples(2), micro_batch_size=2)
   gradients.save_gradient(tmp_path / "g", grad, meta)
-  other = models.from_pretrained(teacher_proxy_dirs[1])
-  other.norm.scale[...] = other.norm.scale[...] * 1.01
+  # The same checkpoint in bf16, and sharded over a mesh: the same proxy.
+  proxy16 = models.from_pretrained(teacher_proxy_dirs[1], dtype=jnp.bfloat16)
+  gradients.load_gradient(tmp_path / "g", proxy16)
+  mesh = parallel.make_mesh(data=2, model=4)
+  sharded = models.from_pretrained(teacher_proxy_dirs[1], mesh=mesh)
+  assert (gradients.fingerprint(sharded) == gradients.fingerprint(proxy16)
+          == meta["proxy_fingerprint"])
+
+
+def _refused(path, model):
   with pytest.raises(ValueError, match="was computed for proxy"):
-    gradients.load_gradient(tmp_path / "g", other)
-  gradients.load_gradient(tmp_path / "g", other, check_fingerprint=False)
+    gradients.load_gradient(path, model)
+  gradients.load_gradient(path, model, check_fingerprint=False)
+
+
+def test_fingerprint_refuses_other_weights(proxy, teacher_proxy_dirs, tokenizer, tmp_path):
+  grad, meta = gradients.proxy_gradient(proxy, random_examples(2), micro_batch_size=2)
+  gradients.save_gradient(tmp_path / "g", grad, meta)
+  # Another checkpoint of the same architecture (another seed).
+  build_hf_checkpoint(tmp_path / "other", tokenizer=tokenizer, seed=9, vocab_size=352,
+                      **dict(QWEN2, hidden_size=32, intermediate_size=64))
+  _refused(tmp_path / "g", models.from_pretrained(tmp_path / "other"))
+  # One matrix with 1% relative noise.
+  noisy = models.from_pretrained(teacher_proxy_dirs[1])
+  kernel = noisy.layers[1].mlp.up_proj.kernel
+  noise = jax.random.normal(jax.random.key(0), kernel.shape)
+  kernel[...] = kernel[...] * (1 + 0.01 * noise)
+  _refused(tmp_path / "g", noisy)
+  # Two rows of one matrix swapped: the sum and the sum of squares do not change.
+  swapped = models.from_pretrained(teacher_proxy_dirs[1])
+  kernel = swapped.layers[0].self_attn.o_proj.kernel
+  kernel[...] = kernel[...][jnp.array([1, 0] + list(range(2, kernel.shape[0])))]
+  _refused(tmp_path / "g", swapped)
+  # A norm scale 1% larger.
+  scaled = models.from_pretrained(teacher_proxy_dirs[1])
+  scaled.norm.scale[...] = scaled.norm.scale[...] * 1.01
+  _refused(tmp_path / "g", scaled)
+
+
+def test_fingerprint_of_a_gradient(proxy):
+  grad, _ = gradients.proxy_gradient(proxy, random_examples(2), micro_batch_size=2)
+  fp = pytrees.fingerprint(grad)
+  assert fp == pytrees.fingerprint(pytrees.flatten(grad))  # a State or its flat dict
+  assert fp != pytrees.fingerprint(jax.tree.map(lambda g: 2 * g, grad))
+  assert fp != pytrees.fingerprint(grad, salt="other")
 
 
 def test_mismatched_tree_names_leaves(proxy):
