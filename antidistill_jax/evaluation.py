@@ -4,7 +4,8 @@
 model's completion text:
   gsm8k: the final number (the last \\boxed{}, else the text after the last "####", else the
          last number in the text), compared as a decimal: "1,000" == "1000", "$5.00" == "5",
-         "18%" == "18".
+         "18%" == "18", and LaTeX thousands separators are read: "10\\,000" == "10{,}000" ==
+         "10000".
   math:  the last \\boxed{} of each, compared by math-verify (sympy equivalence: \\frac{1}{2},
          0.5 and 1/2 are equal); a normalized string compare is the fallback when math-verify
          raises or times out. Custom "jsonl:..." datasets are graded this way too.
@@ -44,6 +45,10 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # thousands groups "1,000,000" or plain digits, optional decimals.
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)"
                      r"|(?<![\w.])-?\.\d+")
+# Thousands separators that LaTeX writers put inside a number: the spacings in 10\,000, 10\!000,
+# 10\ 000, 10\;000, the braced comma of 10{,}000, or a Unicode thin / narrow no-break space.
+# Only before a group of exactly three digits, so "12\,34" stays two numbers.
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)(?:\\[,!;: ]|\{,\}|[\u2009\u202f])(?=\d{3}(?!\d))")
 # "the answer is (B)", "**Answer:** B", "option C is correct", "choice: D".
 _MMLU_PATTERN = re.compile(r"(?i:answer|option|choice)(?:\s*is)?[\s:*(\[]*([A-D])(?![\w'])")
 
@@ -105,8 +110,9 @@ def forced_completion_text(completion: str, forced: str) -> str:
 
 
 def _numbers(text: str) -> list[str]:
-  text = text.replace("\u2212", "-").replace("{,}", ",").replace("\\!", "")
-  return _NUMBER.findall(text)
+  """The numbers in `text`, with LaTeX/Unicode thousands separators read as commas."""
+  text = _THOUSANDS_SEPARATOR.sub(",", text.replace("\u2212", "-"))
+  return _NUMBER.findall(text.replace("{,}", ",").replace("\\!", ""))
 
 
 def _canonical_number(token: str) -> str | None:
@@ -245,26 +251,26 @@ def accuracy(dataset: str, solutions: Sequence[str], completions: Sequence[str])
 # Evaluating a model end to end.
 
 
-def evaluate(model, tokenizer, examples, out_dir, *, dataset: str, name: str = "eval",
-             **sampling_kwargs) -> dict:
-  """Generates and grades `model`'s traces on `examples`: out_dir/<name>.jsonl (+ .meta.json)
-  through `traces.generate_traces`, and a summary out_dir/<name>.json, which is returned.
+def evaluate(sampler, examples, out_dir, *, dataset: str, params, batch_size: int,
+             name: str = "eval", **trace_kwargs) -> dict:
+  """Generates and grades the traces of `sampler`'s model on `examples`: out_dir/<name>.jsonl
+  (+ .meta.json) through `traces.generate_traces`, and a summary out_dir/<name>.json, which is
+  returned.
 
-  sampling_kwargs go to generate_traces (max_new_tokens and batch_size are required). Students
-  are evaluated greedily, so tau defaults to 0; the teacher is evaluated with the settings of
-  its training traces (tau, top_p, and proxy, grad, lam, eps, ... when antidistilled). A rerun
+  params: `sampling.SamplingParams`. Students are evaluated greedily (tau=0); the teacher with
+  the settings of its training traces (a Sampler with its proxy, and the same params). A rerun
   with the same settings reads the finished traces back instead of generating again.
+  trace_kwargs go to generate_traces (system, max_prompt_length, answer_forcing, ...).
   """
   import json
   import os
 
   from antidistill_jax import traces  # needs jax; grading alone does not
 
-  sampling_kwargs.setdefault("tau", 0.0)
   os.makedirs(out_dir, exist_ok=True)
   trace_path = os.path.join(out_dir, f"{name}.jsonl")
-  meta = traces.generate_traces(model, tokenizer, examples, trace_path, dataset=dataset,
-                                **sampling_kwargs)
+  meta = traces.generate_traces(sampler, examples, trace_path, dataset=dataset, params=params,
+                                batch_size=batch_size, **trace_kwargs)
   stats, counts = meta["statistics"], meta["counts"]
   summary = dict(name=name, dataset=dataset, traces=trace_path,
                  accuracy=stats["accuracy"], forced_accuracy=stats["forced_accuracy"],

@@ -7,6 +7,7 @@ Loads a teacher through `models.from_pretrained`, renders the prompts with its c
 and samples with `sampling.generate`, plainly and, with a proxy, antidistilled.
 """
 
+import dataclasses
 import os
 import time
 
@@ -49,25 +50,27 @@ def run_generate(config) -> dict[str, list[str]]:
   tokenizer = tok_lib.load_tokenizer(teacher_path)
   prompts = [tok_lib.prompt_ids(tokenizer, p, system=config.system_prompt or None)
              for p in config.prompts]
-  kw = dict(max_new_tokens=config.max_new_tokens, tau=config.tau,
-            top_p=config.top_p if config.tau > 0 else None, seed=config.seed,
-            eos_ids=tok_lib.eos_ids(teacher_path, teacher.config),
-            pad_id=tokenizer.pad_token_id or 0)
-  runs = {"plain": {}}
+  params = sampling.SamplingParams(
+      max_new_tokens=config.max_new_tokens, tau=config.tau,
+      top_p=config.top_p if config.tau > 0 else None, seed=config.seed,
+      lam=config.lam, eps=config.eps, method=config.method)
+  eos = tok_lib.eos_ids(teacher_path, teacher.config)  # generation_config.json's too
+  plain = sampling.Sampler(teacher, tokenizer, eos_ids=eos)
+  runs = {"plain": (plain, dataclasses.replace(params, lam=0.0))}
   if config.lam:
     proxy_path = _checkpoint(config.proxy, config.workdir, "tiny_proxy", seed=1, hidden_size=32,
                              intermediate_size=64, tokenizer=tokenizer)
     proxy = models.from_pretrained(proxy_path, dtype=dtype)
-    greedy = sampling.generate(teacher, prompts, **dict(kw, tau=0.0, top_p=None))
+    greedy = plain(prompts, sampling.SamplingParams(max_new_tokens=config.max_new_tokens, tau=0.0))
     grad, meta = gradients.proxy_gradient(proxy, list(zip(prompts, greedy.tokens)),
                                           micro_batch_size=len(prompts))
     logging.info("proxy gradient: %s", meta)
-    runs[f"antidistilled (lam={config.lam}, eps={config.eps})"] = dict(
-        proxy=proxy, grad=grad, lam=config.lam, eps=config.eps)
+    ads = sampling.Sampler(teacher, tokenizer, eos_ids=eos, proxy=proxy, grad=grad)
+    runs[f"antidistilled (lam={config.lam}, method={config.method})"] = (ads, params)
   texts = {}
-  for name, extra in runs.items():
+  for name, (sampler, p) in runs.items():
     start = time.time()
-    out = sampling.generate(teacher, prompts, **kw, **extra)
+    out = sampler(prompts, p)
     seconds = time.time() - start
     texts[name] = [tokenizer.decode(t) for t in out.tokens]
     print(f"\n===== {name}: {int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")

@@ -1,9 +1,10 @@
 """Teacher traces on disk: one JSONL row per kept prompt, a JSON sidecar with the settings and
 statistics, and generation that survives being killed.
 
-  meta = generate_traces(teacher, tok, examples, "runs/x/train.jsonl", dataset="gsm8k",
-                         max_new_tokens=1024, batch_size=64, tau=0.9, top_p=0.95,
-                         proxy=proxy, grad=grad, lam=0.2)
+  sampler = sampling.Sampler(teacher, tok, proxy=proxy, grad=grad)
+  params = sampling.SamplingParams(max_new_tokens=1024, tau=0.9, top_p=0.95, lam=0.2)
+  meta = generate_traces(sampler, examples, "runs/x/train.jsonl", dataset="gsm8k",
+                         params=params, batch_size=64)
   rows = read_traces("runs/x/train.jsonl")      # list of dicts, in example order
   meta = read_meta("runs/x/train.jsonl")         # runs/x/train.jsonl.meta.json
 
@@ -18,7 +19,7 @@ Sidecar: {"config": every setting that changes the rows, "counts": ..., "statist
 Crash safety. Rows are appended batch by batch to `<path>.partial` (flush + fsync), next to
 `<path>.partial.json` that holds the config. A new call with the same config resumes at the
 last whole batch: a torn last line (killed mid-write) and the rows of an incomplete batch are
-dropped, and the batch is generated again with `sampling.generate(first_row=...)`, whose
+dropped, and the batch is generated again with `Sampler(..., first_row=...)`, whose
 randomness is per global row. Batches are the same fixed slices of the prompt list in every
 run, so the finished file is byte-identical to an uninterrupted run's. A call whose config
 differs from the stored one is refused with the differing keys. When all rows are written,
@@ -43,10 +44,9 @@ import numpy as np
 from absl import logging
 
 from antidistill_jax import evaluation, gradients, pytrees, sampling
-from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)
 FORCED_TOKENS = 32  # greedy tokens generated after FORCE_ANSWER, as in the reference
 # Forced prefixes (prompt + whole trace) vary in length by up to max_new_tokens; a coarse
 # padding multiple keeps the number of compiled shapes of the 32-step program small.
@@ -209,25 +209,18 @@ def _pad_chunk(chunk: list[list[int]], rows: int) -> list[list[int]]:
   return chunk + [chunk[0]] * (rows - len(chunk))
 
 
-def _batch_rows(teacher, tokenizer, examples, prompts, start: int, *, config: dict,
-                dataset: str, eos_ids, pad_id: int, proxy, grad, mesh) -> tuple[list[dict], int]:
+def _batch_rows(sampler, forcer, examples, prompts, start: int, *, config: dict,
+                params: sampling.SamplingParams, dataset: str) -> tuple[list[dict], int]:
   """Generates, forces and grades the rows of one batch; returns them and their token count."""
-  c = config
-  bs = c["batch_size"]
+  tokenizer, bs = sampler.tokenizer, config["batch_size"]
   chunk = prompts.ids[start:start + bs]
-  kw = dict(eos_ids=eos_ids, pad_id=pad_id, vocab_size=c["vocab_size"], batch_size=bs, mesh=mesh)
-  gen = sampling.generate(
-      teacher, _pad_chunk(chunk, bs), max_new_tokens=c["max_new_tokens"], tau=c["tau"],
-      top_p=c["top_p"], top_k=c["top_k"], seed=c["seed"], first_row=start,
-      proxy=proxy if c["lam"] else None, grad=grad if c["lam"] else None, lam=c["lam"],
-      eps=c["eps"], method=c["method"], placement=c["placement"], **kw)
+  gen = sampler(_pad_chunk(chunk, bs), params, first_row=start)
   forced_texts = None
-  if c["answer_forcing"]:
-    forced_prompts = [forcing_prompt(tokenizer, p, t, eos_ids)
+  if config["answer_forcing"]:
+    forced_prompts = [forcing_prompt(tokenizer, p, t, sampler.eos_ids)
                       for p, t in zip(chunk, gen.tokens)]
-    forced = sampling.generate(teacher, _pad_chunk(forced_prompts, bs),
-                               max_new_tokens=c["forced_tokens"], tau=0.0, lam=0.0,
-                               prompt_multiple=FORCE_PROMPT_MULTIPLE, **kw)
+    forced = forcer(_pad_chunk(forced_prompts, bs),
+                    sampling.SamplingParams(max_new_tokens=config["forced_tokens"], tau=0.0))
     forced_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in forced.tokens]
   rows, n_tokens = [], 0
   for i, prompt in enumerate(chunk):
@@ -264,50 +257,49 @@ def _statistics(rows: list[dict], answer_forcing: bool, seconds: float) -> dict:
       tokens_per_second=tokens / seconds if seconds > 0 else None)
 
 
-def generate_traces(teacher, tokenizer, examples: Sequence[Any], path: str | os.PathLike[str],
-                    *, dataset: str, max_new_tokens: int, batch_size: int, tau: float = 1.0,
-                    top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-                    proxy=None, grad=None, lam: float = 0.0, eps: float = 1e-2,
-                    method: str = "fd", placement: str = "paper",
+def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
+                    path: str | os.PathLike[str], *, dataset: str,
+                    params: sampling.SamplingParams, batch_size: int,
                     system: str | None = SYSTEM_PROMPT, max_prompt_length: int | None = None,
-                    answer_forcing: bool = True, split: str | None = None, mesh=None,
+                    answer_forcing: bool = True, split: str | None = None,
                     extra_config: dict | None = None) -> dict:
-  """Samples one trace per example from `teacher` (antidistilled by proxy/grad when lam != 0),
-  grades it, and writes `path` (JSONL) and `path`.meta.json; returns the sidecar.
+  """Samples one trace per example with `sampler` (its teacher, antidistilled by its proxy
+  when params.lam != 0), grades it, and writes `path` (JSONL) and `path`.meta.json; returns
+  the sidecar.
 
   examples: `data.Example`s; prompts longer than max_prompt_length are dropped (counted).
   max_prompt_length: default, the longest prompt for which prompt + max_new_tokens (+ the
     answer-forcing suffix and its FORCED_TOKENS) fits in the teacher's context.
   split, extra_config: recorded in the config (e.g. the teacher's path), so a resume or a
     rerun with other values is refused.
-  mesh: shards each batch over `data`; not part of the config (a resumed run may use another
-    topology, at the cost of bit-identity).
+  The sampler's mesh shards each batch over `data`; it is not part of the config (a resumed
+  run may use another topology, at the cost of bit-identity).
   """
   path = os.fspath(path)
+  teacher, tokenizer, proxy = sampler.teacher, sampler.tokenizer, sampler.proxy
+  if tokenizer is None:
+    raise ValueError("generate_traces needs a Sampler built with the tokenizer "
+                     "(Sampler(teacher, tokenizer, ...)): rows are decoded and graded.")
   limit = teacher.config.max_position_embeddings
   if max_prompt_length is None:
     reserve = (_forcing_suffix_tokens(tokenizer) + FORCED_TOKENS) if answer_forcing else 0
-    max_prompt_length = limit - max_new_tokens - reserve
+    max_prompt_length = limit - params.max_new_tokens - reserve
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   prompts = build_prompts(tokenizer, examples, max_prompt_length, system=system)
-  eos_ids = tok_lib.eos_ids(tokenizer, teacher.config)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  if lam and proxy is not None:  # the proxy must have a row for every token of the tokenizer
-    tok_lib.shared_vocab_size(teacher.config, proxy.config, tokenizer)
-  # Rows past the tokenizer are padding of the embedding table: never sample them.
-  vocab_size = len(tokenizer) if len(tokenizer) < teacher.config.vocab_size else None
+  if params.uses_proxy and proxy is None:
+    raise ValueError(f"lam={params.lam} needs a Sampler with a proxy and its gradient.")
+  ads = params.uses_proxy
   config = dict(
       format=FORMAT_VERSION, dataset=dataset, split=split, num_examples=len(examples),
       examples_sha256=_sha256([[e.problem, e.solution, int(e.source_index)] for e in examples]),
       prompts_sha256=_sha256(prompts.ids), system=system, max_prompt_length=max_prompt_length,
-      max_new_tokens=max_new_tokens, batch_size=batch_size, tau=float(tau), top_p=top_p,
-      top_k=top_k, seed=seed, lam=float(lam), eps=float(eps), method=method,
-      placement=placement, eos_ids=list(eos_ids), pad_id=pad_id, vocab_size=vocab_size,
+      batch_size=batch_size, **params.as_dict(),
+      eos_ids=list(sampler.eos_ids), pad_id=sampler.pad_id, vocab_size=sampler.vocab_size,
       teacher_fingerprint=gradients.fingerprint(teacher),
       # The proxy only matters when it perturbs: lam=0 rows are the same with or without it.
-      proxy_fingerprint=gradients.fingerprint(proxy) if lam and proxy is not None else None,
-      grad_fingerprint=pytrees.fingerprint(grad) if lam and grad is not None else None,
+      proxy_fingerprint=gradients.fingerprint(proxy) if ads else None,
+      grad_fingerprint=pytrees.fingerprint(sampler.grad) if ads else None,
       answer_forcing=answer_forcing, forced_tokens=FORCED_TOKENS if answer_forcing else None,
       extra=extra_config or {})
   config = json.loads(json.dumps(config))  # as it reads back from disk
@@ -357,13 +349,17 @@ def generate_traces(teacher, tokenizer, examples: Sequence[Any], path: str | os.
     _write_json(state_path, dict(config=config, seconds=0.0))
     _write_atomic(partial, b"")
 
+  # The answer-forcing continuation: greedy, unperturbed, with coarser prompt buckets.
+  forcer = sampling.Sampler(teacher, tokenizer, vocab_size=sampler.vocab_size,
+                            eos_ids=sampler.eos_ids, pad_id=sampler.pad_id,
+                            prompt_multiple=FORCE_PROMPT_MULTIPLE, mesh=sampler.mesh,
+                            scan_chunk=sampler.scan_chunk)
   done_tokens, t0 = 0, time.time()
   with open(partial, "ab") as f:
     for start in range(len(lines), n_total, batch_size):
       t_batch = time.time()
-      rows, n_tokens = _batch_rows(teacher, tokenizer, examples, prompts, start, config=config,
-                                   dataset=dataset, eos_ids=eos_ids, pad_id=pad_id, proxy=proxy,
-                                   grad=grad, mesh=mesh)
+      rows, n_tokens = _batch_rows(sampler, forcer, examples, prompts, start, config=config,
+                                   params=params, dataset=dataset)
       f.write(b"".join(map(_row_line, rows)))
       f.flush()
       os.fsync(f.fileno())

@@ -2,6 +2,10 @@
 
   python bench/sampling.py                                   # tiny random models, 4:1 params
   python bench/sampling.py --teacher=DIR --proxy=DIR --dtype=bfloat16 --batch_sizes=1,16,64
+  python bench/sampling.py --modes=nofilter,plain --vocab=152064 --batch_sizes=32   # top-p cost
+
+Modes: nofilter (plain sampling, no top-p), plain (top-p --top_p), fd, fd_pair (fd as two
+calls), jvp. Every mode but nofilter filters with --top_p.
 
 For each mode and batch size: tokens/s of the compiled prefill + scan (compile excluded, the
 best of --repeats runs), the compiled program's memory (arguments + temporaries, from XLA's
@@ -12,6 +16,7 @@ ideal 1 + 2 C_proxy / C_teacher (the proxy's two passes). Prints a table and wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,6 +37,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "prompt tokens")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generated tokens per row")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per cell (best is kept)")
 _MODES = flags.DEFINE_list("modes", ["plain", "fd", "fd_pair", "jvp"], "modes to run")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter of every mode but nofilter")
+_VOCAB = flags.DEFINE_integer("vocab", 512, "tiny models' vocabulary (table rows)")
 _OUT = flags.DEFINE_string("out", "bench/results_sampling.json", "JSON output path")
 
 # Tiny teacher and proxy whose non-embedding parameter counts are 4:1.
@@ -53,23 +60,26 @@ def load_pair(tmp: str, dtype):
     return (models.from_pretrained(_TEACHER.value, dtype=dtype),
             models.from_pretrained(_PROXY.value or _TEACHER.value, dtype=dtype))
   tok = tiny.train_tokenizer(vocab_size=512)
-  paths = [tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed, **cfg)
+  paths = [tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed,
+                                     vocab_size=max(_VOCAB.value, len(tok)), **cfg)
            for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 
 
-def run_cell(program, prompts, rows, repeats):
-  batch = sampling.batch_inputs(prompts, rows=rows, seed=0)
-  compiled = program.lower(*batch).compile()
+def run_cell(sampler, params, prompts, rows, repeats):
+  batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
+  prompt_len = max(map(len, prompts))
+  compiled = sampler.lower(batch, params, prompt_len).compile()
   mem = compiled.memory_analysis()
   mem_bytes = None
   if mem is not None:
     mem_bytes = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)
-  jax.block_until_ready(program(*batch))  # warm-up (and cache hit for the jit)
+  run = lambda: jax.block_until_ready(sampler.run_batch(batch, params, prompt_len))
+  run()  # warm-up (and cache hit for the jit)
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(program(*batch))
+    run()
     best = min(best, time.perf_counter() - start)
   stats = jax.devices()[0].memory_stats() or {}
   return best, mem_bytes, stats.get("peak_bytes_in_use")
@@ -87,22 +97,31 @@ def main(argv):
   grad, _ = gradients.proxy_gradient(proxy, examples, micro_batch_size=4)
   c_t, c_p = flops_per_token(teacher.config), flops_per_token(proxy.config)
   ideal = 1.0 + 2.0 * c_p / c_t
-  modes = {
-      "plain": dict(),
-      "fd": dict(proxy=proxy, grad=grad, lam=1.0, method="fd"),
-      "fd_pair": dict(proxy=proxy, grad=grad, lam=1.0, method="fd", fd_stacked=False),
-      "jvp": dict(proxy=proxy, grad=grad, lam=1.0, method="jvp"),
+  rows_v = teacher.config.vocab_size  # random ids, no tokenizer: every row may be sampled
+  ads = dict(proxy=proxy, grad=grad, vocab_size=rows_v)
+  samplers = {
+      "nofilter": sampling.Sampler(teacher, vocab_size=rows_v),
+      "plain": sampling.Sampler(teacher, vocab_size=rows_v),
+      "fd": sampling.Sampler(teacher, **ads),
+      "fd_pair": sampling.Sampler(teacher, fd_stacked=False, **ads),
+      "jvp": sampling.Sampler(teacher, **ads),
+  }
+  base = sampling.SamplingParams(max_new_tokens=_NEW_TOKENS.value, tau=1.0, top_p=_TOP_P.value)
+  params = {
+      "nofilter": dataclasses.replace(base, top_p=None), "plain": base,
+      "fd": dataclasses.replace(base, lam=1.0, method="fd"),
+      "fd_pair": dataclasses.replace(base, lam=1.0, method="fd"),
+      "jvp": dataclasses.replace(base, lam=1.0, method="jvp"),
   }
   results = []
   for b in map(int, _BATCH_SIZES.value):
     prompts = [rng.integers(0, vocab, _PROMPT_LEN.value).tolist() for _ in range(b)]
     plain_rate = None
     for mode in _MODES.value:
-      program = sampling.build_program(teacher, max_new_tokens=_NEW_TOKENS.value, tau=1.0,
-                                       top_p=0.95, **modes[mode])
-      seconds, mem_bytes, peak = run_cell(program, prompts, b, _REPEATS.value)
+      seconds, mem_bytes, peak = run_cell(samplers[mode], params[mode], prompts, b,
+                                          _REPEATS.value)
       rate = b * _NEW_TOKENS.value / seconds
-      plain_rate = rate if mode == "plain" else plain_rate
+      plain_rate = rate if plain_rate is None else plain_rate  # the first mode is the baseline
       results.append(dict(mode=mode, batch=b, tokens_per_s=rate, seconds=seconds,
                           program_bytes=mem_bytes, peak_device_bytes=peak,
                           overhead=(plain_rate / rate) if plain_rate else None))

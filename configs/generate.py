@@ -25,5 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.proxy = ""  # local HF directory sharing the teacher's tokenizer; empty: a tiny random one
   c.lam = 5.0  # 0: plain sampling only
-  c.eps = 1e-2
+  c.eps = 1e-2  # method="fd" only
+  c.method = "jvp"  # exact Delta ("fd": the paper's finite difference)
   return c

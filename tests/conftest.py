@@ -101,3 +101,16 @@ def random_examples(n: int, seed: int = 0, vocab: int = VOCAB):
   rng = np.random.default_rng(seed)
   return [(rng.integers(0, vocab, rng.integers(3, 12)).tolist(),
            rng.integers(0, vocab, rng.integers(2, 20)).tolist()) for _ in range(n)]
+
+
+SAMPLER_KEYS = ("vocab_size", "eos_ids", "pad_id", "batch_size", "mesh", "proxy", "grad",
+                "scan_chunk", "fd_stacked", "first_row", "prompt_multiple")
+
+
+def generate(model, prompts, *, vocab_size=VOCAB, **kw):
+  """sampling.generate with the tokenizer-less defaults of these tests (ids past VOCAB are
+  padding rows, no EOS) and the SamplingParams fields given as keywords."""
+  from antidistill_jax import sampling
+  sampler_kw = {k: kw.pop(k) for k in SAMPLER_KEYS if k in kw}
+  return sampling.generate(model, prompts, sampling.SamplingParams(**kw), vocab_size=vocab_size,
+                           **sampler_kw)

@@ -1,6 +1,9 @@
 """Antidistillation sampling: Delta exactness (fd and jvp), cached vs recomputed Delta,
 lam=0 identity, sampling distributions for both placements, NaN guard, sharding."""
 
+import dataclasses
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ import pytest
 from flax import nnx
 
 from antidistill_jax import gradients, models, parallel, sampling
-from conftest import random_examples
+from conftest import VOCAB, generate, random_examples
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +48,14 @@ def test_delta_equals_brute_force_inner_product(pair):
 @pytest.mark.parametrize("method", ["fd", "jvp"])
 def test_cached_delta_equals_full_recompute_at_every_position(pair, method):
   _, proxy, grad = pair
-  s = sampling.DecodeSettings(max_new_tokens=6, lam=1.0, eps=1e-2, method=method)
+  eps = 1e-2
   graphdef, theta = nnx.split(proxy)
   if method == "fd":
-    plus, minus = sampling.perturbed_states(theta, grad, s.eps)
-    state = jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus)
+    plus, minus = sampling.perturbed_states(theta, grad, eps)
+    state = (jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus), eps)
   else:
     state = (theta, grad)
-  proxies = sampling._Proxies(graphdef, s)
+  proxies = sampling._Proxies(graphdef, method, fd_stacked=True)
   prompts = [[5, 17, 40, 2], [8, 120, 33, 4, 61, 9, 10]]
   ids, mask = sampling.left_pad(prompts, pad_id=0)
   new = np.array([[3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]])
@@ -65,7 +68,7 @@ def test_cached_delta_equals_full_recompute_at_every_position(pair, method):
   prefixes = [prompt + new[i, :t].tolist() for i, prompt in enumerate(prompts)
               for t in range(new.shape[1] + 1)]
   p_ids, p_mask = sampling.left_pad(prefixes, pad_id=0)
-  full = np.asarray(sampling.delta(proxy, grad, p_ids, eps=s.eps, method=method,
+  full = np.asarray(sampling.delta(proxy, grad, p_ids, eps=eps, method=method,
                                    pad_mask_BT=jnp.asarray(p_mask)))
   got = np.stack([np.asarray(cached[t])[i] for i in range(len(prompts))
                   for t in range(new.shape[1] + 1)])
@@ -78,8 +81,8 @@ def test_lam_zero_with_proxy_is_the_plain_sampler(pair):
   teacher, proxy, grad = pair
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   kw = dict(max_new_tokens=12, tau=1.0, top_p=0.95, seed=4)
-  plain = sampling.generate(teacher, prompts, **kw)
-  with_proxy = sampling.generate(teacher, prompts, proxy=proxy, grad=grad, lam=0.0, **kw)
+  plain = generate(teacher, prompts, **kw)
+  with_proxy = generate(teacher, prompts, proxy=proxy, grad=grad, lam=0.0, **kw)
   assert with_proxy.tokens == plain.tokens
 
 
@@ -88,10 +91,10 @@ def test_ads_perturbs_and_stays_in_the_shared_vocab(pair, method):
   teacher, proxy, grad = pair
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
   kw = dict(max_new_tokens=16, tau=1.0, seed=4)
-  plain = sampling.generate(teacher, prompts, **kw)
-  ads = sampling.generate(teacher, prompts, proxy=proxy, grad=grad, lam=3.0, method=method, **kw)
+  plain = generate(teacher, prompts, **kw)
+  ads = generate(teacher, prompts, proxy=proxy, grad=grad, lam=3.0, method=method, **kw)
   assert ads.tokens != plain.tokens
-  assert max(max(t) for t in ads.tokens) < proxy.config.vocab_size  # 352 < 384 teacher rows
+  assert max(max(t) for t in ads.tokens) < VOCAB  # tokenizer 320 < proxy 352 < teacher 384 rows
 
 
 def _expected_first_token(teacher, proxy, grad, prompt, *, tau, lam, eps, placement):
@@ -100,7 +103,7 @@ def _expected_first_token(teacher, proxy, grad, prompt, *, tau, lam, eps, placem
   d = np.pad(d, (0, len(z) - len(d)))
   logp = z - np.logaddexp.reduce(z)
   logits = logp / tau + lam * d if placement == "paper" else (z + lam * d) / tau
-  logits[proxy.config.vocab_size:] = -np.inf
+  logits[VOCAB:] = -np.inf
   p = np.exp(logits - logits.max())
   return p / p.sum()
 
@@ -113,7 +116,7 @@ def test_first_token_frequencies_match_the_adjusted_distribution(pair, placement
                                    placement=placement)
   plain = _expected_first_token(teacher, proxy, grad, prompt, tau=tau, lam=0.0, eps=eps,
                                 placement=placement)
-  out = sampling.generate(teacher, [prompt] * n, max_new_tokens=1, tau=tau, seed=5, proxy=proxy,
+  out = generate(teacher, [prompt] * n, max_new_tokens=1, tau=tau, seed=5, proxy=proxy,
                           grad=grad, lam=lam, eps=eps, placement=placement)
   freqs = np.bincount([t[0] for t in out.tokens], minlength=len(expected)) / n
   tv = 0.5 * np.abs(freqs - expected).sum()
@@ -126,22 +129,22 @@ def test_first_token_frequencies_match_the_adjusted_distribution(pair, placement
 def test_greedy_ads_is_argmax_of_logp_plus_lam_delta(pair):
   teacher, proxy, grad = pair
   prompts = [[7, 8, 9, 10], [3, 4]]
-  out = sampling.generate(teacher, prompts, max_new_tokens=1, tau=0.0, proxy=proxy, grad=grad,
+  out = generate(teacher, prompts, max_new_tokens=1, tau=0.0, proxy=proxy, grad=grad,
                           lam=5.0, eps=1e-2)
   for prompt, tokens in zip(prompts, out.tokens):
     z = np.asarray(teacher(jnp.asarray([prompt]))[0, -1])
     d = np.asarray(sampling.delta(proxy, grad, jnp.asarray([prompt])))[0]
-    logp = z[: len(d)] - np.logaddexp.reduce(z)
-    assert tokens[0] == int(np.argmax(logp + 5.0 * d))
+    logp = z[:VOCAB] - np.logaddexp.reduce(z)
+    assert tokens[0] == int(np.argmax(logp + 5.0 * d[:VOCAB]))
 
 
 def test_non_finite_logits_raise_with_the_settings(pair):
   teacher, proxy, grad = pair
   with pytest.raises(FloatingPointError, match=r"step 0 .*lam=1e\+38, eps=0.01.*float32"):
-    sampling.generate(teacher, [[5, 6, 7]], max_new_tokens=4, proxy=proxy, grad=grad, lam=1e38)
+    generate(teacher, [[5, 6, 7]], max_new_tokens=4, proxy=proxy, grad=grad, lam=1e38)
   bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan), grad)
   with pytest.raises(FloatingPointError, match="non-finite sampling logits"):
-    sampling.generate(teacher, [[5, 6, 7]], max_new_tokens=4, proxy=proxy, grad=bad, lam=1.0)
+    generate(teacher, [[5, 6, 7]], max_new_tokens=4, proxy=proxy, grad=bad, lam=1.0)
 
 
 def test_sharded_ads_equals_single_device(pair):
@@ -149,33 +152,162 @@ def test_sharded_ads_equals_single_device(pair):
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
   kw = dict(max_new_tokens=8, tau=1.0, seed=2, proxy=proxy, grad=grad, lam=2.0)
-  assert (sampling.generate(teacher, prompts, mesh=mesh, **kw).tokens
-          == sampling.generate(teacher, prompts, **kw).tokens)
+  assert (generate(teacher, prompts, mesh=mesh, **kw).tokens
+          == generate(teacher, prompts, **kw).tokens)
 
 
 def test_mismatched_gradient_is_refused_by_the_sampler(pair):
   teacher, proxy, grad = pair
   with pytest.raises(ValueError, match="gradient does not match the proxy's parameters"):
-    sampling.generate(teacher, [[5]], max_new_tokens=2, proxy=teacher, grad=grad, lam=1.0)
+    generate(teacher, [[5]], max_new_tokens=2, proxy=teacher, grad=grad, lam=1.0)
 
 
 def test_fd_as_two_calls_equals_the_stacked_call(pair):
   teacher, proxy, grad = pair
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-  kw = dict(max_new_tokens=10, tau=1.0, seed=9, proxy=proxy, grad=grad, lam=3.0)
-  assert (sampling.generate(teacher, prompts, fd_stacked=False, **kw).tokens
-          == sampling.generate(teacher, prompts, **kw).tokens)
+  kw = dict(max_new_tokens=10, tau=1.0, seed=9, proxy=proxy, grad=grad, lam=3.0, method="fd")
+  assert (generate(teacher, prompts, fd_stacked=False, **kw).tokens
+          == generate(teacher, prompts, **kw).tokens)
 
 
 def test_lam_zero_compiles_no_proxy_work(pair):
   teacher, proxy, grad = pair
-  batch = sampling.batch_inputs([[5, 6, 7]], rows=1, seed=0)
-  plain = sampling.build_program(teacher, max_new_tokens=4)
-  zero = sampling.build_program(teacher, max_new_tokens=4, proxy=proxy, grad=grad, lam=0.0)
-  ads = sampling.build_program(teacher, max_new_tokens=4, proxy=proxy, grad=grad, lam=1.0)
-  assert zero.proxy_state is None
-  assert zero.lower(*batch).as_text() == plain.lower(*batch).as_text()
-  assert ads.lower(*batch).as_text() != plain.lower(*batch).as_text()
+  plain = sampling.Sampler(teacher, vocab_size=VOCAB)
+  with_proxy = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy, grad=grad)
+  batch = plain.batch_inputs([[5, 6, 7]], rows=1, seed=0)
+  params = sampling.SamplingParams(max_new_tokens=4)
+  hlo = lambda sampler, **kw: sampler.lower(batch, dataclasses.replace(params, **kw)).as_text()
+  assert with_proxy.proxy_state(params) is None
+  assert hlo(with_proxy, lam=0.0) == hlo(plain)
+  assert hlo(with_proxy, lam=1.0) != hlo(plain)
+
+
+def _count_decode_compiles():
+  """A list that grows by one for each XLA compilation of the decode program."""
+  compiled = []
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration" and "_decode_program" in str(
+        kw.get("fun_name", "")):
+      compiled.append(kw["fun_name"])
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return compiled
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_a_sweep_compiles_the_decode_program_once(pair, method):
+  teacher, proxy, grad = pair
+  sampler = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy, grad=grad)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  # A shape no other test uses, so the jit cache starts cold for it.
+  base = sampling.SamplingParams(max_new_tokens=7, top_p=0.95, method=method, seed=1)
+  compiled = _count_decode_compiles()
+  outs = {}
+  for tau in (0.8, 1.3):
+    for lam in (0.5, 2.0, 4.0):
+      for eps in ((1e-2, 3e-2) if method == "fd" else (1e-2,)):
+        p = dataclasses.replace(base, tau=tau, lam=lam, eps=eps)
+        outs[tau, lam, eps] = sampler(prompts, p).tokens
+  assert len(compiled) == 1, compiled
+  assert len({str(v) for v in outs.values()}) > 1  # the settings did reach the program
+  # Traced settings give the samples of a fresh program built for each setting alone.
+  p = dataclasses.replace(base, tau=1.3, lam=4.0, eps=1e-2)
+  fresh = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy, grad=grad)
+  assert fresh(prompts, p).tokens == outs[1.3, 4.0, 1e-2]
+
+
+def _holdout_loss(proxy, state, examples):
+  graphdef, _ = nnx.split(proxy)
+  ids, pad, loss = gradients.pack_examples(examples, len(examples), 32)
+  nll = gradients.sequence_nll(nnx.merge(graphdef, state), jnp.asarray(ids), jnp.asarray(pad),
+                               jnp.asarray(loss))
+  return float(jnp.mean(nll))
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_training_on_the_highest_delta_token_raises_the_holdout_loss(pair, method):
+  """The direction of Delta: one SGD step of the proxy on the token Delta ranks highest raises
+  its distillation loss l (the loss g is the gradient of), and on the lowest lowers it, by
+  about lr * Delta. A flipped sign, a stale g or a wrong eps scale fails here."""
+  _, proxy, grad = pair
+  holdout = random_examples(8, seed=4)  # the examples g was computed on (fixture `pair`)
+  prefix = jnp.asarray([[5, 17, 40, 2, 99, 7]])
+  d = np.asarray(sampling.delta(proxy, grad, prefix, method=method, eps=1e-3))[0, :VOCAB]
+  graphdef, theta = nnx.split(proxy)
+  base = _holdout_loss(proxy, theta, holdout)
+  lr = 1e-3
+
+  def after_step_on(token):
+    logp = lambda p: jax.nn.log_softmax(nnx.merge(graphdef, p)(prefix)[0, -1])[token]
+    step = jax.grad(logp)(theta)  # SGD on -log p(token) moves theta along +grad log p
+    return _holdout_loss(proxy, jax.tree.map(lambda p, s: p + lr * s, theta, step), holdout)
+
+  top, bottom = int(np.argmax(d)), int(np.argmin(d))
+  up, down = after_step_on(top) - base, after_step_on(bottom) - base
+  assert up > 0 > down
+  # First order: the change is lr * Delta (Delta uses logits: up to a per-row constant).
+  np.testing.assert_allclose(up - down, lr * (d[top] - d[bottom]), rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(teacher_proxy_dirs):
+  """The proxy in bfloat16, g from its fp32 twin, and the fp32 exact Delta to compare with."""
+  proxy32 = models.from_pretrained(teacher_proxy_dirs[1])
+  proxy16 = models.from_pretrained(teacher_proxy_dirs[1], dtype=jnp.bfloat16)
+  grad, _ = gradients.proxy_gradient(proxy32, random_examples(8, seed=4), micro_batch_size=8)
+  ids = jnp.asarray([[5, 17, 40, 2, 99, 7], [8, 8, 120, 33, 4, 61]])
+  exact = np.asarray(sampling.delta(proxy32, grad, ids, method="jvp"))
+  return proxy16, grad, ids, exact
+
+
+def test_bf16_proxy_default_delta_is_exact(bf16_pair):
+  proxy16, grad, ids, exact = bf16_pair
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the default must not need a warning
+    got = sampling.delta(proxy16, grad, ids)
+  assert np.all(_centered_cosine(got, exact) >= 0.99)
+  assert np.all(_centered_cosine(sampling.delta(proxy16, grad, ids, method="jvp"), exact) >= 0.99)
+
+
+def test_bf16_fd_that_rounds_away_warns(bf16_pair):
+  proxy16, grad, ids, exact = bf16_pair
+  with pytest.warns(RuntimeWarning, match=r"did not move under theta \+ eps\*g.*method='jvp'"):
+    noisy = sampling.delta(proxy16, grad, ids, method="fd", eps=1e-4)
+  assert np.all(_centered_cosine(noisy, exact) < 0.9)  # what the warning is about
+  with warnings.catch_warnings():  # an eps large enough for bf16 passes without a warning
+    warnings.simplefilter("error")
+    coarse = sampling.delta(proxy16, grad, ids, method="fd", eps=0.3)
+  assert np.all(_centered_cosine(coarse, exact) >= 0.95)
+
+
+def test_bf16_sampler_default_matches_fp32_and_fd_warns(pair, bf16_pair):
+  teacher, _, _ = pair
+  proxy16, grad, _, _ = bf16_pair
+  sampler = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy16, grad=grad)
+  params = sampling.SamplingParams(max_new_tokens=3, tau=0.0, lam=5.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sampler([[7, 8, 9, 10]], params)
+  with pytest.warns(RuntimeWarning, match="bfloat16 proxy at eps=0.0001"):
+    sampler([[7, 8, 9, 10]], dataclasses.replace(params, method="fd", eps=1e-4))
+
+
+def test_sampler_never_emits_padding_rows(pair, tokenizer):
+  teacher, proxy, grad = pair
+  with pytest.raises(ValueError, match="needs the tokenizer"):
+    sampling.Sampler(teacher)
+  # The teacher's table has 384 rows, the tokenizer 320 tokens: a flat distribution would put
+  # ~17% of the samples on padding rows if they were not masked.
+  flat = sampling.SamplingParams(max_new_tokens=16, tau=50.0, seed=3)
+  runs = ((sampling.Sampler(teacher, tokenizer), 0.0),
+          (sampling.Sampler(teacher, tokenizer, proxy=proxy, grad=grad), 2.0))
+  for sampler, lam in runs:
+    out = sampler([[5, 6, 7]] * 16, dataclasses.replace(flat, lam=lam))
+    assert sum(map(len, out.tokens)) > 100
+    assert max(max(t) for t in out.tokens) < len(tokenizer)
+  out = sampling.generate(teacher, [[5, 6, 7]] * 16, flat, tokenizer)  # the one-shot form
+  assert max(max(t) for t in out.tokens) < len(tokenizer)
 
 
 def test_tensor_parallel_models_give_the_same_gradient_and_samples(pair, teacher_proxy_dirs):
@@ -190,5 +322,5 @@ def test_tensor_parallel_models_give_the_same_gradient_and_samples(pair, teacher
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * np.abs(np.asarray(a)).max())
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
   kw = dict(max_new_tokens=8, tau=1.0, seed=2, lam=2.0)
-  assert (sampling.generate(teacher_tp, prompts, proxy=proxy_tp, grad=grad_tp, mesh=mesh, **kw).tokens
-          == sampling.generate(teacher, prompts, proxy=proxy, grad=grad, **kw).tokens)
+  assert (generate(teacher_tp, prompts, proxy=proxy_tp, grad=grad_tp, mesh=mesh, **kw).tokens
+          == generate(teacher, prompts, proxy=proxy, grad=grad, **kw).tokens)

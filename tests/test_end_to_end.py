@@ -1,12 +1,13 @@
 """The experiment's data flow on tiny models, through the public APIs only:
 data -> prompts -> holdout traces -> proxy gradient -> ADS traces -> distill -> evaluate."""
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
 import pytest
 
-from antidistill_jax import data, distill, evaluation, gradients, models, tiny, traces
+from antidistill_jax import data, distill, evaluation, gradients, models, sampling, tiny, traces
 from antidistill_jax import tokenizer as tok_lib
 
 GSM8K_DIR = os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
@@ -26,19 +27,23 @@ def test_tiny_experiment_end_to_end(tmp_path):
   teacher = models.from_pretrained(paths["teacher"])
   proxy = models.from_pretrained(paths["proxy"])
   tokenizer = tok_lib.load_tokenizer(paths["teacher"])
-  common = dict(dataset="gsm8k", max_new_tokens=12, batch_size=4, max_prompt_length=512)
+  common = dict(dataset="gsm8k", batch_size=4, max_prompt_length=512)
+  sample = sampling.SamplingParams(max_new_tokens=12, tau=0.0)
+  plain = sampling.Sampler(teacher, tokenizer)
 
   # Holdout traces (greedy, as the reference) -> the proxy's gradient on them.
-  traces.generate_traces(teacher, tokenizer, holdout, tmp_path / "holdout.jsonl", tau=0.0, **common)
+  traces.generate_traces(plain, holdout, tmp_path / "holdout.jsonl", params=sample, **common)
   pairs = [(r["prompt_ids"], r["completion_ids"]) for r in traces.read_traces(tmp_path / "holdout.jsonl")]
   grad, meta = gradients.proxy_gradient(proxy, pairs, micro_batch_size=4)
   gradients.save_gradient(tmp_path / "grad", grad, meta)
   grad, _ = gradients.load_gradient(tmp_path / "grad", proxy)
 
   # Antidistilled training traces, and the same with lam = 0.
-  ads = dict(tau=1.0, top_p=0.95, seed=3, proxy=proxy, grad=grad, eps=1e-2, **common)
-  traces.generate_traces(teacher, tokenizer, train, tmp_path / "ads.jsonl", lam=5.0, **ads)
-  traces.generate_traces(teacher, tokenizer, train, tmp_path / "plain.jsonl", lam=0.0, **ads)
+  ads_sampler = sampling.Sampler(teacher, tokenizer, proxy=proxy, grad=grad)
+  ads = dataclasses.replace(sample, tau=1.0, top_p=0.95, seed=3, lam=5.0)
+  traces.generate_traces(ads_sampler, train, tmp_path / "ads.jsonl", params=ads, **common)
+  traces.generate_traces(ads_sampler, train, tmp_path / "plain.jsonl",
+                         params=dataclasses.replace(ads, lam=0.0), **common)
   ads_rows = traces.read_traces(tmp_path / "ads.jsonl")
   plain_rows = traces.read_traces(tmp_path / "plain.jsonl")
   assert [r["completion_ids"] for r in ads_rows] != [r["completion_ids"] for r in plain_rows]
@@ -59,12 +64,22 @@ def test_tiny_experiment_end_to_end(tmp_path):
   exported = models.from_pretrained(tmp_path / "student_out")
   ids = jnp.asarray([sft[0][0]])
   assert jnp.allclose(exported(ids), student(ids), atol=1e-5)
-  s = evaluation.evaluate(exported, student_tok, train, tmp_path / "eval", name="student",
-                          dataset="gsm8k", max_new_tokens=8, batch_size=4)
-  t = evaluation.evaluate(teacher, tokenizer, train, tmp_path / "eval", name="teacher_ads",
-                          lam=5.0, **ads)
+  greedy = dict(dataset="gsm8k", batch_size=4,
+                params=sampling.SamplingParams(max_new_tokens=8, tau=0.0))
+  s = evaluation.evaluate(sampling.Sampler(exported, student_tok), train, tmp_path / "eval",
+                          name="student", **greedy)
+  t = evaluation.evaluate(ads_sampler, train, tmp_path / "eval", name="teacher_ads", params=ads,
+                          **common)
   for summary in (s, t):
     assert summary["n"] == 4 and 0.0 <= summary["accuracy"] <= summary["forced_accuracy"] <= 1.0
-  # The teacher's evaluation with its trace settings reproduces its training traces' rows.
-  eval_rows = traces.read_traces(tmp_path / "eval" / "teacher_ads.jsonl")
-  assert [r["completion_ids"] for r in eval_rows] == [r["completion_ids"] for r in ads_rows]
+  # The checkpoint on disk is the student that was trained: evaluating the in-memory merged
+  # student gives the same completions and accuracies (export keeps weights, rope, EOS ids).
+  m = evaluation.evaluate(sampling.Sampler(student, student_tok), train, tmp_path / "eval",
+                          name="student_in_memory", **greedy)
+  disk_rows, memory_rows = traces.read_traces(s["traces"]), traces.read_traces(m["traces"])
+  assert [r["completion_ids"] for r in disk_rows] == [r["completion_ids"] for r in memory_rows]
+  assert [r["forced"] for r in disk_rows] == [r["forced"] for r in memory_rows]
+  assert (s["accuracy"], s["forced_accuracy"]) == (m["accuracy"], m["forced_accuracy"])
+  # The reported accuracy is the written rows' accuracy under the public grader.
+  assert s["accuracy"] == evaluation.accuracy(
+      "gsm8k", [r["solution"] for r in disk_rows], [r["completion"] for r in disk_rows])

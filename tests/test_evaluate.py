@@ -1,20 +1,27 @@
 """evaluation.evaluate: traces + summary JSON; the teacher evaluated with lam != 0 goes through
-its proxy, students greedily by default."""
+its proxy."""
 
+import dataclasses
 import json
 import os
 
-from antidistill_jax import evaluation, traces
-from test_traces import KW, fake_forcing, make_examples, tiny_pair  # noqa: F401 (module fixture)
+from antidistill_jax import evaluation, sampling, traces
+from test_traces import fake_forcing, make_examples, tiny_pair  # noqa: F401 (module fixture)
+
+KW = dict(batch_size=2, system=None)
+SAMPLED = sampling.SamplingParams(max_new_tokens=12, tau=1.0, top_p=0.9, seed=11)
+GREEDY = sampling.SamplingParams(max_new_tokens=12, tau=0.0)
 
 
 def test_evaluate_writes_the_summary(tiny_pair, tokenizer, tmp_path):
   teacher, proxy, grad = tiny_pair
   examples = make_examples(4)
-  common = dict(dataset="gsm8k", seed=11, **KW)
-  plain = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="teacher", **common)
-  ads = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="teacher_ads",
-                            proxy=proxy, grad=grad, lam=3.0, eps=1e-2, **common)
+  common = dict(dataset="gsm8k", **KW)
+  plain = evaluation.evaluate(sampling.Sampler(teacher, tokenizer), examples, tmp_path,
+                              name="teacher", params=SAMPLED, **common)
+  ads = evaluation.evaluate(sampling.Sampler(teacher, tokenizer, proxy=proxy, grad=grad),
+                            examples, tmp_path, name="teacher_ads",
+                            params=dataclasses.replace(SAMPLED, lam=3.0), **common)
   for name, summary in (("teacher", plain), ("teacher_ads", ads)):
     with open(os.path.join(tmp_path, f"{name}.json")) as f:
       assert json.load(f) == summary
@@ -30,10 +37,9 @@ def test_evaluate_writes_the_summary(tiny_pair, tokenizer, tmp_path):
   ads_rows = traces.read_traces(os.path.join(tmp_path, "teacher_ads.jsonl"))
   assert [r["prompt_ids"] for r in plain_rows] == [r["prompt_ids"] for r in ads_rows]
   assert [r["completion_ids"] for r in plain_rows] != [r["completion_ids"] for r in ads_rows]
-  # Students: greedy unless told otherwise.
-  no_tau = {k: v for k, v in KW.items() if k not in ("tau", "top_p")}
-  student = evaluation.evaluate(teacher, tokenizer, examples, tmp_path, name="student",
-                                dataset="gsm8k", **no_tau)
+  # A student, greedily.
+  student = evaluation.evaluate(sampling.Sampler(teacher, tokenizer), examples, tmp_path,
+                                name="student", dataset="gsm8k", params=GREEDY, **KW)
   assert student["settings"]["tau"] == 0.0
   student_rows = traces.read_traces(os.path.join(tmp_path, "student.jsonl"))
   assert [r["completion_ids"] for r in student_rows] != [r["completion_ids"] for r in plain_rows]
@@ -43,7 +49,7 @@ def test_evaluate_reports_the_answer_forced_accuracy(tiny_pair, tokenizer, tmp_p
                                                     monkeypatch):
   teacher, _, _ = tiny_pair
   fake_forcing(monkeypatch, tokenizer, ["0}", "4}", "6}", "9}"])  # golds 0, 3, 6, 9
-  summary = evaluation.evaluate(teacher, tokenizer, make_examples(4), tmp_path, name="student",
-                                dataset="gsm8k", **KW)
+  summary = evaluation.evaluate(sampling.Sampler(teacher, tokenizer), make_examples(4), tmp_path,
+                                name="student", dataset="gsm8k", params=SAMPLED, **KW)
   assert summary["forced_accuracy"] == 0.75
   assert summary["accuracy"] <= summary["forced_accuracy"]

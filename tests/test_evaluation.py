@@ -29,6 +29,24 @@ def test_gsm8k_extraction(text, number):
   assert ev.extract_answer("gsm8k", text) == number
 
 
+@pytest.mark.parametrize("boxed", [
+    "10\\,000", "10\\!000", "10\\ 000", "10{,}000", "10\\,000.00", "\\$10\\,000",
+    "10\u2009000", "10\u202f000",
+])
+def test_gsm8k_latex_thousands_separators(boxed):
+  for gold in ("#### 10000", "He saves 10 * 1000 = <<10*1000=10000>>10000\n#### 10,000"):
+    assert ev.is_correct("gsm8k", gold, f"So the total is \\boxed{{{boxed}}} dollars.")
+  assert not ev.is_correct("gsm8k", "#### 10", f"\\boxed{{{boxed}}}")
+  assert not ev.is_correct("gsm8k", "#### 0", f"\\boxed{{{boxed}}}")
+
+
+def test_gsm8k_thin_spaces_between_separate_numbers():
+  # A thin space before a group that is not 3 digits is spacing, not a thousands separator.
+  assert ev.extract_answer("gsm8k", "\\boxed{12\\,34}") == "34"
+  assert ev.extract_answer("gsm8k", "\\boxed{1\\,000\\,000}") == "1000000"
+  assert ev.extract_answer("gsm8k", "\\boxed{7\\,\\text{apples}}") == "7"
+
+
 def test_gsm8k_compare():
   gold = "He earns 5 * 200 = <<5*200=1000>>1000 dollars.\n#### 1,000"
   assert ev.is_correct("gsm8k", gold, "So he makes $1000.")

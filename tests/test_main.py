@@ -11,7 +11,7 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   config.workdir = str(tmp_path)
   config.max_new_tokens = 6
   texts = main.run_generate(config)
-  plain, ads = texts["plain"], texts["antidistilled (lam=5.0, eps=0.01)"]
+  plain, ads = texts["plain"], texts["antidistilled (lam=5.0, method=jvp)"]
   assert len(plain) == len(ads) == len(config.prompts)
   assert plain != ads  # same seed: only the perturbation differs
   assert os.path.exists(tmp_path / "tiny_teacher" / "model.safetensors")

@@ -2,6 +2,7 @@
 run resumes to a byte-identical file, changed settings are refused, answer forcing continues
 the right prefix greedily and is graded."""
 
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,14 @@ from antidistill_jax.tokenizer import eos_ids as tokenizer_eos_ids
 EOS_IDS = [2, 40, 150, 250]
 # One sampling program (tau, top_p, lengths) shared by most tests: each new one compiles.
 KW = dict(max_new_tokens=12, batch_size=2, system=None, tau=1.0, top_p=0.9)
+PARAM_KEYS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
+
+
+def run_traces(teacher, tokenizer, examples, path, *, proxy=None, grad=None, **kw):
+  """generate_traces with the SamplingParams fields given as keywords among the others."""
+  params = sampling.SamplingParams(**{k: kw.pop(k) for k in list(kw) if k in PARAM_KEYS})
+  sampler = sampling.Sampler(teacher, tokenizer, proxy=proxy, grad=grad)
+  return traces.generate_traces(sampler, examples, path, params=params, **kw)
 
 
 def add_eos_ids(path, ids):
@@ -68,7 +77,7 @@ def reference(tiny_pair, tokenizer, tmp_path_factory):
     return f.read(), meta
 
 
-REAL_GENERATE = sampling.generate
+REAL_CALL = sampling.Sampler.__call__
 
 
 class Killed(Exception):
@@ -76,24 +85,25 @@ class Killed(Exception):
 
 
 def counting_generate(monkeypatch, fail_at=None):
-  """Wraps sampling.generate: records each call's prompts, settings and output, and raises on
-  call number `fail_at` (1-based), as a killed process would stop there."""
+  """Wraps Sampler.__call__: records each call's prompts, settings (the params' fields and
+  first_row) and output, and raises on call number `fail_at` (1-based), as a killed process
+  would stop there."""
   calls = []
 
-  def wrapper(teacher, prompts, **kw):
+  def wrapper(sampler, prompts, params, first_row=0):
     if fail_at is not None and len(calls) + 1 == fail_at:
       raise Killed(f"killed at generate call {fail_at}")
-    out = REAL_GENERATE(teacher, prompts, **kw)
-    calls.append((prompts, kw, out))
+    out = REAL_CALL(sampler, prompts, params, first_row=first_row)
+    calls.append((prompts, dict(params.as_dict(), first_row=first_row), out))
     return out
 
-  monkeypatch.setattr(sampling, "generate", wrapper)
+  monkeypatch.setattr(sampling.Sampler, "__call__", wrapper)
   return calls
 
 
 def five_traces(teacher, tokenizer, path):
   """The run both kill tests interrupt: 5 examples, batches of 2, seed 7."""
-  return traces.generate_traces(teacher, tokenizer, make_examples(5), path, dataset="gsm8k",
+  return run_traces(teacher, tokenizer, make_examples(5), path, dataset="gsm8k",
                                 seed=7, **KW)
 
 
@@ -156,7 +166,7 @@ def test_kill_while_writing_the_last_newline(tiny_pair, tokenizer, reference, tm
 def test_changed_settings_are_refused(tiny_pair, tokenizer, tmp_path, monkeypatch):
   teacher, proxy, grad = tiny_pair
   path = str(tmp_path / "train.jsonl")
-  run = lambda **kw: traces.generate_traces(teacher, tokenizer, make_examples(3), path,
+  run = lambda **kw: run_traces(teacher, tokenizer, make_examples(3), path,
                                             dataset="gsm8k", **dict(KW, **kw))
   counting_generate(monkeypatch, fail_at=3)
   with pytest.raises(Killed):
@@ -168,7 +178,7 @@ def test_changed_settings_are_refused(tiny_pair, tokenizer, tmp_path, monkeypatc
   with pytest.raises(ValueError, match=r"lam: stored 0\.0, now 1\.0.*proxy_fingerprint"):
     run(seed=1, proxy=proxy, grad=grad, lam=1.0)
   with pytest.raises(ValueError, match=r"examples_sha256"):
-    traces.generate_traces(teacher, tokenizer, make_examples(4)[1:], path, dataset="gsm8k",
+    run_traces(teacher, tokenizer, make_examples(4)[1:], path, dataset="gsm8k",
                            seed=1, **KW)
   run(seed=1)  # the stored settings resume
   with pytest.raises(ValueError, match=r"max_new_tokens: stored 12, now 8.*Delete .*train\.jsonl"):
@@ -180,7 +190,7 @@ def test_rows_match_the_sampler_and_statistics_match_the_rows(tiny_pair, tokeniz
   examples = make_examples(5)
   examples.insert(2, Example("word " * 200, "#### 1", "1", 7))  # dropped: prompt too long
   path = str(tmp_path / "t.jsonl")
-  meta = traces.generate_traces(teacher, tokenizer, examples, path, dataset="gsm8k",
+  meta = run_traces(teacher, tokenizer, examples, path, dataset="gsm8k",
                                 seed=3, max_prompt_length=64, **KW)
   rows = traces.read_traces(path)
   assert meta == traces.read_meta(path)
@@ -195,9 +205,8 @@ def test_rows_match_the_sampler_and_statistics_match_the_rows(tiny_pair, tokeniz
   eos = tokenizer_eos_ids(tokenizer, teacher.config)
   assert set(EOS_IDS) <= set(eos)
   # One call over all prompts, batches of 2: the same rows (randomness is per global row).
-  gen = sampling.generate(teacher, prompts.ids, max_new_tokens=12, tau=1.0, top_p=0.9, seed=3,
-                          eos_ids=eos, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                          batch_size=2)
+  gen = sampling.generate(teacher, prompts.ids, sampling.SamplingParams(
+      max_new_tokens=12, tau=1.0, top_p=0.9, seed=3), tokenizer, batch_size=2)
   for r, p, ids, logp, fin, ex in zip(rows, prompts.ids, gen.tokens, gen.logprobs, gen.finished,
                                       [examples[i] for i in prompts.indices]):
     assert r["prompt_ids"] == p and r["completion_ids"] == ids
@@ -241,7 +250,7 @@ def test_answer_forcing_continues_the_trace_greedily(tiny_pair, tokenizer, tmp_p
   teacher, _, _ = tiny_pair
   calls = counting_generate(monkeypatch)
   path = str(tmp_path / "f.jsonl")
-  traces.generate_traces(teacher, tokenizer, make_examples(4), path, dataset="gsm8k",
+  run_traces(teacher, tokenizer, make_examples(4), path, dataset="gsm8k",
                          seed=3, **KW)
   monkeypatch.undo()
   rows = traces.read_traces(path)
@@ -252,19 +261,45 @@ def test_answer_forcing_continues_the_trace_greedily(tiny_pair, tokenizer, tmp_p
                                         for _, kw, _ in forced_calls)
   forced_prompts = [p for prompts, _, _ in forced_calls for p in prompts[:2]]
   forced_tokens = [t for _, _, out in forced_calls for t in out.tokens[:2]]
+  think_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
   for r, fp in zip(rows, forced_prompts):
     ids = r["completion_ids"][:-1] if r["finished"] else r["completion_ids"]
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    suffix = tokenizer.encode(evaluation.answer_forcing_prefix(text)[len(text):],
-                              add_special_tokens=False)
-    assert fp == r["prompt_ids"] + ids + suffix
-    assert tokenizer.decode(suffix).endswith(evaluation.FORCE_ANSWER)
+    if r["finished"]:
+      assert r["completion_ids"][-1] in eos
+    assert not think_ids & set(ids)  # no tag in the trace: R1-style, the block is still open
+    assert fp == r["prompt_ids"] + ids + tokenizer.encode(CLOSE_AND_FORCE, add_special_tokens=False)
   # The forced tokens are the teacher's greedy continuation, unperturbed.
-  greedy = sampling.generate(teacher, forced_prompts, max_new_tokens=32, tau=0.0, eos_ids=eos,
-                             pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+  greedy = sampling.generate(teacher, forced_prompts,
+                             sampling.SamplingParams(max_new_tokens=32, tau=0.0), tokenizer)
   assert greedy.tokens == forced_tokens
   assert [r["forced"] for r in rows] == [tokenizer.decode(t, skip_special_tokens=True)
                                          for t in greedy.tokens]
+
+
+# The answer-forcing suffix written out by hand: close the think block, then force the box.
+FORCE = "\n\n**Final Answer**\n\\[\\boxed{"
+CLOSE_AND_FORCE = "\n</think>" + FORCE
+
+
+@pytest.mark.parametrize("trace, eos_tail, suffix", [
+    ("<think>so 5 + 13 = 18", [2], CLOSE_AND_FORCE),  # open block, trailing EOS dropped
+    ("so 5 + 13 = 18", [], CLOSE_AND_FORCE),  # no tag: the template opened the block
+    ("<think>a</think>The answer is 18.", [2], FORCE),  # closed (</think> a special token)
+    ("<think>a</think>b<think>c", [40], CLOSE_AND_FORCE),  # reopened; another EOS id
+])
+def test_forcing_prompt_hand_written_cases(tokenizer, trace, eos_tail, suffix):
+  prompt = [1, 10, 20, 2]
+  ids = tokenizer.encode(trace, add_special_tokens=False)
+  got = traces.forcing_prompt(tokenizer, prompt, ids + eos_tail, eos_ids=EOS_IDS)
+  # The prompt and the trace's own ids are kept as they are (not re-tokenized), its EOS not.
+  assert got == prompt + ids + tokenizer.encode(suffix, add_special_tokens=False)
+  assert tokenizer.decode(got[len(prompt):], skip_special_tokens=False) == trace + suffix
+
+
+def test_forcing_prompt_keeps_an_eos_id_inside_the_trace(tokenizer):
+  ids = tokenizer.encode("<think>a", add_special_tokens=False)
+  got = traces.forcing_prompt(tokenizer, [1], ids + [40, 50], eos_ids=EOS_IDS)
+  assert got == [1] + ids + [40, 50] + tokenizer.encode(CLOSE_AND_FORCE, add_special_tokens=False)
 
 
 def fake_forcing(monkeypatch, tokenizer, texts):
@@ -273,14 +308,14 @@ def fake_forcing(monkeypatch, tokenizer, texts):
   chosen answer reaches the grader."""
   queue = list(texts)
 
-  def wrapper(teacher, prompts, **kw):
-    out = REAL_GENERATE(teacher, prompts, **kw)
-    if kw["max_new_tokens"] == traces.FORCED_TOKENS:
+  def wrapper(sampler, prompts, params, first_row=0):
+    out = REAL_CALL(sampler, prompts, params, first_row=first_row)
+    if params.max_new_tokens == traces.FORCED_TOKENS:
       for i in range(len(prompts)):
         out.tokens[i] = tokenizer.encode(queue.pop(0) if queue else "", add_special_tokens=False)
     return out
 
-  monkeypatch.setattr(sampling, "generate", wrapper)
+  monkeypatch.setattr(sampling.Sampler, "__call__", wrapper)
 
 
 def test_answer_forced_grades(tiny_pair, tokenizer, tmp_path, monkeypatch):
@@ -288,7 +323,7 @@ def test_answer_forced_grades(tiny_pair, tokenizer, tmp_path, monkeypatch):
   # Gold answers 0, 3, 6, 9; the forced boxes say 0, 3, 7, 9.
   fake_forcing(monkeypatch, tokenizer, ["0}", "3}.", "7}", "9} dollars"])
   path = str(tmp_path / "graded.jsonl")
-  meta = traces.generate_traces(teacher, tokenizer, make_examples(4), path, dataset="gsm8k",
+  meta = run_traces(teacher, tokenizer, make_examples(4), path, dataset="gsm8k",
                                 seed=5, **KW)
   rows = traces.read_traces(path)
   assert [r["forced"] for r in rows] == ["0}", "3}.", "7}", "9} dollars"]
@@ -301,7 +336,7 @@ def test_answer_forced_grades(tiny_pair, tokenizer, tmp_path, monkeypatch):
 def test_no_answer_forcing(tiny_pair, tokenizer, tmp_path):
   teacher, _, _ = tiny_pair
   path = str(tmp_path / "n.jsonl")
-  meta = traces.generate_traces(teacher, tokenizer, make_examples(2), path, dataset="gsm8k",
+  meta = run_traces(teacher, tokenizer, make_examples(2), path, dataset="gsm8k",
                                 answer_forcing=False, **KW)
   rows = traces.read_traces(path)
   assert "forced" not in rows[0] and meta["statistics"]["forced_accuracy"] is None
@@ -315,5 +350,5 @@ def test_a_proxy_without_rows_for_every_token_is_refused(tiny_pair, tokenizer, t
   proxy = models.from_pretrained(short)
   grad, _ = gradients.proxy_gradient(proxy, [([5, 6, 7], [8, 9])], micro_batch_size=1)
   with pytest.raises(ValueError, match="vocab mismatch"):
-    traces.generate_traces(teacher, tokenizer, make_examples(2), tmp_path / "t.jsonl",
+    run_traces(teacher, tokenizer, make_examples(2), tmp_path / "t.jsonl",
                            dataset="gsm8k", proxy=proxy, grad=grad, lam=1.0, **KW)

@@ -1,0 +1,131 @@
+"""Compiled memory of the whole sampling program at the paper's shapes, with no accelerator.
+
+  python bench/memory.py                                  # 7B teacher + 3B proxy
+  python bench/memory.py --batch=64 --prompt_len=256 --max_new_tokens=4096 --modes=plain,jvp,fd
+  python bench/memory.py --layers=2                       # quick: 2 layers of each model
+
+Weights are abstract (`nnx.eval_shape`, no allocation): a Qwen2.5-7B-shaped teacher
+(DeepSeek-R1-Distill-Qwen-7B) and a Qwen2.5-3B-shaped proxy, g in fp32. The program
+(prefill of every model + the decode while_loop of lax.scan chunks) is lowered and compiled for
+the host backend and XLA's `memory_analysis()` is read: arguments (weights, g or theta +- eps g,
+the batch), outputs, and temporaries. The KV caches are created inside the program, so they are
+part of the temporaries; the table separates them (computed from the shapes) from the rest:
+
+  other temporaries = temp - KV caches; goal: other <= 10% of (weights + KV caches).
+
+The host (CPU) compiler's buffer assignment is not a GPU's or TPU's, but the buffers the
+program needs (caches, carries, per-step logits) are the same. One exception decides the
+default dtype: the CPU compiler has no bf16 matmul and converts each bf16 weight operand to an
+fp32 temporary (visible in compiled.as_text()), so a bf16 program analysed on CPU reports
+temporaries of twice the weights. The default is therefore fp32 weights and caches, for which
+the ratio other / (weights + KV) carries over to bf16 on an accelerator (every term halves).
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from antidistill_jax import sampling
+from antidistill_jax.models.config import config_from_hf
+from antidistill_jax.models.transformer import Transformer
+
+_BATCH = flags.DEFINE_integer("batch", 64, "rows")
+_PROMPT = flags.DEFINE_integer("prompt_len", 256, "padded prompt length")
+_NEW = flags.DEFINE_integer("max_new_tokens", 4096, "new tokens")
+_MODES = flags.DEFINE_list("modes", ["plain", "jvp", "fd"], "plain, jvp, fd")
+_LAYERS = flags.DEFINE_integer("layers", 0, "layers of each model (0: the real counts)")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter (0: off)")
+_OUT = flags.DEFINE_string("out", "bench/results_memory.json", "JSON output path")
+_DTYPE = flags.DEFINE_string(
+    "dtype", "float32", "weights and caches; the host compiler upcasts bf16 matmul operands to "
+    "fp32 copies of the weights, so bf16 figures on CPU overstate temporaries")
+
+# config.json fields of the paper's models (hub ids deepseek-ai/DeepSeek-R1-Distill-Qwen-7B and
+# Qwen/Qwen2.5-3B).
+TEACHER_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                  intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  max_position_embeddings=131072, tie_word_embeddings=False)
+PROXY_3B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
+                intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def abstract_model(hf: dict, dtype) -> Transformer:
+  cfg = config_from_hf(hf)
+  return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype,
+                                            rngs=nnx.Rngs(0)))
+
+
+def nbytes(tree) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def kv_bytes(cfg, batch: int, slots: int, dtype) -> int:
+  return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
+      dtype).itemsize
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(_DTYPE.value)
+  teacher_hf, proxy_hf = dict(TEACHER_7B), dict(PROXY_3B)
+  if _LAYERS.value:
+    teacher_hf["num_hidden_layers"] = proxy_hf["num_hidden_layers"] = _LAYERS.value
+  teacher, proxy = abstract_model(teacher_hf, dtype), abstract_model(proxy_hf, dtype)
+  theta = nnx.state(proxy, nnx.Param)
+  grad = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), theta)
+  b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
+  batch = (jax.ShapeDtypeStruct((b, p), jnp.int32), jax.ShapeDtypeStruct((b, p), jnp.int32),
+           jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
+  base = sampling.SamplingParams(max_new_tokens=n, tau=1.0, top_p=_TOP_P.value or None)
+  slots = p + n
+  t_cache = kv_bytes(teacher.config, b, slots, dtype)
+  p_cache = kv_bytes(proxy.config, b, slots, dtype)
+  results = []
+  for mode in _MODES.value:
+    params = base if mode == "plain" else dataclasses.replace(base, lam=1.0, method=mode)
+    sampler = sampling.Sampler(teacher, vocab_size=151665, proxy=proxy, grad=grad)
+    start = time.time()
+    compiled = sampler.lower(batch, params).compile()
+    seconds = time.time() - start
+    mem = compiled.memory_analysis()
+    weights = nbytes(nnx.state(teacher, nnx.Param)) + (
+        0 if mode == "plain" else nbytes(sampler.proxy_state(params)))
+    caches = t_cache + (0 if mode == "plain" else 2 * p_cache)  # fd: two copies; jvp: + tangent
+    other = mem.temp_size_in_bytes - caches
+    results.append(dict(
+        mode=mode, arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+        temp=mem.temp_size_in_bytes, weights=weights, kv_caches=caches, other_temp=other,
+        other_over_weights_and_kv=other / (weights + caches), compile_seconds=seconds))
+  report = dict(backend=jax.default_backend(), batch=b, prompt_len=p, max_new_tokens=n,
+                teacher=teacher_hf, proxy=proxy_hf, dtype=dtype.name, results=results)
+  gib = lambda x: f"{x / 2**30:.2f}"
+  print(f"batch {b}, prompt {p}, {n} new tokens, {dtype.name} Qwen2.5-7B-shaped teacher + "
+        f"3B-shaped proxy ({teacher.config.num_layers} + {proxy.config.num_layers} layers), "
+        f"{jax.default_backend()} compiler")
+  print("| mode | arguments GiB | weights GiB | KV caches GiB | temp GiB | other temp GiB | "
+        "other / (weights + KV) | compile s |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  for r in results:
+    print(f"| {r['mode']} | {gib(r['arguments'])} | {gib(r['weights'])} | {gib(r['kv_caches'])} "
+          f"| {gib(r['temp'])} | {gib(r['other_temp'])} | {r['other_over_weights_and_kv']:.1%} "
+          f"| {r['compile_seconds']:.0f} |")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  app.run(main)
