@@ -534,8 +534,11 @@ class Sampler:
         num_steps=_round_up(params.max_new_tokens, chunk), chunk=chunk,
         greedy=params.tau == 0.0, top_k=params.top_k,
         top_p=params.top_p is not None and params.top_p < 1.0,
-        uses_proxy=params.uses_proxy, method=params.method, placement=params.placement,
-        fd_stacked=self.fd_stacked, eos_ids=self.eos_ids, pad_id=self.pad_id,
+        uses_proxy=params.uses_proxy,
+        # Without a proxy the method does not matter: every method shares the plain program.
+        method=params.method if params.uses_proxy else "",
+        placement=params.placement,
+        fd_stacked=self.fd_stacked and params.uses_proxy, eos_ids=self.eos_ids, pad_id=self.pad_id,
         vocab_size=self.vocab_size)
 
   def proxy_state(self, params: SamplingParams):
@@ -621,6 +624,11 @@ class Sampler:
       return Generation([], [], np.zeros((0,), bool), 0)
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: every prompt needs at least one token.")
+    rows = self.config.vocab_size
+    bad = [i for i, p in enumerate(prompts) if min(p) < 0 or max(p) >= rows]
+    if bad:
+      raise ValueError(f"prompts {bad[:10]} hold token ids outside [0, {rows}), the teacher's "
+                       "embedding rows; tokenize them with the teacher's tokenizer.")
     longest = max(len(p) for p in prompts)
     limit = self.config.max_position_embeddings
     if longest + params.max_new_tokens > limit and params.max_length is None:
@@ -639,14 +647,16 @@ class Sampler:
           self.run_batch(batch, params, max(len(p) for p in chunk)))
       decode_steps += int(steps)
       if first_bad >= 0:
-        proxy = (f", proxy dtype {self.proxy.dtype.name}"
-                 if params.uses_proxy else "")
+        where = (f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
+                 f"{start + len(chunk) - 1}) with tau={params.tau}, teacher dtype "
+                 f"{self.teacher.dtype.name}")
+        if not params.uses_proxy:
+          raise FloatingPointError(f"{where}, no proxy: the teacher's own logits are not finite; "
+                                   "check its weights, or run it in float32/bfloat16.")
         raise FloatingPointError(
-            f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
-            f"{start + len(chunk) - 1}) with lam={params.lam}, eps={params.eps}, "
-            f"tau={params.tau}, method={params.method}, teacher dtype "
-            f"{self.teacher.dtype.name}{proxy}. Lower lam, use method='jvp' or a larger eps, "
-            "or run the proxy in float32/bfloat16 instead of float16.")
+            f"{where}, lam={params.lam}, eps={params.eps}, method={params.method}, proxy dtype "
+            f"{self.proxy.dtype.name}. Lower lam, use method='jvp' or a larger eps, or run the "
+            "proxy in float32/bfloat16 instead of float16.")
       for i in range(len(chunk)):
         n = int(np.sum(~outs.stopped_NB[:, i]))
         out_tokens.append(outs.tokens_NB[:n, i].tolist())
@@ -659,8 +669,7 @@ class Sampler:
 
 
 def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             tokenizer=None, **sampler_kwargs) -> Generation:
+             tokenizer=None, *, first_row: int = 0, **sampler_kwargs) -> Generation:
   """One-shot `Sampler(teacher, tokenizer, **sampler_kwargs)(prompts, params)`; keep a Sampler
   to sample several settings (the proxy side is then prepared once per (method, eps))."""
-  first_row = sampler_kwargs.pop("first_row", 0)
   return Sampler(teacher, tokenizer, **sampler_kwargs)(prompts, params, first_row=first_row)

@@ -138,6 +138,8 @@ def test_bad_arguments_fail_clearly(teacher):
     generate(teacher, [[1]], max_new_tokens=4, lam=1.0)
   with pytest.raises(ValueError, match="placement='logits'"):
     generate(teacher, [[1]], max_new_tokens=4, placement="logits")
+  with pytest.raises(ValueError, match=r"prompts \[1\] hold token ids outside \[0, 384\)"):
+    generate(teacher, [[1], [5, 384]], max_new_tokens=4)
 
 
 def test_make_mesh_checks_the_device_count():
