@@ -16,8 +16,9 @@ the proxy's distillation loss (see `gradients`):
                 0.94 at the paper's 1e-2); preparing fd measures how much of eps*g survived the
                 rounding and warns.
   jvp is the default because it is exact at the same memory (theta + g against theta+ and
-  theta-, one cache and its tangent against two caches) and within a few percent of fd's time
-  where decoding is memory-bound (bench/RESULTS.md).
+  theta-, one cache and its tangent against two caches) and reads the same bytes per step; it
+  does more arithmetic (each matmul's tangent is two matmuls), which cost 0.99-1.26x fd's time
+  on a 2-core CPU (bench/RESULTS.md).
 
 Next-token distribution (log p_T = teacher log-probs, z_T = teacher logits):
   placement="paper":     softmax(log p_T / tau + lam * Delta)          (the paper's Algorithm 1)
