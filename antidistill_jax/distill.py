@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import io
 import math
 import os
 import time
@@ -29,12 +29,12 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax import gradients, parallel
+from antidistill_jax import files, gradients, parallel
+from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models.checkpoint import abstract_model
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.pytrees import flatten, unflatten_like
 
-Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -145,7 +145,7 @@ def merge_lora(model: Transformer) -> Transformer:
 
 
 def sft_examples(tokenizer, traces: Sequence[dict[str, Any]], *, system: str | None,
-                 max_length: int) -> list[Example]:
+                 max_length: int) -> list[TokenPair]:
   """Re-tokenizes teacher traces with the STUDENT's tokenizer and chat template: the prompt is
   the (system, user) chat rendering of the problem, the completion the trace text plus the
   student's EOS when the trace finished. Completions are cut to fit max_length."""
@@ -252,7 +252,7 @@ def split_student(model: Transformer, config: DistillConfig):
   return nnx.split(model, nnx.LoRAParam if config.lora_rank else nnx.Param, nnx.RngState, ...)
 
 
-def evaluate_loss(parts, examples: Sequence[Example], config: DistillConfig, *, rows: int,
+def evaluate_loss(parts, examples: Sequence[TokenPair], config: DistillConfig, *, rows: int,
                   mesh: Mesh | None = None) -> float:
   """Token-mean completion NLL of the student `parts` (from split_student) on examples."""
   graphdef, params, rngs, frozen = parts
@@ -263,7 +263,7 @@ def evaluate_loss(parts, examples: Sequence[Example], config: DistillConfig, *, 
   return total / max(count, 1.0)
 
 
-def distill(student: Transformer, train: Sequence[Example], holdout: Sequence[Example],
+def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[TokenPair],
             workdir: str, config: DistillConfig = DistillConfig(), *, mesh: Mesh | None = None,
             max_steps: int | None = None) -> tuple[Transformer, list[dict[str, float]]]:
   """Fine-tunes `student` (modified in place) on `train` (prompt ids, completion ids) pairs,
@@ -339,11 +339,8 @@ def distill(student: Transformer, train: Sequence[Example], holdout: Sequence[Ex
 
 def write_curves(workdir: str, history: Sequence[dict[str, float]]) -> None:
   """workdir/curves.json and curves.png: train and holdout loss against the step."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "curves.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(list(history), f, indent=1)
-  os.replace(tmp, os.path.join(workdir, "curves.json"))
+  files.makedirs(workdir)
+  files.write_json(os.path.join(workdir, "curves.json"), list(history), indent=1)
   if not history:
     return
   import matplotlib
@@ -359,5 +356,7 @@ def write_curves(workdir: str, history: Sequence[dict[str, float]]) -> None:
   ax.set_title("student distillation")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "curves.png"), dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
+  files.write_atomic(os.path.join(workdir, "curves.png"), png.getvalue())

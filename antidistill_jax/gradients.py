@@ -31,7 +31,9 @@ from antidistill_jax import parallel, pytrees
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.pytrees import flatten, unflatten_like
 
-Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
+# One training sequence as token ids: (prompt ids, completion ids); the loss is on the
+# completion only. distill trains on the same pairs.
+TokenPair = tuple[Sequence[int], Sequence[int]]
 
 
 # -- loss ----------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def sequence_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT) -> jax.A
   return jnp.sum(nll_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
 
 
-def pack_examples(examples: Sequence[Example], rows: int, length: int, pad_id: int = 0):
+def pack_examples(examples: Sequence[TokenPair], rows: int, length: int, pad_id: int = 0):
   """Right-padded ids, pad mask and completion (loss) mask, each [rows, length] int32."""
   ids = np.full((rows, length), pad_id, np.int32)
   pad = np.zeros((rows, length), np.int32)
@@ -119,7 +121,7 @@ def fp32_split(proxy: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(twin, nnx.Param)
 
 
-def proxy_gradient(proxy: Transformer, examples: Sequence[Example], *, micro_batch_size: int = 8,
+def proxy_gradient(proxy: Transformer, examples: Sequence[TokenPair], *, micro_batch_size: int = 8,
                    length_multiple: int = 64, pad_id: int = 0,
                    mesh: Mesh | None = None) -> tuple[nnx.State, dict[str, Any]]:
   """g = grad of the mean completion-only NLL of `proxy` on `examples`, in fp32.

@@ -23,13 +23,14 @@ dropped, and the batch is generated again with `Sampler(..., first_row=...)`, wh
 randomness is per global row. Batches are the same fixed slices of the prompt list in every
 run, so the finished file is byte-identical to an uninterrupted run's. A call whose config
 differs from the stored one is refused with the differing keys. When all rows are written,
-the sidecar is written (tmp file + os.replace), then the partial file is renamed to `path`; a
-later call with the same config returns the sidecar without generating.
+the sidecar is written (`files.write_json`: tmp file, fsync, os.replace), then the partial
+file is renamed to `path`; a later call with the same config returns the sidecar without
+generating.
 
 Answer forcing (the reference's second accuracy): each trace, without its trailing EOS, is
-continued by the tokens of `evaluation.answer_forcing_prefix(text)[len(text):]` (closes an
+continued by the tokens of `grading.answer_forcing_prefix(text)[len(text):]` (closes an
 open think block, then FORCE_ANSWER), and the teacher adds FORCED_TOKENS greedy tokens with no
-perturbation; `evaluation.forced_completion_text` + `is_correct` grade the result.
+perturbation; `grading.forced_completion_text` + `is_correct` grade the result.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from antidistill_jax import evaluation, gradients, pytrees, sampling
+from antidistill_jax import files, gradients, grading, pytrees, sampling
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
 FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)
@@ -55,7 +56,7 @@ FORCE_PROMPT_MULTIPLE = 128
 TIMING_KEYS = ("seconds", "tokens_per_second")
 
 
-# -- paths and atomic files ---------------------------------------------------------------
+# -- paths and lines ------------------------------------------------------------------------
 
 
 def meta_path(path: str | os.PathLike[str]) -> str:
@@ -64,40 +65,6 @@ def meta_path(path: str | os.PathLike[str]) -> str:
 
 def _partial_paths(path: str) -> tuple[str, str]:
   return path + ".partial", path + ".partial.json"
-
-
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes a tmp file, fsyncs it and renames it over `path`: readers see old or new, never
-  half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  _write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def _row_line(row: dict) -> bytes:
@@ -139,7 +106,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict:
   mpath = meta_path(path)
   if not os.path.exists(mpath):
     raise FileNotFoundError(f"no sidecar {mpath!r} for trace file {os.fspath(path)!r}.")
-  return _read_json(mpath)
+  return files.read_json(mpath)
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -181,7 +148,7 @@ def _check_config(stored: dict, wanted: dict, what: str, fix: str) -> None:
 
 def _forcing_suffix_tokens(tokenizer) -> int:
   """Tokens of the longest answer-forcing suffix: the one that also closes the think block."""
-  return len(tokenizer.encode(evaluation.answer_forcing_prefix(""), add_special_tokens=False))
+  return len(tokenizer.encode(grading.answer_forcing_prefix(""), add_special_tokens=False))
 
 
 # -- answer forcing -------------------------------------------------------------------------
@@ -196,7 +163,7 @@ def forcing_prompt(tokenizer, prompt_ids: Sequence[int], completion_ids: Sequenc
   if ids and ids[-1] in set(eos_ids):
     ids = ids[:-1]
   text = tokenizer.decode(ids, skip_special_tokens=False)
-  suffix = evaluation.answer_forcing_prefix(text)[len(text):]
+  suffix = grading.answer_forcing_prefix(text)[len(text):]
   return list(prompt_ids) + ids + tokenizer.encode(suffix, add_special_tokens=False)
 
 
@@ -232,11 +199,11 @@ def _batch_rows(sampler, forcer, examples, prompts, start: int, *, config: dict,
                completion_ids=ids, completion=text, finished=bool(gen.finished[i]),
                teacher_logprob=float(np.sum(gen.logprobs[i], dtype=np.float64)),
                num_tokens=len(ids),
-               correct=evaluation.is_correct(dataset, example.solution, text))
+               correct=grading.is_correct(dataset, example.solution, text))
     if forced_texts is not None:
       row["forced"] = forced_texts[i]
-      row["forced_correct"] = evaluation.is_correct(
-          dataset, example.solution, evaluation.forced_completion_text(text, forced_texts[i]))
+      row["forced_correct"] = grading.is_correct(
+          dataset, example.solution, grading.forced_completion_text(text, forced_texts[i]))
     rows.append(row)
     n_tokens += len(ids)
   return rows, n_tokens
@@ -327,7 +294,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   if os.path.exists(partial):
     if not os.path.exists(state_path):
       raise ValueError(f"{partial} exists without {state_path}; delete it to start over.")
-    state = _read_json(state_path)
+    state = files.read_json(state_path)
     _check_config(state["config"], config, partial,
                   "Rerun with the stored settings to resume it, or delete "
                   f"{partial} and {state_path} to start over (or write to another path).")
@@ -343,11 +310,11 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
     if n_valid != len(lines) or os.path.getsize(partial) != sum(map(len, lines)):
       logging.warning("%s: dropping %d bytes of torn or incomplete-batch rows.", partial,
                       os.path.getsize(partial) - sum(map(len, lines)))
-      _write_atomic(partial, b"".join(lines))
+      files.write_atomic(partial, b"".join(lines))
     logging.info("resuming %s at row %d of %d.", path, len(lines), n_total)
   else:
-    _write_json(state_path, dict(config=config, seconds=0.0))
-    _write_atomic(partial, b"")
+    files.write_json(state_path, dict(config=config, seconds=0.0))
+    files.write_atomic(partial, b"")
 
   # The answer-forcing continuation: greedy, unperturbed, with coarser prompt buckets.
   forcer = sampling.Sampler(teacher, tokenizer, vocab_size=sampler.vocab_size,
@@ -364,7 +331,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
       f.flush()
       os.fsync(f.fileno())
       seconds += time.time() - t_batch
-      _write_json(state_path, dict(config=config, seconds=seconds))
+      files.write_json(state_path, dict(config=config, seconds=seconds))
       done_tokens += n_tokens
       logging.info("%s: %d/%d rows, %.1f tokens/s", os.path.basename(path),
                    min(start + batch_size, n_total), n_total,
@@ -377,9 +344,8 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
               counts=dict(examples=len(examples), prompts=n_total, dropped=prompts.dropped,
                           rows=len(rows)),
               statistics=_statistics(rows, answer_forcing, seconds))
-  _write_json(meta_path(path), meta)
-  os.replace(partial, path)
-  _fsync_dir(path)
+  files.write_json(meta_path(path), meta)
+  files.replace(partial, path)
   os.remove(state_path)
   s = meta["statistics"]
   logging.info("%s: %d rows, accuracy %s, forced %s, %.0f tokens/s", path, len(rows),

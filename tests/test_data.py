@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from antidistill_jax import data
-from antidistill_jax import evaluation
+from antidistill_jax import grading
 from antidistill_jax.data import builders, prompts
 from antidistill_jax.tokenizer import prompt_ids
 
@@ -123,9 +123,9 @@ def test_math_builder_pools_subjects_and_splits(tmp_path):
   by_problem = {r["problem"]: r for r in rows}
   for e in train + holdout + test:
     assert e.solution == by_problem[e.problem]["solution"]
-    assert e.answer == evaluation.last_boxed(e.solution) and e.answer
+    assert e.answer == grading.last_boxed(e.solution) and e.answer
   assert {e.answer for e in train + holdout} >= {"\\frac{1}{2}", "\\sqrt{2}", "(-2, 2)"}
-  assert all(evaluation.is_correct("math", e.solution, e.solution) for e in train + test)
+  assert all(grading.is_correct("math", e.solution, e.solution) for e in train + test)
 
 
 def test_mmlu_builder_renders_lettered_choices(tmp_path):
@@ -143,8 +143,8 @@ def test_mmlu_builder_renders_lettered_choices(tmp_path):
   assert [e.answer for e in test] == ["B", "C", "A", "D"]
   nested = [e for e in train + holdout if e.problem.startswith("Which shape")]
   assert nested and nested[0].answer == "B"  # the old nested auxiliary_train row format
-  assert evaluation.is_correct("mmlu", test[0].solution, "So 7 * 8 = 56, the answer is (B).")
-  assert not evaluation.is_correct("mmlu", test[0].solution, "\\boxed{A}")
+  assert grading.is_correct("mmlu", test[0].solution, "So 7 * 8 = 56, the answer is (B).")
+  assert not grading.is_correct("mmlu", test[0].solution, "\\boxed{A}")
 
 
 @pytest.mark.parametrize("name, expected", [("gsm8k", "train.jsonl"),
@@ -198,11 +198,15 @@ def test_jsonl_dataset(tmp_path):
   train, holdout = (data.load_split(f"jsonl:{path}", s) for s in ("train", "holdout"))
   assert (len(train), len(holdout)) == (7, 4)
   assert sorted(e.source_index for e in train + holdout) == list(range(11))
-  assert evaluation.is_correct(f"jsonl:{path}", everything[3].solution, "\\boxed{6}")
+  assert grading.is_correct(f"jsonl:{path}", everything[3].solution, "\\boxed{6}")
   with pytest.raises(ValueError, match="expected all, train or holdout"):
     data.load_split(f"jsonl:{path}", "test")
   with pytest.raises(ValueError, match="unknown dataset"):
     data.load_split("gsm9k", "train")
+  # The loader's aliases are grading's whole-dataset ones; a split's name is no loader name.
+  assert data.ALIASES == {"hendrycks_math": "math", "competition_math": "math"}
+  with pytest.raises(ValueError, match="unknown dataset"):
+    data.load_split("gsm8k_platinum", "test")
 
 
 def test_build_prompts_drops_and_counts_long_prompts(tokenizer):

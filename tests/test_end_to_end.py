@@ -7,7 +7,8 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from antidistill_jax import data, distill, evaluation, gradients, models, sampling, tiny, traces
+from antidistill_jax import (data, distill, evaluation, gradients, grading, models, sampling,
+                             tiny, traces)
 from antidistill_jax import tokenizer as tok_lib
 
 GSM8K_DIR = os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
@@ -81,5 +82,5 @@ def test_tiny_experiment_end_to_end(tmp_path):
   assert [r["forced"] for r in disk_rows] == [r["forced"] for r in memory_rows]
   assert (s["accuracy"], s["forced_accuracy"]) == (m["accuracy"], m["forced_accuracy"])
   # The reported accuracy is the written rows' accuracy under the public grader.
-  assert s["accuracy"] == evaluation.accuracy(
+  assert s["accuracy"] == grading.accuracy(
       "gsm8k", [r["solution"] for r in disk_rows], [r["completion"] for r in disk_rows])

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from antidistill_jax import evaluation, gradients, models, sampling, tiny, traces
+from antidistill_jax import gradients, grading, models, sampling, tiny, traces
 from antidistill_jax.data import Example
 from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.tokenizer import eos_ids as tokenizer_eos_ids
@@ -215,14 +215,14 @@ def test_rows_match_the_sampler_and_statistics_match_the_rows(tiny_pair, tokeniz
     assert r["num_tokens"] == len(ids)
     assert r["completion"] == tokenizer.decode(ids, skip_special_tokens=True)
     assert r["teacher_logprob"] == pytest.approx(float(np.sum(logp)), rel=1e-5)
-    assert r["correct"] == evaluation.is_correct("gsm8k", ex.solution, r["completion"])
+    assert r["correct"] == grading.is_correct("gsm8k", ex.solution, r["completion"])
   assert max(max(r["completion_ids"]) for r in rows) < len(tokenizer)  # no padding rows
   lengths = [r["num_tokens"] for r in rows]
   assert len(set(lengths)) > 1 and 0 < sum(r["finished"] for r in rows) < len(rows)
 
   s, c, cfg = meta["statistics"], meta["counts"], meta["config"]
   assert c == dict(examples=6, prompts=5, dropped=1, rows=5)
-  assert s["accuracy"] == np.mean([evaluation.is_correct("gsm8k", r["solution"], r["completion"])
+  assert s["accuracy"] == np.mean([grading.is_correct("gsm8k", r["solution"], r["completion"])
                                    for r in rows])
   assert s["forced_accuracy"] == np.mean([r["forced_correct"] for r in rows])
   assert s["fraction_finished"] == np.mean([r["finished"] for r in rows])
@@ -328,7 +328,7 @@ def test_answer_forced_grades(tiny_pair, tokenizer, tmp_path, monkeypatch):
   rows = traces.read_traces(path)
   assert [r["forced"] for r in rows] == ["0}", "3}.", "7}", "9} dollars"]
   assert [r["forced_correct"] for r in rows] == [True, True, False, True]
-  assert [r["correct"] for r in rows] == [evaluation.is_correct("gsm8k", r["solution"],
+  assert [r["correct"] for r in rows] == [grading.is_correct("gsm8k", r["solution"],
                                                                 r["completion"]) for r in rows]
   assert meta["statistics"]["forced_accuracy"] == 0.75
 

@@ -7,18 +7,22 @@
 Names: "gsm8k" (splits train, holdout, test, platinum), "math" or "hendrycks_math" (train,
 holdout, test), "mmlu" (train, holdout, test), "jsonl:PATH" (all, train, holdout: the seeded
 70/30 split of the file). A JSONL row has problem/solution or question/answer fields; it is
-graded like MATH (`evaluation.grader`). See `builders` for the sources and offline rules.
+graded like MATH (`grading.grader`). See `builders` for the sources and offline rules.
 """
 
 from __future__ import annotations
 
 import os
 
+from antidistill_jax import grading
 from antidistill_jax.data.records import (DEFAULT_SEED, TRAIN_FRACTION, Example,
                                           examples_from_rows, read_records,
                                           split_train_holdout)
 
-ALIASES = {"hendrycks_math": "math", "competition_math": "math"}
+# Other names of whole datasets, from the one table in grading (a name there that stands for a
+# split, like gsm8k_platinum, is loaded as load_split("gsm8k", "platinum")).
+ALIASES = {name: dataset for name, (dataset, split) in grading.DATASET_ALIASES.items()
+           if split is None}
 
 
 def _decode(value) -> str:

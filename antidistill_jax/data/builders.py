@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from antidistill_jax import evaluation
+from antidistill_jax import grading
 from antidistill_jax.data import records
 
 GSM8K_URL = ("https://raw.githubusercontent.com/openai/grade-school-math/master/"
@@ -224,7 +224,7 @@ class _SplitBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def _gsm8k_rows(rows: list[dict]) -> list[dict]:
-  return [_row(r["question"], r["answer"], evaluation.extract_answer("gsm8k", r["answer"]) or "",
+  return [_row(r["question"], r["answer"], grading.extract_answer("gsm8k", r["answer"]) or "",
                i) for i, r in enumerate(rows)]
 
 
@@ -248,7 +248,7 @@ class Gsm8kBuilder(_SplitBuilder):
 
 
 def _math_rows(rows: list[dict]) -> list[dict]:
-  return [_row(r["problem"], r["solution"], evaluation.last_boxed(r["solution"]) or "", i)
+  return [_row(r["problem"], r["solution"], grading.last_boxed(r["solution"]) or "", i)
           for i, r in enumerate(rows)]
 
 

@@ -2,7 +2,7 @@
 
 Every dataset becomes a list of `Example(problem, solution, answer, source_index)`: `problem`
 is what the user turn shows, `solution` the gold solution text graded against (see
-`evaluation.is_correct`), `answer` its final answer, `source_index` the row in the source
+`grading.is_correct`), `answer` its final answer, `source_index` the row in the source
 (the pooled train files for train/holdout) so a split can be traced back to the raw data.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from antidistill_jax import evaluation
+from antidistill_jax import grading
 
 TRAIN_FRACTION = 0.7
 DEFAULT_SEED = 42  # the reference's seed (whose shuffle it then discarded)
@@ -69,7 +69,7 @@ def example_from_row(row: Mapping[str, Any], index: int, dataset: str = "math") 
     raise ValueError(f"row {index} has fields {sorted(row)}; expected problem/solution or "
                      "question/answer.")
   if answer is None:
-    answer = evaluation.extract_answer(dataset, solution) or ""
+    answer = grading.extract_answer(dataset, solution) or ""
   return Example(str(problem), str(solution), str(answer), index)
 
 

@@ -1,0 +1,81 @@
+"""Whole-file writes that readers never see half done, and JSON in and out, for local or
+object-store (`gs://...`) paths through `etils.epath`.
+
+  write_atomic(path, data)    # bytes; readers see the old file or the new one
+  write_json(path, obj)       # indented UTF-8 JSON + newline, atomically
+  read_json(path)
+  replace(src, dst)           # rename over dst, durably
+
+Local paths: a tmp file next to `path` (`<path>.tmp<pid>`), flushed and fsynced, renamed over
+`path` with os.replace, then the folder fsynced so the rename survives a power cut. An object
+store publishes an object whole when its upload ends, so a remote path is written directly,
+with no tmp object and no fsync (meaningless there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+PathLike = str | os.PathLike[str]
+
+
+def is_local(path: PathLike) -> bool:
+  """False for a URI such as gs://bucket/key, True for a path on this machine's filesystem."""
+  return "://" not in os.fspath(path)
+
+
+def fsync_dir(path: PathLike) -> None:
+  """fsyncs the folder holding a local `path` (best effort: some filesystems refuse)."""
+  if not is_local(path):
+    return
+  try:
+    fd = os.open(os.path.dirname(os.path.abspath(os.fspath(path))), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_atomic(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so that a reader (or a run killed midway) finds the old contents
+  or the new, never part of them."""
+  path = epath.Path(path)
+  if not is_local(path):
+    path.write_bytes(data)
+    return
+  tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  fsync_dir(path)
+
+
+def write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
+  """`obj` as indented UTF-8 JSON and a newline, written atomically (see write_atomic)."""
+  write_atomic(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: PathLike) -> Any:
+  with epath.Path(path).open("r") as f:
+    return json.load(f)
+
+
+def replace(src: PathLike, dst: PathLike) -> None:
+  """Renames `src` over `dst`; on a local filesystem the rename is fsynced too."""
+  epath.Path(src).replace(dst)
+  fsync_dir(dst)
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates the folder `path` and its parents if missing."""
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
