@@ -31,6 +31,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the PyTorch reference for parity tests only, never a runtime dependency.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # tensorboard (no tensorflow needed) reads back the event files monitoring.py writes.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "tensorboard>=2.16"],
     },
 )
