@@ -2,6 +2,8 @@
 
   python -m antidistill_jax.main                      # tiny random teacher, offline, seconds
   python -m antidistill_jax.main --config=configs/generate.py --config.checkpoint=DIR
+  python -m antidistill_jax.main --config=configs/tiny.py --workdir=runs/tiny [--stages=a,b]
+      [--shard=i/n] [--config.key=value ...]            # the experiment (antidistill_jax.pipeline)
 
 Loads a teacher through `models.from_pretrained`, renders the prompts with its chat template
 and samples with `sampling.generate`, plainly and, with a proxy, antidistilled.
@@ -16,6 +18,9 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "generate.py")
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG))
+_WORKDIR = flags.DEFINE_string("workdir", None, "experiment outputs (experiment configs)")
+_STAGES = flags.DEFINE_list("stages", None, "stages to run (default: all), in pipeline order")
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run grid points i, i+n, ... (independent hosts)")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host TPU/GPU jobs; "
     "launch/tpu.sh sets it)")
@@ -86,7 +91,18 @@ def main(argv):
     jax.distributed.initialize()
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
-  run_generate(_CONFIG.value)
+  config = _CONFIG.value
+  if "grid" not in config:  # the generation demo
+    run_generate(config)
+    return
+  from antidistill_jax import parallel, pipeline
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required for an experiment config.")
+  m = config.mesh
+  mesh = parallel.make_mesh(data=m.data, model=m.model) if (m.model > 1 or m.data > 1) else None
+  experiment = pipeline.Experiment(config, _WORKDIR.value, shard=pipeline.parse_shard(_SHARD.value),
+                                   mesh=mesh)
+  experiment.run(_STAGES.value or pipeline.STAGES)
 
 
 if __name__ == "__main__":

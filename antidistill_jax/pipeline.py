@@ -1,0 +1,473 @@
+"""The paper's experiment as resumable stages over the library.
+
+  holdout -> grad -> sample -> distill -> eval_student
+                  \\-> eval_teacher      eval_base      -> report
+
+  holdout       greedy teacher traces on the holdout split             (traces)
+  grad          the proxy's gradient g on them                         (gradients)
+  sample        training traces for every grid point: ADS and the temperature baseline
+  distill       a student per trace set (LoRA SFT), exported merged    (distill)
+  eval_student  each distilled student, greedily, on the test split    (evaluation)
+  eval_teacher  the teacher on the test split with each point's settings
+  eval_base     the undistilled student (the paper's dashed line)
+  report        Figure 3, Figure 5 and a table from whatever results exist (report)
+
+Every output lives in workdir/<stage>/<key>/, where key hashes everything that decides it:
+config values, the keys of its upstream outputs and the fingerprints of the models (a hash of
+the checkpoint's values, `gradients.fingerprint`). A rerun finds finished outputs by key and
+does no work; a changed value (lam, the proxy, the split seed) makes a new key and never reuses
+a stale output. Half-done work resumes through the library's own machinery (trace files resume
+at the last whole batch, distillation from its last orbax checkpoint). `runs.jsonl` lists every
+stage run (key, wall time, whether it was reused, metrics); `index/<point>.json` maps each grid
+point to its latest results for the report.
+
+Grid points (`grid`): ADS at each tau in grid.ads_taus with lam = b * eps for b in
+grid.ads_lam_over_eps, and the temperature baseline at each tau in grid.temperatures with
+lam = 0. `shard=(i, n)` runs the points whose index is i mod n: independent hosts split a grid
+explicitly (nothing is inferred from host names); their holdout and grad stages must be done
+first (`--stages=holdout,grad` once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from antidistill_jax import data, distill, evaluation, files, gradients, models, sampling, traces
+from antidistill_jax import tokenizer as tok_lib
+
+STAGES = ("holdout", "grad", "sample", "distill", "eval_student", "eval_teacher", "eval_base",
+          "report")
+PER_POINT = ("sample", "distill", "eval_student", "eval_teacher")
+
+
+# -- the grid ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One trace set: its sampling settings and a readable, unique name."""
+  kind: str  # "ads" or "temperature"
+  tau: float
+  lam: float
+  eps: float
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}_tau{self.tau:.4g}_lam{self.lam:.4g}"
+
+
+def grid(config) -> list[Point]:
+  g = config.grid
+  eps = float(config.sample.eps)
+  # lam = 0 is plain sampling whichever sweep lists it: one trace set, named as a temperature.
+  kind = lambda lam: "ads" if lam else "temperature"
+  points = [Point(kind(float(b) * eps), float(t), float(b) * eps, eps) for t in g.ads_taus
+            for b in g.ads_lam_over_eps]
+  points += [Point("temperature", float(t), 0.0, eps) for t in g.temperatures]
+  return list(dict.fromkeys(points))  # the same settings twice are one trace set
+
+
+def shard_points(points: Sequence[Point], shard: tuple[int, int]) -> list[Point]:
+  i, n = shard
+  if not 0 <= i < n:
+    raise ValueError(f"shard {i}/{n}: expected 0 <= i < n.")
+  return [p for k, p in enumerate(points) if k % n == i]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise ValueError(f"--shard={text!r}: expected i/n, e.g. 0/4.") from None
+  shard_points([], (i, n))
+  return i, n
+
+
+# -- keys and files ---------------------------------------------------------------------------
+
+
+def key_of(**parts) -> str:
+  """A short hash of JSON-able parts (sorted keys): the identity of a stage output."""
+  blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def examples_hash(examples) -> str:
+  return key_of(rows=[[e.problem, e.solution, int(e.source_index)] for e in examples])
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(spec: str, cache_dir: str) -> str:
+  """A local directory for a model spec: a local path as it is; a hub id fetched with
+  huggingface_hub.snapshot_download (config, safetensors, tokenizer files) into cache_dir."""
+  if os.path.isdir(spec):
+    return spec
+  if spec.startswith("gs://") or spec.startswith("/") or spec.startswith("."):
+    raise FileNotFoundError(f"model directory {spec!r} does not exist (gs:// checkpoints: copy "
+                            "them to local disk first, e.g. with gcloud storage cp -r).")
+  try:
+    import huggingface_hub
+    return huggingface_hub.snapshot_download(
+        spec, cache_dir=cache_dir,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+  except Exception as e:  # offline, unknown id, no access
+    raise FileNotFoundError(
+        f"could not fetch hub model {spec!r} ({type(e).__name__}: {e}). Offline, download it "
+        f"where there is network (huggingface-cli download {spec} --local-dir DIR) and pass the "
+        "local directory instead, e.g. --config.teacher=DIR.") from e
+
+
+def _tiny_models(config, workdir: str, texts: Sequence[str]) -> dict[str, str]:
+  """Tiny random teacher / proxy / student checkpoints (one tokenizer), built once."""
+  from antidistill_jax import tiny
+  root = os.path.join(workdir, "models")
+  paths = {name: os.path.join(root, name) for name in ("teacher", "proxy", "student")}
+  if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
+    return paths
+  t = config.tiny
+  tok = tiny.train_tokenizer(list(texts) * 2, vocab_size=t.vocab_size)
+  specs = {"teacher": (t.seed, dict(t.teacher)), "proxy": (t.seed + 1, dict(t.proxy)),
+           "student": (t.seed + 2, dict(t.student))}
+  for name, (seed, cfg) in specs.items():
+    tiny.make_tiny_checkpoint(paths[name] + ".tmp", tokenizer=tok, seed=seed, **cfg)
+    os.replace(paths[name] + ".tmp", paths[name])
+  return paths
+
+
+@dataclasses.dataclass
+class Loaded:
+  path: str
+  model: Any
+  tokenizer: Any
+  fingerprint: str
+
+
+# -- the experiment ---------------------------------------------------------------------------
+
+
+class Experiment:
+  """One config, one workdir: stages run in order, each skipping what is finished."""
+
+  def __init__(self, config, workdir: str, *, shard: tuple[int, int] = (0, 1), mesh=None):
+    self.config, self.workdir, self.shard, self.mesh = config, os.fspath(workdir), shard, mesh
+    self.points = shard_points(grid(config), shard)
+    self._models: dict[str, Loaded] = {}
+    self._splits: dict[str, list] = {}
+    self.writer = jax.process_index() == 0
+
+  # -- data and models -----------------------------------------------------------------------
+
+  def split(self, which: str):
+    """The examples of data.<which> ("holdout", "train" or "test"), truncated to max_<which>."""
+    if which not in self._splits:
+      d = self.config.data
+      name, split = getattr(d, which).split(":")
+      if name == "synthetic":
+        from antidistill_jax.data import synthetic
+        examples = synthetic.sums(int(getattr(d, f"max_{which}")), split=split, seed=d.seed)
+      else:
+        examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
+                                   data_dir=d.data_dir or None, seed=d.split_seed)
+      limit = getattr(d, f"max_{which}", None)
+      self._splits[which] = list(examples[:limit] if limit else examples)
+    return self._splits[which]
+
+  def model(self, role: str) -> Loaded:
+    """teacher, proxy or student: loaded once (tiny random ones built when config.tiny.enabled)."""
+    if role not in self._models:
+      c = self.config
+      if c.tiny.enabled:
+        texts = [e.problem + " " + e.solution
+                 for which in ("holdout", "train", "test") for e in self.split(which)]
+        path = _tiny_models(c, self.workdir, texts)[role]
+      else:
+        path = resolve_checkpoint(getattr(c.models, role), os.path.join(self.workdir, "hub"))
+      model = models.from_pretrained(path, dtype=jnp.dtype(c.models.dtype), mesh=self.mesh)
+      tokenizer = tok_lib.load_tokenizer(path)
+      self._models[role] = Loaded(path, model, tokenizer, gradients.fingerprint(model))
+    return self._models[role]
+
+  # -- bookkeeping ---------------------------------------------------------------------------
+
+  def out_dir(self, stage: str, key: str) -> str:
+    return os.path.join(self.workdir, stage, key)
+
+  def _record(self, stage: str, key: str, seconds: float, reused: bool, metrics: dict,
+              point: Point | None = None) -> None:
+    line = dict(time=time.time(), stage=stage, key=key, point=point.name if point else None,
+                reused=reused, seconds=round(seconds, 3), metrics=metrics)
+    summary = (f"{stage}{' ' + point.name if point else ''} [{key}]: "
+               f"{'reused' if reused else f'{seconds:.1f} s'}, "
+               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in metrics.items()))
+    logging.info("%s", summary)
+    if self.writer:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(os.path.join(self.workdir, "runs.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+  def _index(self, entry: str, **fields) -> None:
+    """Merges fields into index/<name>.json (the report's view of a point)."""
+    if not self.writer:
+      return
+    path = os.path.join(self.workdir, "index", f"{entry}.json")
+    files.makedirs(os.path.dirname(path))
+    merged = files.read_json(path) if os.path.exists(path) else {}
+    merged.update(fields)
+    files.write_json(path, merged)
+
+  def _once(self, stage: str, key: str, compute, point: Point | None = None) -> dict:
+    """Runs compute(out_dir) -> metrics unless out_dir/done.json exists; returns the metrics."""
+    out = self.out_dir(stage, key)
+    done = os.path.join(out, "done.json")
+    if os.path.exists(done):
+      metrics = files.read_json(done)["metrics"]
+      self._record(stage, key, 0.0, True, metrics, point)
+      return metrics
+    start = time.time()
+    os.makedirs(out, exist_ok=True)
+    metrics = compute(out)
+    seconds = time.time() - start
+    if self.writer:
+      files.write_json(done, dict(stage=stage, key=key, seconds=seconds, metrics=metrics))
+    self._record(stage, key, seconds, False, metrics, point)
+    return metrics
+
+  # -- keys ------------------------------------------------------------------------------------
+
+  def _trace_settings(self) -> dict:
+    c = self.config
+    return dict(system=c.prompts.system or None, max_prompt_length=c.prompts.max_prompt_length,
+                dataset=c.data.grader)
+
+  def holdout_key(self) -> str:
+    c = self.config
+    return key_of(stage="holdout", teacher=self.model("teacher").fingerprint,
+                  examples=examples_hash(self.split("holdout")),
+                  params=self.holdout_params().as_dict(), batch=c.holdout.batch_size,
+                  **self._trace_settings())
+
+  def grad_key(self) -> str:
+    return key_of(stage="grad", holdout=self.holdout_key(),
+                  proxy=self.model("proxy").fingerprint,
+                  micro_batch=self.config.grad.micro_batch_size)
+
+  def point_params(self, point: Point) -> sampling.SamplingParams:
+    s = self.config.sample
+    return sampling.SamplingParams(
+        max_new_tokens=s.max_new_tokens, tau=point.tau, lam=point.lam, eps=point.eps,
+        method=s.method, placement=s.placement, top_p=s.top_p if point.tau > 0 else None,
+        top_k=s.top_k if point.tau > 0 else None, max_length=s.get("max_length") or None,
+        seed=s.seed)
+
+  def holdout_params(self) -> sampling.SamplingParams:
+    return sampling.SamplingParams(max_new_tokens=self.config.holdout.max_new_tokens, tau=0.0)
+
+  def eval_params(self) -> sampling.SamplingParams:
+    return sampling.SamplingParams(max_new_tokens=self.config.eval.max_new_tokens, tau=0.0)
+
+  def _teacher_side(self, point: Point) -> dict:
+    """What a teacher-generated output at this point depends on besides its examples."""
+    ads = point.lam != 0.0
+    return dict(teacher=self.model("teacher").fingerprint,
+                proxy=self.model("proxy").fingerprint if ads else None,
+                grad=self.grad_key() if ads else None,
+                params=self.point_params(point).as_dict(), **self._trace_settings())
+
+  def sample_key(self, point: Point) -> str:
+    return key_of(stage="sample", examples=examples_hash(self.split("train")),
+                  batch=self.config.sample.batch_size, **self._teacher_side(point))
+
+  def distill_key(self, point: Point) -> str:
+    return key_of(stage="distill", traces=self.sample_key(point), holdout=self.holdout_key(),
+                  student=self.model("student").fingerprint,
+                  distill=dataclasses.asdict(self.distill_config()))
+
+  def eval_student_key(self, point: Point) -> str:
+    return key_of(stage="eval_student", student=self.distill_key(point), **self._eval_parts())
+
+  def eval_teacher_key(self, point: Point) -> str:
+    return key_of(stage="eval_teacher", examples=examples_hash(self.split("test")),
+                  batch=self.config.eval.batch_size, **self._teacher_side(point))
+
+  def eval_base_key(self) -> str:
+    return key_of(stage="eval_base", student=self.model("student").fingerprint,
+                  **self._eval_parts())
+
+  def _eval_parts(self) -> dict:
+    return dict(examples=examples_hash(self.split("test")), params=self.eval_params().as_dict(),
+                batch=self.config.eval.batch_size, **self._trace_settings())
+
+  def distill_config(self) -> distill.DistillConfig:
+    return distill.DistillConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in self.config.distill.items()})
+
+  # -- stages ----------------------------------------------------------------------------------
+
+  def _traces(self, out: str, role_sampler, examples, params, batch_size: int, split: str):
+    meta = traces.generate_traces(role_sampler, examples, os.path.join(out, "traces.jsonl"),
+                                  params=params, batch_size=batch_size, split=split,
+                                  **self._trace_settings())
+    s = meta["statistics"]
+    return dict(accuracy=s["accuracy"], forced_accuracy=s["forced_accuracy"],
+                length_mean=s["length_mean"], rows=meta["counts"]["rows"])
+
+  def teacher_sampler(self, ads: bool) -> sampling.Sampler:
+    """The teacher's Sampler, with the proxy and g when ads (kept: one per run)."""
+    name = f"_teacher_sampler_{ads}"
+    if name not in self.__dict__:
+      t = self.model("teacher")
+      kw = dict(proxy=self.model("proxy").model, grad=self.gradient()) if ads else {}
+      setattr(self, name, sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw))
+    return getattr(self, name)
+
+  def run_holdout(self) -> None:
+    c = self.config
+    self._once("holdout", self.holdout_key(), lambda out: self._traces(
+        out, self.teacher_sampler(False), self.split("holdout"), self.holdout_params(),
+        c.holdout.batch_size, "holdout"))
+
+  def holdout_rows(self) -> list[dict]:
+    path = os.path.join(self.out_dir("holdout", self.holdout_key()), "traces.jsonl")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no holdout traces at {path}: run the holdout stage first "
+                              "(--stages=holdout,grad).")
+    return traces.read_traces(path)
+
+  def run_grad(self) -> None:
+    def compute(out):
+      rows = self.holdout_rows()
+      pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows if r["completion_ids"]]
+      grad, meta = gradients.proxy_gradient(self.model("proxy").model, pairs,
+                                            micro_batch_size=self.config.grad.micro_batch_size,
+                                            mesh=self.mesh)
+      gradients.save_gradient(os.path.join(out, "grad"), grad, meta)
+      return dict(mean_loss=meta["mean_loss"], global_norm=meta["global_norm"],
+                  sequences=meta["num_sequences"])
+    self._once("grad", self.grad_key(), compute)
+
+  def gradient(self):
+    if "_grad" not in self.__dict__:
+      path = os.path.join(self.out_dir("grad", self.grad_key()), "grad")
+      if not os.path.exists(os.path.join(self.out_dir("grad", self.grad_key()), "done.json")):
+        raise FileNotFoundError(f"no proxy gradient at {path}: run the grad stage first "
+                                "(--stages=holdout,grad).")
+      self._grad = gradients.load_gradient(path, self.model("proxy").model)[0]
+    return self._grad
+
+  def run_sample(self, point: Point) -> None:
+    c = self.config
+    key = self.sample_key(point)
+    metrics = self._once("sample", key, lambda out: self._traces(
+        out, self.teacher_sampler(point.lam != 0.0), self.split("train"),
+        self.point_params(point),
+        c.sample.batch_size, "train"), point)
+    self._index(point.name, name=point.name, point=dataclasses.asdict(point), sample_key=key,
+                traces=metrics)
+
+  def run_distill(self, point: Point) -> None:
+    key = self.distill_key(point)
+
+    def compute(out):
+      trace_path = os.path.join(self.out_dir("sample", self.sample_key(point)), "traces.jsonl")
+      if not os.path.exists(trace_path):
+        raise FileNotFoundError(f"no traces for {point.name} at {trace_path}: run the sample "
+                                "stage first.")
+      student = self.model("student")
+      cfg = self.distill_config()
+      sft = distill.sft_examples(student.tokenizer, traces.read_traces(trace_path),
+                                 system=self.config.prompts.system or None,
+                                 max_length=cfg.max_length)
+      held = distill.sft_examples(student.tokenizer, self.holdout_rows(),
+                                  system=self.config.prompts.system or None,
+                                 max_length=cfg.max_length)
+      fresh = models.from_pretrained(student.path, dtype=jnp.dtype(self.config.models.dtype),
+                                     mesh=self.mesh)
+      trained, history = distill.distill(fresh, sft, held, os.path.join(out, "train"), cfg,
+                                         mesh=self.mesh)
+      if self.writer:
+        models.save_pretrained(trained, os.path.join(out, "student"))
+        student.tokenizer.save_pretrained(os.path.join(out, "student"))
+      last = history[-1]
+      evals = [h for h in history if "holdout_loss" in h]
+      return dict(train_loss=float(last["train_loss"]), steps=int(last["step"]),
+                  holdout_loss=float(evals[-1]["holdout_loss"]) if evals else None)
+
+    metrics = self._once("distill", key, compute, point)
+    self._index(point.name, distill_key=key, distill=metrics,
+                curves=os.path.join(self.out_dir("distill", key), "train", "curves.json"))
+
+  def run_eval_student(self, point: Point) -> None:
+    key = self.eval_student_key(point)
+
+    def compute(out):
+      path = os.path.join(self.out_dir("distill", self.distill_key(point)), "student")
+      if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no distilled student for {point.name} at {path}: run the "
+                                "distill stage first.")
+      model = models.from_pretrained(path, dtype=jnp.dtype(self.config.models.dtype),
+                                     mesh=self.mesh)
+      return self._evaluate(out, sampling.Sampler(model, self.model("student").tokenizer,
+                                                  mesh=self.mesh))
+
+    metrics = self._once("eval_student", key, compute, point)
+    self._index(point.name, student_eval=metrics)
+
+  def _evaluate(self, out, sampler, params=None) -> dict:
+    summary = evaluation.evaluate(sampler, self.split("test"), out, dataset=self.config.data.grader,
+                                  params=params or self.eval_params(),
+                                  batch_size=self.config.eval.batch_size, name="eval",
+                                  system=self.config.prompts.system or None,
+                                  max_prompt_length=self.config.prompts.max_prompt_length)
+    return dict(accuracy=summary["accuracy"], forced_accuracy=summary["forced_accuracy"],
+                n=summary["n"])
+
+  def run_eval_teacher(self, point: Point) -> None:
+    key = self.eval_teacher_key(point)
+    metrics = self._once("eval_teacher", key, lambda out: self._evaluate(
+        out, self.teacher_sampler(point.lam != 0.0), self.point_params(point)), point)
+    self._index(point.name, teacher_eval=metrics)
+
+  def run_eval_base(self) -> None:
+    metrics = self._once("eval_base", self.eval_base_key(),
+                         lambda out: self._evaluate(out, sampling.Sampler(
+                             self.model("student").model, self.model("student").tokenizer,
+                             mesh=self.mesh)))
+    self._index("base", student_eval=metrics)
+
+  def run_report(self) -> dict:
+    from antidistill_jax import report
+    if not self.writer:
+      return {}
+    return report.write_report(self.workdir)
+
+  # -- driver ----------------------------------------------------------------------------------
+
+  def run(self, stages: Sequence[str] = STAGES) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+      raise ValueError(f"unknown stages {unknown}; expected some of {STAGES}.")
+    start = time.time()
+    for stage in STAGES:
+      if stage not in stages:
+        continue
+      t0 = time.time()
+      if stage in PER_POINT:
+        for point in self.points:
+          getattr(self, f"run_{stage}")(point)
+      else:
+        getattr(self, f"run_{stage}")()
+      logging.info("stage %s done in %.1f s", stage, time.time() - t0)
+    logging.info("stages %s done in %.1f s", ",".join(stages), time.time() - start)

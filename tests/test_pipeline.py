@@ -1,0 +1,155 @@
+"""The experiment as one command: configs/tiny.py end to end through the CLI, a rerun that does
+no work, a changed lam that makes new traces, grid sharding, and the report of a partial grid."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from antidistill_jax import pipeline, report
+from configs import tiny as tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(workdir, *flags):
+  """Runs the README's experiment command in a fresh process; returns its combined output."""
+  env = dict(os.environ, ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout + proc.stderr
+
+
+def runs(workdir):
+  with open(os.path.join(workdir, "runs.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def tree_bytes(workdir, stage):
+  """{relative path: bytes} of every file a stage wrote."""
+  out = {}
+  for root, _, names in os.walk(os.path.join(workdir, stage)):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  cli(workdir)
+  return workdir
+
+
+def test_tiny_config_runs_every_stage_then_a_rerun_does_no_work(finished):
+  first = runs(finished)
+  points = pipeline.grid(tiny_config.get_config())
+  per_point = {s: len(points) for s in pipeline.PER_POINT}
+  counts = {s: sum(r["stage"] == s for r in first) for s in pipeline.STAGES if s != "report"}
+  assert counts == dict(holdout=1, grad=1, eval_base=1, **per_point)
+  assert not any(r["reused"] for r in first)
+  for name in ("figure3.png", "figure5.png", "results.md"):
+    assert os.path.getsize(os.path.join(finished, "report", name)) > 0
+  table = open(os.path.join(finished, "report", "results.md")).read()
+  assert all(p.name in table for p in points) and "undistilled student" in table
+  before = {s: tree_bytes(finished, s) for s in ("sample", "distill", "eval_teacher")}
+
+  cli(finished)
+  second = runs(finished)[len(first):]
+  assert len(second) == len(first) and all(r["reused"] for r in second)
+  assert [r["key"] for r in second] == [r["key"] for r in first]
+  assert {s: tree_bytes(finished, s) for s in before} == before  # nothing rewritten
+
+
+def test_a_changed_lam_samples_new_traces(finished):
+  before = runs(finished)
+  old = {r["key"] for r in before if r["stage"] == "sample"}
+  cli(finished, "--stages=sample", "--config.grid.ads_lam_over_eps=(100.0,)")
+  this_run = runs(finished)[len(before):]
+  new = [r for r in this_run if not r["reused"]]
+  assert len(new) == 1 and new[0]["point"] == "ads_tau1_lam1" and new[0]["key"] not in old
+  # The lam=0 points have the same settings as before: reused, not resampled.
+  assert sorted(r["point"] for r in this_run if r["reused"]) == [
+      "temperature_tau1.5_lam0", "temperature_tau1_lam0"]
+  read = lambda key: open(os.path.join(finished, "sample", key, "traces.jsonl")).read()
+  ads_old = next(r["key"] for r in runs(finished) if r["point"] == "ads_tau1_lam3")
+  assert read(new[0]["key"]) != read(ads_old)
+
+
+def test_stages_need_their_inputs(tmp_path):
+  experiment = pipeline.Experiment(tiny_config.get_config(), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"run the grad stage first"):
+    experiment.run(["sample"])
+  with pytest.raises(ValueError, match="unknown stages"):
+    experiment.run(["sampel"])
+
+
+def test_shards_partition_the_grid():
+  config = tiny_config.get_config()
+  config.grid.ads_lam_over_eps = (0.0, 1.0, 2.0)
+  config.grid.temperatures = (1.0, 1.25, 1.5)
+  points = pipeline.grid(config)
+  assert len(points) == 5  # ads at tau 1, lam 0 is the temperature point at tau 1: one set
+  shards = [pipeline.shard_points(points, (i, 3)) for i in range(3)]
+  assert sorted((p for s in shards for p in s), key=points.index) == points
+  assert pipeline.parse_shard("2/3") == (2, 3)
+  for bad in ("3/3", "x", "1"):
+    with pytest.raises(ValueError, match="shard"):
+      pipeline.parse_shard(bad)
+
+
+def test_report_from_a_partial_grid(tmp_path):
+  index = tmp_path / "index"
+  index.mkdir()
+  curves = tmp_path / "curves.json"
+  curves.write_text(json.dumps([dict(step=1, train_loss=2.0, holdout_loss=2.5),
+                                dict(step=2, train_loss=1.5, holdout_loss=2.7)]))
+  full = dict(name="ads_tau1_lam0.1", point=dict(kind="ads", tau=1.0, lam=0.1, eps=0.01),
+              traces=dict(accuracy=0.8), teacher_eval=dict(accuracy=0.8, forced_accuracy=0.9),
+              student_eval=dict(accuracy=0.3, forced_accuracy=0.35), curves=str(curves),
+              distill=dict(holdout_loss=2.7))
+  temp = dict(name="temperature_tau1.5_lam0", point=dict(kind="temperature", tau=1.5, lam=0.0,
+                                                          eps=0.01),
+              teacher_eval=dict(accuracy=0.7, forced_accuracy=0.75),
+              student_eval=dict(accuracy=0.5, forced_accuracy=0.5), curves=str(curves))
+  sampled_only = dict(name="ads_tau1_lam0.2", point=dict(kind="ads", tau=1.0, lam=0.2, eps=0.01),
+                      traces=dict(accuracy=0.6))
+  for entry in (full, temp, sampled_only):
+    (index / f"{entry['name']}.json").write_text(json.dumps(entry))
+  (index / "base.json").write_text(json.dumps(dict(student_eval=dict(accuracy=0.2,
+                                                                     forced_accuracy=0.25))))
+  written = report.write_report(str(tmp_path))
+  for name in ("figure3", "figure5", "table"):
+    assert os.path.getsize(written[name]) > 0
+  lines = open(written["table"]).read().splitlines()
+  row = next(line for line in lines if "ads_tau1_lam0.2" in line)
+  assert row.count("| - ") >= 4 and "0.600" in row  # a partial point: what it has, dashes else
+  assert any("undistilled student" in line and "0.200" in line for line in lines)
+
+
+def test_paper_configs_hold_the_papers_grid_and_settings():
+  from configs import gsm8k_paper, math_paper, mmlu_paper
+  c = gsm8k_paper.get_config()
+  points = pipeline.grid(c)
+  # 2 x 20 ADS settings + 20 temperatures; lam = 0 at tau 0.9 and 1.0 is plain sampling, and
+  # plain sampling at tau 1.0 is also the first temperature: 59 distinct trace sets.
+  assert len(points) == 59
+  assert sum(p.kind == "ads" for p in points) == 38
+  assert max(p.lam for p in points) == pytest.approx(0.15)
+  assert c.data.test == "gsm8k:platinum" and c.models.dtype == "bfloat16"
+  experiment = pipeline.Experiment(c, "/nonexistent")
+  params = experiment.point_params(next(p for p in points if p.kind == "ads"))
+  assert (params.placement, params.top_k, params.top_p, params.max_length) == (
+      "reference", 50, 0.95, 1024)
+  d = experiment.distill_config()
+  assert (d.lora_rank, d.lora_alpha, d.learning_rate, d.batch_size, d.epochs, d.max_length) == (
+      128, 128.0, 5e-4, 16, 3, 4096)
+  assert pipeline.Experiment(math_paper.get_config(), "/x").distill_config().max_length == 2048
+  assert mmlu_paper.get_config().data.grader == "mmlu"
