@@ -68,7 +68,9 @@ def test_tiny_config_runs_every_stage_then_a_rerun_does_no_work(finished):
   assert {s: tree_bytes(finished, s) for s in before} == before  # nothing rewritten
 
 
-def test_a_changed_lam_samples_new_traces(finished):
+def test_a_changed_lam_samples_new_traces(finished, tmp_path):
+  import shutil
+  finished = shutil.copytree(finished, tmp_path / "copy")  # the fixture stays as it was
   before = runs(finished)
   old = {r["key"] for r in before if r["stage"] == "sample"}
   cli(finished, "--stages=sample", "--config.grid.ads_lam_over_eps=(100.0,)")
@@ -153,3 +155,47 @@ def test_paper_configs_hold_the_papers_grid_and_settings():
       128, 128.0, 5e-4, 16, 3, 4096)
   assert pipeline.Experiment(math_paper.get_config(), "/x").distill_config().max_length == 2048
   assert mmlu_paper.get_config().data.grader == "mmlu"
+
+
+def _outputs(workdir):
+  """The files that must not depend on interruptions: every trace and evaluation row, the
+  students' weights and loss curves (sidecars and done markers hold wall times: left out)."""
+  keep = ("traces.jsonl", "eval.jsonl", "model.safetensors", "curves.json")
+  out = {}
+  for stage in ("sample", "distill", "eval_student", "eval_teacher", "eval_base"):
+    out.update({k: v for k, v in tree_bytes(workdir, stage).items()
+                if os.path.basename(k) in keep})
+  return out
+
+
+@pytest.mark.parametrize("stage", ["sample", "distill"])
+def test_sigkill_during_a_stage_then_a_rerun_equals_an_uninterrupted_run(finished, tmp_path,
+                                                                         stage):
+  import random
+  import signal
+  import time
+  delay = random.Random().uniform(0.0, 1.5)
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ, ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS="")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not os.path.isdir(os.path.join(workdir, stage)) and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, f"the run ended before the kill ({delay:.2f} s)"
+  cli(workdir)
+  assert _outputs(workdir) == _outputs(finished), f"killed {delay:.2f} s into {stage}"
+
+
+def test_a_hub_id_offline_names_the_local_alternative(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(FileNotFoundError, match=r"could not fetch hub model 'org/no-such-model'"
+                                              r".*--config.teacher=DIR"):
+    pipeline.resolve_checkpoint("org/no-such-model", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    pipeline.resolve_checkpoint(str(tmp_path / "missing"), str(tmp_path))
