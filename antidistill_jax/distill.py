@@ -18,7 +18,7 @@ import io
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax import files, gradients, parallel
+from antidistill_jax import files, gradients, monitoring, parallel
 from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models.checkpoint import abstract_model
 from antidistill_jax.models.transformer import Transformer
@@ -265,13 +265,17 @@ def evaluate_loss(parts, examples: Sequence[TokenPair], config: DistillConfig, *
 
 def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[TokenPair],
             workdir: str, config: DistillConfig = DistillConfig(), *, mesh: Mesh | None = None,
-            max_steps: int | None = None) -> tuple[Transformer, list[dict[str, float]]]:
+            max_steps: int | None = None,
+            on_step: Callable[[dict[str, float]], None] | None = None
+            ) -> tuple[Transformer, list[dict[str, float]]]:
   """Fine-tunes `student` (modified in place) on `train` (prompt ids, completion ids) pairs,
   resuming from the latest checkpoint in workdir/checkpoints if there is one.
 
   Returns the trained student with LoRA merged into plain kernels (ready for
   models.save_pretrained) and the loss history, also written to workdir/curves.{json,png}.
   max_steps stops early (the schedule still spans the whole run): a later call resumes.
+  on_step: called with each step's record (step, train_loss, grad_norm, holdout_loss at
+    evaluations), e.g. to write TensorBoard scalars while training runs.
   """
   if not train:
     raise ValueError("distill needs at least one training example.")
@@ -301,6 +305,8 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     logging.info("resumed distillation at step %d of %d from %s", start, total, workdir)
 
   t0, tokens = time.time(), 0
+  bar = monitoring.progress(end - start, os.path.basename(os.path.normpath(workdir)) or "distill",
+                            unit="step")
   for step in range(start, end):
     params = unflatten_like(trainable, state["params"])
     step_rngs = unflatten_like(rngs, state["rngs"])
@@ -319,12 +325,16 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
       parts = (graphdef, unflatten_like(trainable, state["params"]), step_rngs, frozen)
       record["holdout_loss"] = evaluate_loss(parts, holdout, config, rows=rows, mesh=mesh)
     history.append(record)
-    logging.info("distill step %d/%d: %s (%.0f tokens/s)", step + 1, total,
-                 {k: round(v, 4) for k, v in record.items() if k != "step"},
-                 tokens / max(time.time() - t0, 1e-9))
+    bar.update(1, loss=record["train_loss"], tokens_per_s=tokens / max(time.time() - t0, 1e-9))
+    if "holdout_loss" in record:
+      logging.info("distill step %d/%d: %s", step + 1, total,
+                   {k: round(v, 4) for k, v in record.items() if k != "step"})
+    if on_step is not None:
+      on_step(record)
     if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
       manager.save(step + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"history": history})))
+  bar.close()
   manager.wait_until_finished()
   manager.close()
 

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from antidistill_jax import data, distill, evaluation, files, gradients, models, sampling, traces
+from antidistill_jax import (data, distill, evaluation, files, gradients, models, monitoring,
+                             sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 
 STAGES = ("holdout", "grad", "sample", "distill", "eval_student", "eval_teacher", "eval_base",
@@ -166,6 +167,16 @@ class Experiment:
     self._models: dict[str, Loaded] = {}
     self._splits: dict[str, list] = {}
     self.writer = jax.process_index() == 0
+    self._events = None
+
+  @property
+  def events(self) -> monitoring.EventWriter:
+    """TensorBoard scalars under workdir/tensorboard (process 0): stage metrics, and each
+    student's losses while it trains."""
+    if self._events is None:
+      self._events = monitoring.EventWriter(os.path.join(self.workdir, "tensorboard"),
+                                            enabled=self.writer)
+    return self._events
 
   # -- data and models -----------------------------------------------------------------------
 
@@ -213,6 +224,9 @@ class Experiment:
                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in metrics.items()))
     logging.info("%s", summary)
+    prefix = f"summary/{stage}/{point.name}" if point else f"summary/{stage}"
+    self.events.scalars({f"{prefix}/{k}": v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
     if self.writer:
       os.makedirs(self.workdir, exist_ok=True)
       with open(os.path.join(self.workdir, "runs.jsonl"), "a", encoding="utf-8") as f:
@@ -395,8 +409,11 @@ class Experiment:
                                  max_length=cfg.max_length)
       fresh = models.from_pretrained(student.path, dtype=jnp.dtype(self.config.models.dtype),
                                      mesh=self.mesh)
+      def on_step(record):
+        self.events.scalars({f"distill/{point.name}/{k}": v for k, v in record.items()
+                             if k != "step"}, step=int(record["step"]))
       trained, history = distill.distill(fresh, sft, held, os.path.join(out, "train"), cfg,
-                                         mesh=self.mesh)
+                                         mesh=self.mesh, on_step=on_step)
       if self.writer:
         models.save_pretrained(trained, os.path.join(out, "student"))
         student.tokenizer.save_pretrained(os.path.join(out, "student"))
@@ -469,5 +486,8 @@ class Experiment:
           getattr(self, f"run_{stage}")(point)
       else:
         getattr(self, f"run_{stage}")()
-      logging.info("stage %s done in %.1f s", stage, time.time() - t0)
-    logging.info("stages %s done in %.1f s", ",".join(stages), time.time() - start)
+      monitoring.stage_summary(stage, time.time() - t0)
+    self.events.close()
+    self._events = None
+    monitoring.stage_summary("stages " + ",".join(s for s in STAGES if s in stages),
+                             time.time() - start, points=len(self.points))

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from antidistill_jax import files, gradients, grading, pytrees, sampling
+from antidistill_jax import files, gradients, grading, monitoring, pytrees, sampling
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
 FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)
@@ -322,7 +322,8 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
                             prompt_multiple=FORCE_PROMPT_MULTIPLE, mesh=sampler.mesh,
                             scan_chunk=sampler.scan_chunk)
   done_tokens, t0 = 0, time.time()
-  with open(partial, "ab") as f:
+  bar = monitoring.progress(n_total, os.path.basename(path), unit="row", initial=len(lines))
+  with open(partial, "ab") as f, bar:
     for start in range(len(lines), n_total, batch_size):
       t_batch = time.time()
       rows, n_tokens = _batch_rows(sampler, forcer, examples, prompts, start, config=config,
@@ -333,9 +334,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
       seconds += time.time() - t_batch
       files.write_json(state_path, dict(config=config, seconds=seconds))
       done_tokens += n_tokens
-      logging.info("%s: %d/%d rows, %.1f tokens/s", os.path.basename(path),
-                   min(start + batch_size, n_total), n_total,
-                   done_tokens / max(time.time() - t0, 1e-9))
+      bar.update(len(rows), tokens_per_s=done_tokens / max(time.time() - t0, 1e-9))
 
   rows = [json.loads(line) for line in _complete_lines(partial)]
   if len(rows) != n_total:

@@ -59,6 +59,14 @@ def test_tiny_config_runs_every_stage_then_a_rerun_does_no_work(finished):
     assert os.path.getsize(os.path.join(finished, "report", name)) > 0
   table = open(os.path.join(finished, "report", "results.md")).read()
   assert all(p.name in table for p in points) and "undistilled student" in table
+  # TensorBoard (no tensorflow): each student's losses per step, and every stage's metrics.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(os.path.join(finished, "tensorboard"))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  steps = [e.step for e in events.Scalars(f"distill/{points[0].name}/train_loss")]
+  assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
+  assert {f"summary/eval_teacher/{p.name}/accuracy" for p in points} <= tags
   before = {s: tree_bytes(finished, s) for s in ("sample", "distill", "eval_teacher")}
 
   cli(finished)
