@@ -8,7 +8,11 @@ setuptools.setup(
     description="Antidistillation sampling in JAX/Flax: teacher traces that poison distillation.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["antidistill_jax", "antidistill_jax.*"]),
+    packages=setuptools.find_packages(include=["antidistill_jax", "antidistill_jax.*"])
+    + ["antidistill_jax.configs"],
+    # The top-level configs/ ships inside the package: `pip install .` users get
+    # antidistill_jax/configs/*.py, which `--config=configs/NAME.py` falls back to.
+    package_dir={"antidistill_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

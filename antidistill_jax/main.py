@@ -16,8 +16,25 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "generate.py")
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG))
+# configs/ ships inside the package (setup.py maps it to antidistill_jax/configs), so the
+# default and `--config=configs/NAME.py` work from a checkout and from `pip install .` alike.
+_PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_CHECKOUT_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+
+
+def _config_path(path: str) -> str:
+  """`path` if it exists, else the packaged file of the same name under configs/."""
+  base, _, overrides = path.partition(":")  # config_flags' "file.py:arg" form
+  if os.path.exists(base) or not base.startswith("configs" + os.sep):
+    return path
+  for root in (_PACKAGED_CONFIGS, _CHECKOUT_CONFIGS):
+    candidate = os.path.join(root, base[len("configs" + os.sep):])
+    if os.path.exists(candidate):
+      return os.path.normpath(candidate) + (":" + overrides if overrides else "")
+  return path
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", _config_path("configs/generate.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "experiment outputs (experiment configs)")
 _STAGES = flags.DEFINE_list("stages", None, "stages to run (default: all), in pipeline order")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run grid points i, i+n, ... (independent hosts)")
@@ -105,5 +122,13 @@ def main(argv):
   experiment.run(_STAGES.value or pipeline.STAGES)
 
 
+def run():
+  """Console entry: resolves --config=configs/NAME.py against the packaged configs first."""
+  import sys
+  argv = [f"--config={_config_path(a[len('--config='):])}" if a.startswith("--config=") else a
+          for a in sys.argv]
+  app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -207,3 +207,24 @@ def test_a_hub_id_offline_names_the_local_alternative(tmp_path, monkeypatch):
     pipeline.resolve_checkpoint("org/no-such-model", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     pipeline.resolve_checkpoint(str(tmp_path / "missing"), str(tmp_path))
+
+
+def test_the_installed_package_finds_its_configs(tmp_path):
+  """`pip install .` (not editable) ships configs/: --config=configs/NAME.py resolves to the
+  packaged file from any directory, and the default config is the packaged demo."""
+  target = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                  "--target", str(target), ROOT], check=True, capture_output=True, timeout=600)
+  assert (target / "antidistill_jax" / "configs" / "gsm8k_paper.py").exists()
+  env = dict(os.environ, PYTHONPATH=str(target), ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS="")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  proc = subprocess.run(
+      [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
+       f"--workdir={tmp_path / 'run'}", "--stages=holdout,grad"], cwd=elsewhere, env=env,
+      capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  where = subprocess.run([sys.executable, "-c", "import antidistill_jax; print(antidistill_jax.__file__)"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
+  assert [r["stage"] for r in runs(tmp_path / "run")] == ["holdout", "grad"]
