@@ -12,7 +12,6 @@ needs one program with the proxy and one without. Counts XLA compilations of the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,8 @@ import numpy as np
 from absl import app, flags
 
 from antidistill_jax import gradients, models, sampling, tiny
+
+import common  # bench/common.py (the script's folder is on sys.path)
 
 _METHODS = flags.DEFINE_list("methods", ["jvp", "fd"], "Delta methods")
 _NEW = flags.DEFINE_integer("max_new_tokens", 16, "new tokens per row")
@@ -71,10 +72,7 @@ def main(argv):
   for r in results:
     print(f"| {r['method']} | {r['settings']} | {r['compiles']} | {r['compile_seconds']:.1f} | "
           f"{r['sweep_seconds']:.1f} |")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(dict(results=results), f, indent=2)
-  print(json.dumps(dict(results=results)))
+  common.save_report(dict(results=results), _OUT.value)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -37,6 +36,8 @@ from flax import nnx
 from antidistill_jax import sampling
 from antidistill_jax.models.config import config_from_hf
 from antidistill_jax.models.transformer import Transformer
+
+import common  # bench/common.py (the script's folder is on sys.path)
 
 _BATCH = flags.DEFINE_integer("batch", 64, "rows")
 _PROMPT = flags.DEFINE_integer("prompt_len", 256, "padded prompt length")
@@ -121,10 +122,7 @@ def main(argv):
     print(f"| {r['mode']} | {gib(r['arguments'])} | {gib(r['weights'])} | {gib(r['kv_caches'])} "
           f"| {gib(r['temp'])} | {gib(r['other_temp'])} | {r['other_over_weights_and_kv']:.1%} "
           f"| {r['compile_seconds']:.0f} |")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(report))
+  common.save_report(report, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Prints a markdown table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -27,6 +26,8 @@ from absl import app, flags
 from flax import nnx
 
 from antidistill_jax import gradients, models, sampling, tiny
+
+import common  # bench/common.py (the script's folder is on sys.path)
 
 _PROXY = flags.DEFINE_string("proxy", "", "proxy HF dir (default: tiny random Qwen2)")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16", "float16"], "proxy dtypes")
@@ -98,10 +99,7 @@ def main(argv):
     step = f"{r['step_cosine']:.3f}" if "step_cosine" in r else "-"
     print(f"| {r['dtype']} | {r['method']} | {eps} | {r['cosine']:.3f} | {r['norm_ratio']:.2f} | "
           f"{unmoved} | {step} |")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(report))
+  common.save_report(report, _OUT.value)
 
 
 if __name__ == "__main__":

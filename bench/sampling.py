@@ -17,7 +17,6 @@ ideal 1 + 2 C_proxy / C_teacher (the proxy's two passes). Prints a table and wri
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,8 @@ import numpy as np
 from absl import app, flags
 
 from antidistill_jax import gradients, models, sampling, tiny
+
+import common  # bench/common.py (the script's folder is on sys.path)
 
 _TEACHER = flags.DEFINE_string("teacher", "", "teacher HF dir (default: tiny random)")
 _PROXY = flags.DEFINE_string("proxy", "", "proxy HF dir (default: tiny random)")
@@ -41,18 +42,10 @@ _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter of every mode but nof
 _VOCAB = flags.DEFINE_integer("vocab", 512, "tiny models' vocabulary (table rows)")
 _OUT = flags.DEFINE_string("out", "bench/results_sampling.json", "JSON output path")
 
-# Tiny teacher and proxy whose non-embedding parameter counts are 4:1.
-TEACHER_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=2)
-PROXY_CFG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=1)
+TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 
 
-def flops_per_token(cfg: models.ModelConfig) -> float:
-  """2 x the parameters a token passes through (the embedding lookup is free; the unembedding
-  matrix is counted once, tied or not)."""
-  lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
-  return 2.0 * (cfg.num_params() - lookup)
+flops_per_token = common.flops_per_token
 
 
 def load_pair(tmp: str, dtype):
@@ -139,10 +132,7 @@ def main(argv):
     mib = lambda x: f"{x / 2**20:.1f}" if x else "-"
     print(f"{r['mode']:8} {r['batch']:5d} {r['tokens_per_s']:10.1f} {overhead:>8} "
           f"{mib(r['program_bytes']):>11} {mib(r['peak_device_bytes']):>9}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(report))
+  common.save_report(report, _OUT.value)
 
 
 if __name__ == "__main__":

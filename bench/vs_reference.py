@@ -36,7 +36,6 @@ like-for-like record (the JSON records both devices).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 import time
@@ -52,6 +51,8 @@ from absl import app, flags
 from antidistill_jax import gradients, models, pytrees, sampling, tiny
 from antidistill_jax.models.checkpoint import hf_name
 
+import common  # bench/common.py (the script's folder is on sys.path)
+
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "batch sizes")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "prompt tokens (no padding)")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generated tokens per row")
@@ -66,19 +67,12 @@ _EPS = flags.DEFINE_float("eps", 1e-2, "finite-difference step")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: the cores this process may use)")
 _OUT = flags.DEFINE_string("out", "bench/results_vs_reference.json", "JSON output path")
 
-# The shapes of bench/sampling.py: non-embedding parameter counts 4:1.
-TEACHER_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=2)
-PROXY_CFG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=1)
+TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 # Relative tolerance of the Delta check (max |diff| / max |Delta|, fp32, eps = 1e-2).
 DELTA_RTOL = 1e-2
 
 
-def flops_per_token(cfg: models.ModelConfig) -> float:
-  """2 x the parameters a token passes through (as bench/sampling.py counts them)."""
-  lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
-  return 2.0 * (cfg.num_params() - lookup)
+flops_per_token = common.flops_per_token
 
 
 # -- the torch side ---------------------------------------------------------------------------
@@ -312,10 +306,7 @@ def main(argv):
           f"{fmt(r.get('jvp_over_fd_time'))} |")
   print("\nours/torch: speed ratio (> 1: ours faster); jvp rows compare with torch fd. overhead: "
         "ADS time / plain time of the same side; ideal: the FLOP ratio 1 + 2*C_p/C_t.")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
-  print(f"\nwrote {_OUT.value}")
+  common.save_report(report, _OUT.value)
 
 
 if __name__ == "__main__":
