@@ -115,8 +115,11 @@ def main(argv):
   from antidistill_jax import parallel, pipeline
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required for an experiment config.")
+  import jax
   m = config.mesh
-  mesh = parallel.make_mesh(data=m.data, model=m.model) if (m.model > 1 or m.data > 1) else None
+  # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
+  # `model`. One device needs no mesh.
+  mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
   experiment = pipeline.Experiment(config, _WORKDIR.value, shard=pipeline.parse_shard(_SHARD.value),
                                    mesh=mesh)
   experiment.run(_STAGES.value or pipeline.STAGES)

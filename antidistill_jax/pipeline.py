@@ -205,7 +205,11 @@ class Experiment:
         path = _tiny_models(c, self.workdir, texts)[role]
       else:
         path = resolve_checkpoint(getattr(c.models, role), os.path.join(self.workdir, "hub"))
-      model = models.from_pretrained(path, dtype=jnp.dtype(c.models.dtype), mesh=self.mesh)
+      rules = None
+      if role == "teacher" and self.mesh is not None and c.mesh.get("fsdp_teacher"):
+        rules = dict(models.DEFAULT_RULES, embed="data")  # FSDP over the batch axis
+      model = models.from_pretrained(path, dtype=jnp.dtype(c.models.dtype), mesh=self.mesh,
+                                     rules=rules)
       tokenizer = tok_lib.load_tokenizer(path)
       self._models[role] = Loaded(path, model, tokenizer, gradients.fingerprint(model))
     return self._models[role]

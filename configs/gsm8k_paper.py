@@ -40,5 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
                    batch_size=16, micro_batch_size=4, max_length=4096, length_multiple=256,
                    eval_every=50, checkpoint_every=50)
   c.eval = dict(max_new_tokens=1024, batch_size=64)
-  c.mesh = dict(data=-1, model=1)
+  # data x model devices (-1: the rest); fsdp_teacher also shards the teacher's hidden dimension
+  # over `data` (FSDP), for teachers that do not fit on `model` devices.
+  c.mesh = dict(data=-1, model=1, fsdp_teacher=False)
   return ml_collections.ConfigDict(c)

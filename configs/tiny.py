@@ -30,5 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
                    micro_batch_size=4, max_length=128, length_multiple=32, eval_every=2,
                    checkpoint_every=2, warmup_fraction=0.0)
   c.eval = dict(max_new_tokens=8, batch_size=8)
-  c.mesh = dict(data=-1, model=1)
+  # data x model devices (-1: the rest); fsdp_teacher also shards the teacher's hidden dimension
+  # over `data` (FSDP), for teachers that do not fit on `model` devices.
+  c.mesh = dict(data=-1, model=1, fsdp_teacher=False)
   return ml_collections.ConfigDict(c)

@@ -228,3 +228,15 @@ def test_the_installed_package_finds_its_configs(tmp_path):
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
   assert [r["stage"] for r in runs(tmp_path / "run")] == ["holdout", "grad"]
+
+
+def test_a_mesh_shards_the_models_and_fsdp_the_teacher(tmp_path):
+  from antidistill_jax import parallel
+  config = tiny_config.get_config()
+  config.mesh.fsdp_teacher = True
+  mesh = parallel.make_mesh(data=2, model=4)
+  experiment = pipeline.Experiment(config, str(tmp_path), mesh=mesh)
+  teacher, proxy = experiment.model("teacher").model, experiment.model("proxy").model
+  assert tuple(teacher.layers[0].mlp.up_proj.kernel[...].sharding.spec) == ("data", "model")
+  assert tuple(proxy.layers[0].mlp.up_proj.kernel[...].sharding.spec) == (None, "model")
+  assert teacher.mesh is mesh and proxy.mesh is mesh
