@@ -39,7 +39,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from antidistill_jax import (data, distill, evaluation, files, gradients, models, monitoring,

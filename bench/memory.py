@@ -25,7 +25,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
