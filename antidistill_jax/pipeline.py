@@ -102,10 +102,6 @@ def key_of(**parts) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def examples_hash(examples) -> str:
-  return key_of(rows=[[e.problem, e.solution, int(e.source_index)] for e in examples])
-
-
 # -- models -----------------------------------------------------------------------------------
 
 
@@ -165,6 +161,7 @@ class Experiment:
     self.points = shard_points(grid(config), shard)
     self._models: dict[str, Loaded] = {}
     self._splits: dict[str, list] = {}
+    self._split_hashes: dict[str, str] = {}
     self.writer = jax.process_index() == 0
     self._events = None
 
@@ -193,6 +190,12 @@ class Experiment:
       limit = getattr(d, f"max_{which}", None)
       self._splits[which] = list(examples[:limit] if limit else examples)
     return self._splits[which]
+
+  def split_hash(self, which: str) -> str:
+    """traces.examples_sha256 of a split, computed once (every stage key of it needs it)."""
+    if which not in self._split_hashes:
+      self._split_hashes[which] = traces.examples_sha256(self.split(which))
+    return self._split_hashes[which]
 
   def model(self, role: str) -> Loaded:
     """teacher, proxy or student: loaded once (tiny random ones built when config.tiny.enabled)."""
@@ -272,7 +275,7 @@ class Experiment:
   def holdout_key(self) -> str:
     c = self.config
     return key_of(stage="holdout", teacher=self.model("teacher").fingerprint,
-                  examples=examples_hash(self.split("holdout")),
+                  examples=self.split_hash("holdout"),
                   params=self.holdout_params().as_dict(), batch=c.holdout.batch_size,
                   **self._trace_settings())
 
@@ -304,7 +307,7 @@ class Experiment:
                 params=self.point_params(point).as_dict(), **self._trace_settings())
 
   def sample_key(self, point: Point) -> str:
-    return key_of(stage="sample", examples=examples_hash(self.split("train")),
+    return key_of(stage="sample", examples=self.split_hash("train"),
                   batch=self.config.sample.batch_size, **self._teacher_side(point))
 
   def distill_key(self, point: Point) -> str:
@@ -316,7 +319,7 @@ class Experiment:
     return key_of(stage="eval_student", student=self.distill_key(point), **self._eval_parts())
 
   def eval_teacher_key(self, point: Point) -> str:
-    return key_of(stage="eval_teacher", examples=examples_hash(self.split("test")),
+    return key_of(stage="eval_teacher", examples=self.split_hash("test"),
                   batch=self.config.eval.batch_size, **self._teacher_side(point))
 
   def eval_base_key(self) -> str:
@@ -324,7 +327,7 @@ class Experiment:
                   **self._eval_parts())
 
   def _eval_parts(self) -> dict:
-    return dict(examples=examples_hash(self.split("test")), params=self.eval_params().as_dict(),
+    return dict(examples=self.split_hash("test"), params=self.eval_params().as_dict(),
                 batch=self.config.eval.batch_size, **self._trace_settings())
 
   def distill_config(self) -> distill.DistillConfig:

@@ -116,6 +116,12 @@ def _sha256(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+def examples_sha256(examples: Sequence[Any]) -> str:
+  """A short hash of `data.Example`s (problem, solution, source index): which examples a trace
+  file (or a pipeline stage) was made from."""
+  return _sha256([[e.problem, e.solution, int(e.source_index)] for e in examples])
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -259,7 +265,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   ads = params.uses_proxy
   config = dict(
       format=FORMAT_VERSION, dataset=dataset, split=split, num_examples=len(examples),
-      examples_sha256=_sha256([[e.problem, e.solution, int(e.source_index)] for e in examples]),
+      examples_sha256=examples_sha256(examples),
       prompts_sha256=_sha256(prompts.ids), system=system, max_prompt_length=max_prompt_length,
       batch_size=batch_size, **params.as_dict(),
       eos_ids=list(sampler.eos_ids), pad_id=sampler.pad_id, vocab_size=sampler.vocab_size,
