@@ -37,5 +37,7 @@ setuptools.setup(
         # torch is the PyTorch reference for parity tests only, never a runtime dependency.
         # tensorboard (no tensorflow needed) reads back the event files monitoring.py writes.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "tensorboard>=2.16"],
+        # gs:// workdirs and checkpoints: etils.epath reads and writes them through fsspec.
+        "gcs": ["gcsfs"],
     },
 )

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import io
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -293,7 +293,7 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   rows = parallel.round_rows(config.micro_batch_size, mesh)
 
   manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      files.absolute(epath.Path(workdir) / "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
       item_names=("state", "history"))
   start = manager.latest_step() or 0
@@ -305,7 +305,7 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     logging.info("resumed distillation at step %d of %d from %s", start, total, workdir)
 
   t0, tokens = time.time(), 0
-  bar = monitoring.progress(end - start, os.path.basename(os.path.normpath(workdir)) or "distill",
+  bar = monitoring.progress(end - start, epath.Path(workdir).name or "distill",
                             unit="step")
   for step in range(start, end):
     params = unflatten_like(trainable, state["params"])
@@ -340,7 +340,8 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
 
   nnx.update(student, unflatten_like(trainable, state["params"]),
              unflatten_like(rngs, state["rngs"]))
-  write_curves(workdir, history)
+  if parallel.is_writer():
+    write_curves(workdir, history)
   return (merge_lora(student) if config.lora_rank else student), history
 
 
@@ -349,8 +350,9 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
 
 def write_curves(workdir: str, history: Sequence[dict[str, float]]) -> None:
   """workdir/curves.json and curves.png: train and holdout loss against the step."""
+  workdir = epath.Path(workdir)
   files.makedirs(workdir)
-  files.write_json(os.path.join(workdir, "curves.json"), list(history), indent=1)
+  files.write_json(workdir / "curves.json", list(history), indent=1)
   if not history:
     return
   import matplotlib
@@ -369,4 +371,4 @@ def write_curves(workdir: str, history: Sequence[dict[str, float]]) -> None:
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  files.write_atomic(os.path.join(workdir, "curves.png"), png.getvalue())
+  files.write_atomic(workdir / "curves.png", png.getvalue())

@@ -5,6 +5,8 @@ object-store (`gs://...`) paths through `etils.epath`.
   write_json(path, obj)       # indented UTF-8 JSON + newline, atomically
   read_json(path)
   replace(src, dst)           # rename over dst, durably
+  local_dir(path)             # a local folder holding a (possibly gs://) folder's files
+  upload_dir(local, path)     # a local folder's files copied to a (possibly gs://) folder
 
 Local paths: a tmp file next to `path` (`<path>.tmp<pid>`), flushed and fsynced, renamed over
 `path` with os.replace, then the folder fsynced so the rename survives a power cut. An object
@@ -26,6 +28,11 @@ PathLike = str | os.PathLike[str]
 def is_local(path: PathLike) -> bool:
   """False for a URI such as gs://bucket/key, True for a path on this machine's filesystem."""
   return "://" not in os.fspath(path)
+
+
+def absolute(path: PathLike) -> epath.Path:
+  """`path` made absolute (orbax wants absolute paths); a gs:// path is one already."""
+  return epath.Path(path) if not is_local(path) else epath.Path(os.path.abspath(os.fspath(path)))
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -79,3 +86,52 @@ def replace(src: PathLike, dst: PathLike) -> None:
 def makedirs(path: PathLike) -> None:
   """Creates the folder `path` and its parents if missing."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def cache_root() -> epath.Path:
+  """Local scratch for copies of remote folders: $ANTIDISTILL_CACHE, else
+  ~/.cache/antidistill_jax."""
+  root = os.environ.get("ANTIDISTILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                              "antidistill_jax")
+  return epath.Path(root)
+
+
+def local_dir(path: PathLike) -> str:
+  """`path` itself when it is local; for a remote folder (gs://...), a local copy of its files
+  under cache_root(), fetched once (a folder whose copy finished is not fetched again).
+
+  Safetensors and tokenizers are read from local files, so model folders on gs:// are
+  copied here first."""
+  if is_local(path):
+    return os.fspath(path)
+  import hashlib
+  src = epath.Path(path)
+  dst = cache_root() / "remote" / hashlib.sha256(os.fspath(src).encode()).hexdigest()[:16]
+  done = dst / ".complete"
+  if not done.exists():
+    if not src.is_dir():
+      raise FileNotFoundError(f"no folder {os.fspath(src)!r}.")
+    for rel, f in _files_under(src):
+      makedirs((dst / rel).parent)
+      write_atomic(dst / rel, f.read_bytes())
+    done.write_text(os.fspath(src))
+  return os.fspath(dst)
+
+
+def upload_dir(local: PathLike, path: PathLike) -> None:
+  """Copies the files of the local folder `local` into `path` (local or remote); each file is
+  written whole (write_atomic)."""
+  for rel, f in _files_under(epath.Path(local)):
+    makedirs((epath.Path(path) / rel).parent)
+    write_atomic(epath.Path(path) / rel, f.read_bytes())
+
+
+def _files_under(root: epath.Path, rel: str = ""):
+  """(relative path, path) of every file below `root`, in name order (epath has no rglob for
+  object stores)."""
+  for f in sorted((root / rel).iterdir() if rel else root.iterdir()):
+    name = f"{rel}/{f.name}" if rel else f.name
+    if f.is_dir():
+      yield from _files_under(root, name)
+    else:
+      yield name, f

@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax import parallel, pytrees
+from antidistill_jax import files, parallel, pytrees
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.pytrees import flatten, unflatten_like
 
@@ -206,15 +206,15 @@ def save_gradient(path: str | os.PathLike[str], grad, metadata: dict[str, Any]) 
   flat = flatten(grad)
   meta = dict(metadata, leaves={k: list(v.shape) for k, v in flat.items()})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    ckpt.save(os.path.abspath(os.fspath(path)),
+    ckpt.save(files.absolute(path),
               args=ocp.args.Composite(grad=ocp.args.StandardSave(flat),
                                       metadata=ocp.args.JsonSave(meta)), force=True)
 
 
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no gradient checkpoint at {path!r}; compute one with "
+  path = files.absolute(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"no gradient checkpoint at {os.fspath(path)!r}; compute one with "
                             "gradients.proxy_gradient and save it with gradients.save_gradient.")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     return ckpt.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
@@ -224,12 +224,12 @@ def load_gradient(path: str | os.PathLike[str], proxy: Transformer, *,
                   check_fingerprint: bool = True) -> tuple[nnx.State, dict[str, Any]]:
   """Reads g for `proxy`, validating names and shapes (and the proxy fingerprint) first, and
   places each leaf like the proxy's own parameter."""
-  path = os.path.abspath(os.fspath(path))
+  path = files.absolute(path)
   meta = load_metadata(path)
   check_compatible(proxy, {k: np.empty(v, np.uint8) for k, v in meta["leaves"].items()})
   if check_fingerprint and meta.get("proxy_fingerprint") != fingerprint(proxy):
     raise ValueError(
-        f"gradient at {path!r} was computed for proxy {meta.get('proxy_fingerprint')}, not "
+        f"gradient at {os.fspath(path)!r} was computed for proxy {meta.get('proxy_fingerprint')}, not "
         f"for this proxy ({fingerprint(proxy)}); recompute it, or pass check_fingerprint=False.")
   _, params = nnx.split(proxy)
   target = {name: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=getattr(x, "sharding", None))

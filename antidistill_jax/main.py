@@ -40,7 +40,13 @@ _STAGES = flags.DEFINE_list("stages", None, "stages to run (default: all), in pi
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run grid points i, i+n, ... (independent hosts)")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host TPU/GPU jobs; "
-    "launch/tpu.sh sets it)")
+    "launch/tpu.sh sets it). On TPU pods and SLURM/Open MPI clusters it finds its peers itself; "
+    "elsewhere give the three flags below.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed, where the "
+    "cluster is not detected)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (--distributed)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (--distributed)")
 
 
 def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
@@ -105,7 +111,11 @@ def main(argv):
   del argv
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize()
+    # CPU hosts need a collectives backend (JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo also sets it).
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
   config = _CONFIG.value

@@ -21,6 +21,12 @@ at the last whole batch, distillation from its last orbax checkpoint). `runs.jso
 stage run (key, wall time, whether it was reused, metrics); `index/<point>.json` maps each grid
 point to its latest results for the report.
 
+Storage: the workdir may be local or `gs://...` (every path goes through `etils.epath`; model
+folders on gs:// are copied to local disk to load, `files.local_dir`). Several processes
+(`--distributed`): every process runs every stage (batches span all of them), process 0 decides
+what is done and alone writes, and the others wait for its files (`parallel.agree`,
+`parallel.sync`), so the workdir must be one folder all hosts see: gs:// or a shared disk.
+
 Grid points (`grid`): ADS at each tau in grid.ads_taus with lam = b * eps for b in
 grid.ads_lam_over_eps, and the temperature baseline at each tau in grid.temperatures with
 lam = 0. `shard=(i, n)` runs the points whose index is i mod n: independent hosts split a grid
@@ -34,15 +40,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from etils import epath
 
 from antidistill_jax import (data, distill, evaluation, files, gradients, models, monitoring,
-                             sampling, traces)
+                             parallel, sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 
 STAGES = ("holdout", "grad", "sample", "distill", "eval_student", "eval_teacher", "eval_base",
@@ -106,13 +114,15 @@ def key_of(**parts) -> str:
 
 
 def resolve_checkpoint(spec: str, cache_dir: str) -> str:
-  """A local directory for a model spec: a local path as it is; a hub id fetched with
-  huggingface_hub.snapshot_download (config, safetensors, tokenizer files) into cache_dir."""
+  """A local directory for a model spec: a local path as it is; a gs:// folder copied to local
+  disk (`files.local_dir`); a hub id fetched with huggingface_hub.snapshot_download (config,
+  safetensors, tokenizer files) into cache_dir."""
   if os.path.isdir(spec):
     return spec
-  if spec.startswith("gs://") or spec.startswith("/") or spec.startswith("."):
-    raise FileNotFoundError(f"model directory {spec!r} does not exist (gs:// checkpoints: copy "
-                            "them to local disk first, e.g. with gcloud storage cp -r).")
+  if not files.is_local(spec):
+    return files.local_dir(spec)
+  if spec.startswith("/") or spec.startswith("."):
+    raise FileNotFoundError(f"model directory {spec!r} does not exist.")
   try:
     import huggingface_hub
     return huggingface_hub.snapshot_download(
@@ -125,21 +135,39 @@ def resolve_checkpoint(spec: str, cache_dir: str) -> str:
         "local directory instead, e.g. --config.teacher=DIR.") from e
 
 
-def _tiny_models(config, workdir: str, texts: Sequence[str]) -> dict[str, str]:
-  """Tiny random teacher / proxy / student checkpoints (one tokenizer), built once."""
+def save_model_dir(model, tokenizer, path) -> None:
+  """models.save_pretrained + the tokenizer into `path`, local or gs:// (written locally, then
+  uploaded). Every process calls it (weights spread over hosts are gathered); process 0
+  writes."""
+  local = files.is_local(path)
+  with tempfile.TemporaryDirectory() as tmp:
+    target = os.fspath(path) if local else tmp
+    models.save_pretrained(model, target)
+    if parallel.is_writer():
+      tokenizer.save_pretrained(target)
+      if not local:
+        files.upload_dir(tmp, path)
+
+
+def _tiny_models(config, workdir: epath.Path, texts: Sequence[str]) -> dict[str, str]:
+  """Tiny random teacher / proxy / student checkpoints (one tokenizer), built once (by process
+  0, while the others wait)."""
   from antidistill_jax import tiny
-  root = os.path.join(workdir, "models")
-  paths = {name: os.path.join(root, name) for name in ("teacher", "proxy", "student")}
-  if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
-    return paths
-  t = config.tiny
-  tok = tiny.train_tokenizer(list(texts) * 2, vocab_size=t.vocab_size)
-  specs = {"teacher": (t.seed, dict(t.teacher)), "proxy": (t.seed + 1, dict(t.proxy)),
-           "student": (t.seed + 2, dict(t.student))}
-  for name, (seed, cfg) in specs.items():
-    tiny.make_tiny_checkpoint(paths[name] + ".tmp", tokenizer=tok, seed=seed, **cfg)
-    os.replace(paths[name] + ".tmp", paths[name])
-  return paths
+  root = workdir / "models"
+  paths = {name: root / name for name in ("teacher", "proxy", "student")}
+  done = root / "done.json"
+  if not parallel.agree(done.exists()) and parallel.is_writer():
+    t = config.tiny
+    tok = tiny.train_tokenizer(list(texts) * 2, vocab_size=t.vocab_size)
+    specs = {"teacher": (t.seed, dict(t.teacher)), "proxy": (t.seed + 1, dict(t.proxy)),
+             "student": (t.seed + 2, dict(t.student))}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, (seed, cfg) in specs.items():
+        tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed, **cfg)
+        files.upload_dir(os.path.join(tmp, name), paths[name])
+    files.write_json(done, dict(models=sorted(paths)))
+  parallel.sync("tiny models")
+  return {name: os.fspath(p) for name, p in paths.items()}
 
 
 @dataclasses.dataclass
@@ -157,21 +185,42 @@ class Experiment:
   """One config, one workdir: stages run in order, each skipping what is finished."""
 
   def __init__(self, config, workdir: str, *, shard: tuple[int, int] = (0, 1), mesh=None):
-    self.config, self.workdir, self.shard, self.mesh = config, os.fspath(workdir), shard, mesh
+    self.config, self.workdir, self.shard, self.mesh = config, epath.Path(workdir), shard, mesh
     self.points = shard_points(grid(config), shard)
     self._models: dict[str, Loaded] = {}
     self._splits: dict[str, list] = {}
     self._split_hashes: dict[str, str] = {}
-    self.writer = jax.process_index() == 0
+    self.writer = parallel.is_writer()
     self._events = None
+    if self.writer:
+      files.makedirs(self.workdir)
+    if jax.process_count() > 1:
+      self._check_shared_workdir()
+
+  def _check_shared_workdir(self) -> None:
+    """Every process must see process 0's files: it writes a token, the others look for it."""
+    token = self.workdir / ".processes" / f"{int(time.time() * 1e6)}"
+    stamp = parallel.agree(int(token.name))
+    token = token.parent / str(stamp)
+    if self.writer:
+      files.makedirs(token.parent)
+      token.write_text("written by process 0")
+    parallel.sync("workdir token")
+    seen = parallel.everywhere(token.exists())  # every process raises, or none
+    if self.writer:
+      token.unlink()
+    if not seen:
+      raise RuntimeError(
+          f"some processes cannot see files that process 0 wrote to the workdir "
+          f"{os.fspath(self.workdir)!r}: with several hosts the workdir must be one folder they "
+          "all see, a gs:// bucket path or a shared disk (--workdir=gs://BUCKET/run).")
 
   @property
   def events(self) -> monitoring.EventWriter:
     """TensorBoard scalars under workdir/tensorboard (process 0): stage metrics, and each
     student's losses while it trains."""
     if self._events is None:
-      self._events = monitoring.EventWriter(os.path.join(self.workdir, "tensorboard"),
-                                            enabled=self.writer)
+      self._events = monitoring.EventWriter(self.workdir / "tensorboard", enabled=self.writer)
     return self._events
 
   # -- data and models -----------------------------------------------------------------------
@@ -206,7 +255,8 @@ class Experiment:
                  for which in ("holdout", "train", "test") for e in self.split(which)]
         path = _tiny_models(c, self.workdir, texts)[role]
       else:
-        path = resolve_checkpoint(getattr(c.models, role), os.path.join(self.workdir, "hub"))
+        path = resolve_checkpoint(getattr(c.models, role), os.fspath(files.cache_root() / "hub"))
+      path = files.local_dir(path)  # a model folder on gs:// is read from a local copy
       rules = None
       if role == "teacher" and self.mesh is not None and c.mesh.get("fsdp_teacher"):
         rules = dict(models.DEFAULT_RULES, embed="data")  # FSDP over the batch axis
@@ -218,8 +268,8 @@ class Experiment:
 
   # -- bookkeeping ---------------------------------------------------------------------------
 
-  def out_dir(self, stage: str, key: str) -> str:
-    return os.path.join(self.workdir, stage, key)
+  def out_dir(self, stage: str, key: str) -> epath.Path:
+    return self.workdir / stage / key
 
   def _record(self, stage: str, key: str, seconds: float, reused: bool, metrics: dict,
               point: Point | None = None) -> None:
@@ -233,35 +283,39 @@ class Experiment:
     prefix = f"summary/{stage}/{point.name}" if point else f"summary/{stage}"
     self.events.scalars({f"{prefix}/{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
-    if self.writer:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(os.path.join(self.workdir, "runs.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(line, default=str) + "\n")
+    if self.writer:  # rewritten whole (an object store has no append); a few hundred lines
+      path = self.workdir / "runs.jsonl"
+      old = path.read_bytes() if path.exists() else b""
+      files.write_atomic(path, old + (json.dumps(line, default=str) + "\n").encode("utf-8"))
 
   def _index(self, entry: str, **fields) -> None:
     """Merges fields into index/<name>.json (the report's view of a point)."""
     if not self.writer:
       return
-    path = os.path.join(self.workdir, "index", f"{entry}.json")
-    files.makedirs(os.path.dirname(path))
-    merged = files.read_json(path) if os.path.exists(path) else {}
+    path = self.workdir / "index" / f"{entry}.json"
+    files.makedirs(path.parent)
+    merged = files.read_json(path) if path.exists() else {}
     merged.update(fields)
     files.write_json(path, merged)
 
   def _once(self, stage: str, key: str, compute, point: Point | None = None) -> dict:
-    """Runs compute(out_dir) -> metrics unless out_dir/done.json exists; returns the metrics."""
+    """Runs compute(out_dir) -> metrics unless out_dir/done.json exists; returns the metrics.
+    Process 0's view of done.json decides for every process; after compute, the others wait
+    until process 0 has written its outputs."""
     out = self.out_dir(stage, key)
-    done = os.path.join(out, "done.json")
-    if os.path.exists(done):
+    done = out / "done.json"
+    if parallel.agree(done.exists()):
       metrics = files.read_json(done)["metrics"]
       self._record(stage, key, 0.0, True, metrics, point)
       return metrics
     start = time.time()
-    os.makedirs(out, exist_ok=True)
+    if self.writer:
+      files.makedirs(out)
     metrics = compute(out)
     seconds = time.time() - start
     if self.writer:
       files.write_json(done, dict(stage=stage, key=key, seconds=seconds, metrics=metrics))
+    parallel.sync(f"{stage} {key}")
     self._record(stage, key, seconds, False, metrics, point)
     return metrics
 
@@ -337,7 +391,7 @@ class Experiment:
   # -- stages ----------------------------------------------------------------------------------
 
   def _traces(self, out: str, role_sampler, examples, params, batch_size: int, split: str):
-    meta = traces.generate_traces(role_sampler, examples, os.path.join(out, "traces.jsonl"),
+    meta = traces.generate_traces(role_sampler, examples, out / "traces.jsonl",
                                   params=params, batch_size=batch_size, split=split,
                                   **self._trace_settings())
     s = meta["statistics"]
@@ -360,8 +414,8 @@ class Experiment:
         c.holdout.batch_size, "holdout"))
 
   def holdout_rows(self) -> list[dict]:
-    path = os.path.join(self.out_dir("holdout", self.holdout_key()), "traces.jsonl")
-    if not os.path.exists(path):
+    path = self.out_dir("holdout", self.holdout_key()) / "traces.jsonl"
+    if not path.exists():
       raise FileNotFoundError(f"no holdout traces at {path}: run the holdout stage first "
                               "(--stages=holdout,grad).")
     return traces.read_traces(path)
@@ -373,15 +427,15 @@ class Experiment:
       grad, meta = gradients.proxy_gradient(self.model("proxy").model, pairs,
                                             micro_batch_size=self.config.grad.micro_batch_size,
                                             mesh=self.mesh)
-      gradients.save_gradient(os.path.join(out, "grad"), grad, meta)
+      gradients.save_gradient(out / "grad", grad, meta)
       return dict(mean_loss=meta["mean_loss"], global_norm=meta["global_norm"],
                   sequences=meta["num_sequences"])
     self._once("grad", self.grad_key(), compute)
 
   def gradient(self):
     if "_grad" not in self.__dict__:
-      path = os.path.join(self.out_dir("grad", self.grad_key()), "grad")
-      if not os.path.exists(os.path.join(self.out_dir("grad", self.grad_key()), "done.json")):
+      path = self.out_dir("grad", self.grad_key()) / "grad"
+      if not (path.parent / "done.json").exists():
         raise FileNotFoundError(f"no proxy gradient at {path}: run the grad stage first "
                                 "(--stages=holdout,grad).")
       self._grad = gradients.load_gradient(path, self.model("proxy").model)[0]
@@ -401,8 +455,8 @@ class Experiment:
     key = self.distill_key(point)
 
     def compute(out):
-      trace_path = os.path.join(self.out_dir("sample", self.sample_key(point)), "traces.jsonl")
-      if not os.path.exists(trace_path):
+      trace_path = self.out_dir("sample", self.sample_key(point)) / "traces.jsonl"
+      if not trace_path.exists():
         raise FileNotFoundError(f"no traces for {point.name} at {trace_path}: run the sample "
                                 "stage first.")
       student = self.model("student")
@@ -418,11 +472,9 @@ class Experiment:
       def on_step(record):
         self.events.scalars({f"distill/{point.name}/{k}": v for k, v in record.items()
                              if k != "step"}, step=int(record["step"]))
-      trained, history = distill.distill(fresh, sft, held, os.path.join(out, "train"), cfg,
+      trained, history = distill.distill(fresh, sft, held, out / "train", cfg,
                                          mesh=self.mesh, on_step=on_step)
-      if self.writer:
-        models.save_pretrained(trained, os.path.join(out, "student"))
-        student.tokenizer.save_pretrained(os.path.join(out, "student"))
+      save_model_dir(trained, student.tokenizer, out / "student")
       last = history[-1]
       evals = [h for h in history if "holdout_loss" in h]
       return dict(train_loss=float(last["train_loss"]), steps=int(last["step"]),
@@ -430,17 +482,18 @@ class Experiment:
 
     metrics = self._once("distill", key, compute, point)
     self._index(point.name, distill_key=key, distill=metrics,
-                curves=os.path.join(self.out_dir("distill", key), "train", "curves.json"))
+                curves=os.fspath(self.out_dir("distill", key) / "train" / "curves.json"))
 
   def run_eval_student(self, point: Point) -> None:
     key = self.eval_student_key(point)
 
     def compute(out):
-      path = os.path.join(self.out_dir("distill", self.distill_key(point)), "student")
-      if not os.path.exists(os.path.join(path, "config.json")):
+      path = self.out_dir("distill", self.distill_key(point)) / "student"
+      if not (path / "config.json").exists():
         raise FileNotFoundError(f"no distilled student for {point.name} at {path}: run the "
                                 "distill stage first.")
-      model = models.from_pretrained(path, dtype=jnp.dtype(self.config.models.dtype),
+      model = models.from_pretrained(files.local_dir(path),
+                                     dtype=jnp.dtype(self.config.models.dtype),
                                      mesh=self.mesh)
       return self._evaluate(out, sampling.Sampler(model, self.model("student").tokenizer,
                                                   mesh=self.mesh))

@@ -14,23 +14,31 @@ undistilled student).
 
 from __future__ import annotations
 
-import glob
-import json
-import os
+import io
 from typing import Any
 
+from etils import epath
 
-def _read(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+from antidistill_jax import files
 
 
-def collect(workdir: str) -> tuple[list[dict], dict | None]:
+def _read(path) -> Any:
+  return files.read_json(path)
+
+
+def _save_png(fig, path) -> None:
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
+  files.write_atomic(path, png.getvalue())
+
+
+def collect(workdir) -> tuple[list[dict], dict | None]:
   """(point entries sorted by kind, tau, lam; the base entry or None)."""
   entries, base = [], None
-  for path in sorted(glob.glob(os.path.join(workdir, "index", "*.json"))):
+  index = epath.Path(workdir) / "index"
+  for path in sorted(p for p in (index.iterdir() if index.exists() else []) if p.suffix == ".json"):
     entry = _read(path)
-    if os.path.basename(path) == "base.json":
+    if path.name == "base.json":
       base = entry
     elif "point" in entry:
       entries.append(entry)
@@ -95,7 +103,7 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
   ax.set_title("Teacher vs distilled student (Figure 3)")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save_png(fig, path)
   plt.close(fig)
   return True
 
@@ -106,7 +114,7 @@ def figure5(entries: list[dict], path: str) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   curves = [(e, _read(e["curves"])) for e in entries
-            if e.get("curves") and os.path.exists(e["curves"])]
+            if e.get("curves") and epath.Path(e["curves"]).exists()]
   if not curves:
     return False
   fig, (train_ax, held_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -126,27 +134,26 @@ def figure5(entries: list[dict], path: str) -> bool:
   held_ax.legend(fontsize=7)
   fig.suptitle("Students on each trace set (Figure 5)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save_png(fig, path)
   plt.close(fig)
   return True
 
 
-def write_report(workdir: str) -> dict:
-  """Writes workdir/report/ from the index; returns {what: path} of the files written."""
+def write_report(workdir) -> dict:
+  """Writes workdir/report/ (local or gs://) from the index; returns {what: path} of the files
+  written."""
   entries, base = collect(workdir)
-  out = os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
+  out = epath.Path(workdir) / "report"
+  files.makedirs(out)
   written = {}
-  md = os.path.join(out, "results.md")
-  with open(md, "w", encoding="utf-8") as f:
-    f.write(table(entries, base))
-  written["table"] = md
-  with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(points=entries, base=base), f, indent=2)
+  md = out / "results.md"
+  files.write_atomic(md, table(entries, base).encode("utf-8"))
+  written["table"] = str(md)
+  files.write_json(out / "results.json", dict(points=entries, base=base))
   for name, make in (("figure3", lambda p: figure3(entries, base, p)),
                      ("figure3_forced", lambda p: figure3(entries, base, p, forced=True)),
                      ("figure5", lambda p: figure5(entries, p))):
-    path = os.path.join(out, f"{name}.png")
+    path = out / f"{name}.png"
     if make(path):
-      written[name] = path
+      written[name] = str(path)
   return written

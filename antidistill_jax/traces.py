@@ -16,16 +16,20 @@ forcing: forced (the decoded forced tokens) and forced_correct.
 
 Sidecar: {"config": every setting that changes the rows, "counts": ..., "statistics": ...}.
 
-Crash safety. Rows are appended batch by batch to `<path>.partial` (flush + fsync), next to
-`<path>.partial.json` that holds the config. A new call with the same config resumes at the
-last whole batch: a torn last line (killed mid-write) and the rows of an incomplete batch are
-dropped, and the batch is generated again with `Sampler(..., first_row=...)`, whose
-randomness is per global row. Batches are the same fixed slices of the prompt list in every
-run, so the finished file is byte-identical to an uninterrupted run's. A call whose config
-differs from the stored one is refused with the differing keys. When all rows are written,
-the sidecar is written (`files.write_json`: tmp file, fsync, os.replace), then the partial
-file is renamed to `path`; a later call with the same config returns the sidecar without
-generating.
+Crash safety. Each finished batch is written as its own file `<path>.partial/<first row>.jsonl`
+(whole-file atomic writes: a tmp file renamed locally, one object upload on gs://), next to
+`<path>.partial/state.json` that holds the config. A new call with the same config resumes after
+the last batch whose file exists; a batch killed midway left no file and is generated again with
+`Sampler(..., first_row=...)`, whose randomness is per global row. Batches are the same fixed
+slices of the prompt list in every run, so the finished file is byte-identical to an
+uninterrupted run's. A call whose config differs from the stored one is refused with the
+differing keys. When all rows are written, the sidecar is written, then the rows as `path`
+(both atomically), then the partial folder is removed; a later call with the same config
+returns the sidecar without generating. Nothing is appended in place, so `path` may be local
+or a `gs://` object (`etils.epath`).
+
+Several processes (multi-host): every process generates (the sampler's batch spans all of
+them), only process 0 (`parallel.is_writer`) writes, and the resume row is process 0's.
 
 Answer forcing (the reference's second accuracy): each trace, without its trailing EOS, is
 continued by the tokens of `grading.answer_forcing_prefix(text)[len(text):]` (closes an
@@ -44,7 +48,9 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from antidistill_jax import files, gradients, grading, monitoring, pytrees, sampling
+from etils import epath
+
+from antidistill_jax import files, gradients, grading, monitoring, parallel, pytrees, sampling
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
 FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)
@@ -63,27 +69,17 @@ def meta_path(path: str | os.PathLike[str]) -> str:
   return os.fspath(path) + ".meta.json"
 
 
-def _partial_paths(path: str) -> tuple[str, str]:
-  return path + ".partial", path + ".partial.json"
+def partial_dir(path: str | os.PathLike[str]) -> epath.Path:
+  """The folder of an unfinished run's batch files and state."""
+  return epath.Path(os.fspath(path) + ".partial")
 
 
 def _row_line(row: dict) -> bytes:
   return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _complete_lines(path: str) -> list[bytes]:
-  """The newline-terminated lines of `path` that parse as JSON, up to the first that does not;
-  a torn last line (no newline) is left out."""
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = []
-  for line in data.split(b"\n")[:-1]:  # the piece after the last newline is torn (or empty)
-    try:
-      json.loads(line)
-    except ValueError:
-      break
-    lines.append(line + b"\n")
-  return lines
+def _batch_file(partial: epath.Path, start: int) -> epath.Path:
+  return partial / f"{start:09d}.jsonl"
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -91,20 +87,20 @@ def _complete_lines(path: str) -> list[bytes]:
 
 def read_traces(path: str | os.PathLike[str]) -> list[dict]:
   """The rows of a finished trace file, in example order."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    partial = _partial_paths(path)[0]
+  path = epath.Path(path)
+  if not path.exists():
+    partial = partial_dir(path)
     hint = (f"; {partial} holds an unfinished run: call generate_traces again with the same "
-            "settings to finish it" if os.path.exists(partial) else "")
-    raise FileNotFoundError(f"no trace file {path!r}{hint}.")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+            "settings to finish it" if partial.exists() else "")
+    raise FileNotFoundError(f"no trace file {os.fspath(path)!r}{hint}.")
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+          if line.strip()]
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict:
   """The sidecar of a finished trace file: config, counts, statistics."""
   mpath = meta_path(path)
-  if not os.path.exists(mpath):
+  if not epath.Path(mpath).exists():
     raise FileNotFoundError(f"no sidecar {mpath!r} for trace file {os.fspath(path)!r}.")
   return files.read_json(mpath)
 
@@ -277,50 +273,42 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
       extra=extra_config or {})
   config = json.loads(json.dumps(config))  # as it reads back from disk
 
-  # Finished already?
-  if os.path.exists(path):
-    if not os.path.exists(meta_path(path)):
+  # Finished already? (process 0's view decides, on every process)
+  writer, target, partial = parallel.is_writer(), epath.Path(path), partial_dir(path)
+  if parallel.agree(target.exists()):
+    if not epath.Path(meta_path(path)).exists():
       raise ValueError(f"{path} exists without its sidecar {meta_path(path)}; delete it or "
                        "write to another path.")
     meta = read_meta(path)
     _check_config(meta["config"], config, path,
                   f"Delete {path} and {meta_path(path)} to regenerate, or write to another path.")
     logging.info("%s is complete (%d rows); not regenerating.", path, meta["counts"]["rows"])
-    partial, state_path = _partial_paths(path)
-    if os.path.exists(state_path) and not os.path.exists(partial):
-      os.remove(state_path)  # left by a run killed between its last rename and this cleanup
+    if writer and partial.exists():
+      partial.rmtree()  # left by a run killed between its last write and this cleanup
     return meta
 
-  # Resume or start.
-  partial, state_path = _partial_paths(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Resume after the last whole batch, or start.
   n_total = len(prompts.ids)
+  state_path = partial / "state.json"
   lines: list[bytes] = []
   seconds = 0.0
-  if os.path.exists(partial):
-    if not os.path.exists(state_path):
-      raise ValueError(f"{partial} exists without {state_path}; delete it to start over.")
+  if parallel.agree(state_path.exists()):
     state = files.read_json(state_path)
-    _check_config(state["config"], config, partial,
+    _check_config(state["config"], config, os.fspath(partial),
                   "Rerun with the stored settings to resume it, or delete "
-                  f"{partial} and {state_path} to start over (or write to another path).")
+                  f"{partial} to start over (or write to another path).")
     seconds = float(state.get("seconds", 0.0))
-    lines = _complete_lines(partial)
-    n_valid = len(lines)
-    if len(lines) < n_total:  # resume at a batch boundary: batches are fixed slices
-      lines = lines[:len(lines) - len(lines) % batch_size]
+    done = parallel.agree(state.get("rows", 0))  # rows in whole batch files, as process 0 saw
+    for start in range(0, done, batch_size):
+      lines += _batch_file(partial, start).read_bytes().splitlines(keepends=True)
     for i, line in enumerate(lines):
       if json.loads(line)["index"] != prompts.indices[i]:
-        raise ValueError(f"{partial} row {i} is not example {prompts.indices[i]}; the file is "
-                         f"not from this run: delete {partial} and {state_path}.")
-    if n_valid != len(lines) or os.path.getsize(partial) != sum(map(len, lines)):
-      logging.warning("%s: dropping %d bytes of torn or incomplete-batch rows.", partial,
-                      os.path.getsize(partial) - sum(map(len, lines)))
-      files.write_atomic(partial, b"".join(lines))
+        raise ValueError(f"{partial} row {i} is not example {prompts.indices[i]}; the folder "
+                         f"is not from this run: delete {partial}.")
     logging.info("resuming %s at row %d of %d.", path, len(lines), n_total)
-  else:
-    files.write_json(state_path, dict(config=config, seconds=0.0))
-    files.write_atomic(partial, b"")
+  elif writer:
+    files.makedirs(partial)
+    files.write_json(state_path, dict(config=config, seconds=0.0, rows=0))
 
   # The answer-forcing continuation: greedy, unperturbed, with coarser prompt buckets.
   forcer = sampling.Sampler(teacher, tokenizer, vocab_size=sampler.vocab_size,
@@ -328,30 +316,34 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
                             prompt_multiple=FORCE_PROMPT_MULTIPLE, mesh=sampler.mesh,
                             scan_chunk=sampler.scan_chunk)
   done_tokens, t0 = 0, time.time()
-  bar = monitoring.progress(n_total, os.path.basename(path), unit="row", initial=len(lines))
-  with open(partial, "ab") as f, bar:
+  bar = monitoring.progress(n_total, os.path.basename(os.fspath(path)), unit="row",
+                            initial=len(lines))
+  with bar:
     for start in range(len(lines), n_total, batch_size):
       t_batch = time.time()
       rows, n_tokens = _batch_rows(sampler, forcer, examples, prompts, start, config=config,
                                    params=params, dataset=dataset)
-      f.write(b"".join(map(_row_line, rows)))
-      f.flush()
-      os.fsync(f.fileno())
+      batch_lines = list(map(_row_line, rows))
+      lines += batch_lines
       seconds += time.time() - t_batch
-      files.write_json(state_path, dict(config=config, seconds=seconds))
+      if writer:  # the batch file, then the state that counts it
+        files.write_atomic(_batch_file(partial, start), b"".join(batch_lines))
+        files.write_json(state_path, dict(config=config, seconds=seconds, rows=len(lines)))
       done_tokens += n_tokens
       bar.update(len(rows), tokens_per_s=done_tokens / max(time.time() - t0, 1e-9))
 
-  rows = [json.loads(line) for line in _complete_lines(partial)]
+  rows = [json.loads(line) for line in lines]
   if len(rows) != n_total:
     raise RuntimeError(f"{partial} has {len(rows)} rows after generation, expected {n_total}.")
   meta = dict(config=config,
               counts=dict(examples=len(examples), prompts=n_total, dropped=prompts.dropped,
                           rows=len(rows)),
               statistics=_statistics(rows, answer_forcing, seconds))
-  files.write_json(meta_path(path), meta)
-  files.replace(partial, path)
-  os.remove(state_path)
+  if writer:
+    files.write_json(meta_path(path), meta)
+    files.write_atomic(target, b"".join(lines))
+    partial.rmtree()
+  parallel.sync(f"traces {os.fspath(path)}")
   s = meta["statistics"]
   logging.info("%s: %d rows, accuracy %s, forced %s, %.0f tokens/s", path, len(rows),
                s["accuracy"], s["forced_accuracy"], s["tokens_per_second"] or 0.0)

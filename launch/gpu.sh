@@ -30,7 +30,7 @@ case ${1:-} in
   setup)
     run "${PYTHON:-python3}" -m venv .venv
     run .venv/bin/pip install -q -U pip
-    run .venv/bin/pip install -q -e . 'jax[cuda12]'
+    run .venv/bin/pip install -q -e '.[gcs]' 'jax[cuda12]'
     ;;
   run)
     shift

@@ -151,7 +151,7 @@ case $cmd in
     ssh_workers all "set -e; mkdir -p $remote; tar -xzf ~/antidistill_jax.tgz -C $remote;\
  rm ~/antidistill_jax.tgz; cd $remote; python3 -m pip install -q --user -U uv;\
  [ -x .venv/bin/python ] || ~/.local/bin/uv venv -q --python $py .venv;\
- ~/.local/bin/uv pip install -q --python .venv/bin/python -U -e . 'jax[tpu]'"
+ ~/.local/bin/uv pip install -q --python .venv/bin/python -U -e '.[gcs]' 'jax[tpu]'"
     ;;
   run)
     main=".venv/bin/python -m antidistill_jax.main --distributed"

@@ -107,7 +107,7 @@ def test_setup_ships_the_checkout_and_installs_jax_tpu_on_every_worker(env, tmp_
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "ads-v5e-32"]
   assert "--worker=all" in scp and "--worker=all" in ssh
   remote = flag(ssh, "--command")
-  assert "'jax[tpu]'" in remote and "pip install" in remote and "-e ." in remote
+  assert "'jax[tpu]'" in remote and "pip install" in remote and "-e '.[gcs]'" in remote
   assert not list(tmp_path.glob("*.tgz"))  # the dry run built no tarball
 
 
@@ -200,7 +200,7 @@ def test_gpu_dry_run(env):
   assert [shlex.split(line) for line in out.splitlines()] == [
       ["cd", ROOT], ["python3", "-m", "venv", ".venv"],
       [".venv/bin/pip", "install", "-q", "-U", "pip"],
-      [".venv/bin/pip", "install", "-q", "-e", ".", "jax[cuda12]"]]
+      [".venv/bin/pip", "install", "-q", "-e", ".[gcs]", "jax[cuda12]"]]
   out = sh(GPU, "run", *FLAGS, env=env, DRY_RUN="1").stdout
   assert [shlex.split(line) for line in out.splitlines()] == [
       ["cd", ROOT], [".venv/bin/python", "-m", "antidistill_jax.main", *FLAGS]]

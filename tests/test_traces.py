@@ -123,13 +123,12 @@ def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, refer
   # Each batch makes two generate calls (traces, then answer forcing): die in the second batch.
   path, run = killed_run(tiny_pair[0], tokenizer, tmp_path, monkeypatch, fail_at=3)
   assert not os.path.exists(path) and not os.path.exists(traces.meta_path(path))
-  with open(path + ".partial", "rb") as f:
-    partial = f.read()
+  partial = traces.partial_dir(path)
   ref_lines = ref_bytes.splitlines(keepends=True)
-  assert partial == b"".join(ref_lines[:2])
-  # A row of the unfinished batch and a torn line, as a kill during the write leaves them.
-  with open(path + ".partial", "ab") as f:
-    f.write(ref_lines[2] + ref_lines[3][:25])
+  assert sorted(p.name for p in partial.iterdir()) == ["000000000.jsonl", "state.json"]
+  assert (partial / "000000000.jsonl").read_bytes() == b"".join(ref_lines[:2])
+  # A kill while writing batch 1 leaves at most its tmp file, never a torn batch file.
+  (partial / "000000002.jsonl.tmp123").write_bytes(ref_lines[2] + ref_lines[3][:25])
 
   calls = counting_generate(monkeypatch)
   meta = run()
@@ -139,7 +138,7 @@ def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, refer
     assert f.read() == ref_bytes
   assert without_timing(meta) == without_timing(ref_meta)
   assert without_timing(traces.read_meta(path)) == without_timing(ref_meta)
-  assert not os.path.exists(path + ".partial") and not os.path.exists(path + ".partial.json")
+  assert not partial.exists()
 
   # Every batch, the short last one too, runs with batch_size rows: one compiled shape.
   assert all(len(prompts) == 2 for prompts, _, _ in calls)
@@ -149,16 +148,16 @@ def test_killed_run_resumes_to_a_byte_identical_file(tiny_pair, tokenizer, refer
   assert run() == meta and not calls
 
 
-def test_kill_while_writing_the_last_newline(tiny_pair, tokenizer, reference, tmp_path,
-                                             monkeypatch):
-  """A last row that parses but lacks its newline is torn too: its batch is generated again."""
+def test_a_batch_written_but_not_counted_is_generated_again(tiny_pair, tokenizer, reference,
+                                                            tmp_path, monkeypatch):
+  """Killed between a batch file and the state that counts it: the batch runs again."""
   ref_bytes, _ = reference
-  path, run = killed_run(tiny_pair[0], tokenizer, tmp_path, monkeypatch, fail_at=1)
-  with open(path + ".partial", "wb") as f:
-    f.write(ref_bytes[:-1])
+  path, run = killed_run(tiny_pair[0], tokenizer, tmp_path, monkeypatch, fail_at=3)
+  partial = traces.partial_dir(path)
+  (partial / "000000002.jsonl").write_bytes(b"not what this run would write\n")
   calls = counting_generate(monkeypatch)
   run()
-  assert len(calls) == 2 and calls[0][1]["first_row"] == 4
+  assert len(calls) == 4 and calls[0][1]["first_row"] == 2
   with open(path, "rb") as f:
     assert f.read() == ref_bytes
 
