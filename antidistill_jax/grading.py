@@ -1,4 +1,4 @@
-"""Grading: final-answer extraction and correctness for GSM8K, MATH and MMLU.
+"""Grading: final-answer extraction and correctness for GSM8K, MATH, MMLU and the synthetic task.
 
 The bottom of the module graph: it imports nothing of antidistill_jax (data reads answers and
 dataset names from here; traces and evaluation grade with it).
@@ -14,6 +14,9 @@ model's completion text:
          raises or times out. Custom "jsonl:..." datasets are graded this way too.
   mmlu:  the choice letter A-D (MMLU has four choices) from \\boxed{B}, else the last
          "the answer is (B)", "Answer: B", "option B".
+  synthetic: the integer right after the last "#" (spaces before it allowed: "#17",
+         "#### 17"), else no answer; compared as integers. `data.synthetic.chains` traces
+         end "...#17"; a forced answer counts only if its text holds a "#" (no box is read).
 
 Answer forcing (the reference code's second accuracy): the sampler closes the think block of a
 finished trace, appends FORCE_ANSWER and generates 32 more greedy tokens *without* the
@@ -40,7 +43,7 @@ from absl import logging
 FORCE_ANSWER = "\n\n**Final Answer**\n\\[\\boxed{"
 MATH_VERIFY_TIMEOUT_S = 5  # per parse / compare; math-verify enforces it with SIGALRM
 
-_GRADERS = ("gsm8k", "math", "mmlu")
+_GRADERS = ("gsm8k", "math", "mmlu", "synthetic")
 # The other names of the datasets, the one table of them: lower-case name -> (dataset, split).
 # A name with split None is the whole dataset under another name (data.load_split accepts it);
 # a name with a split is that split of the dataset (GSM8K-Platinum is the gsm8k loader's
@@ -63,10 +66,12 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)"
 _THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)(?:\\[,!;: ]|\{,\}|[\u2009\u202f])(?=\d{3}(?!\d))")
 # "the answer is (B)", "**Answer:** B", "option C is correct", "choice: D".
 _MMLU_PATTERN = re.compile(r"(?i:answer|option|choice)(?:\s*is)?[\s:*(\[]*([A-D])(?![\w'])")
+_SYNTHETIC_ANSWER = re.compile(r" *(-?\d+)")  # after the last "#"
 
 
 def grader(dataset: str) -> str:
-  """The grading rules ("gsm8k", "math" or "mmlu") of a dataset name (see `data.load_split`).
+  """The grading rules ("gsm8k", "math", "mmlu" or "synthetic") of a dataset name (see
+  `data.load_split`; "synthetic" names `data.synthetic`'s tasks, which are generated, not loaded).
 
   Names are matched whole (the reference's `name.split("_")[1]` broke `hendrycks_math_*`);
   a "jsonl:PATH" custom dataset is graded like MATH.
@@ -173,14 +178,22 @@ def _math_answer(text: str) -> str | None:
   return None
 
 
+def _synthetic_answer(text: str) -> str | None:
+  if "#" not in text:
+    return None
+  m = _SYNTHETIC_ANSWER.match(text.rsplit("#", 1)[1])
+  return str(int(m.group(1))) if m else None
+
+
 def extract_answer(dataset: str, text: str) -> str | None:
   """The final answer in `text` (a gold solution or a completion), or None if there is none.
 
   gsm8k: a canonical number string ("1000", "-3", "2.5"); mmlu: a letter; math: the LaTeX of
-  the last box (or the text after "####").
+  the last box (or the text after "####"); synthetic: a canonical integer string.
   """
   kind = grader(dataset)
-  return {"gsm8k": _gsm8k_answer, "mmlu": _mmlu_answer, "math": _math_answer}[kind](text)
+  return {"gsm8k": _gsm8k_answer, "mmlu": _mmlu_answer, "math": _math_answer,
+          "synthetic": _synthetic_answer}[kind](text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,9 @@ def read_traces(path: str | os.PathLike[str]) -> list[dict]:
     hint = (f"; {partial} holds an unfinished run: call generate_traces again with the same "
             "settings to finish it" if partial.exists() else "")
     raise FileNotFoundError(f"no trace file {os.fspath(path)!r}{hint}.")
-  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+  # Rows end with "\n" only: str.splitlines would also split inside a completion that holds
+  # U+2028, U+0085 or other separators JSON leaves unescaped.
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")
           if line.strip()]
 
 
@@ -300,7 +302,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
     seconds = float(state.get("seconds", 0.0))
     done = parallel.agree(state.get("rows", 0))  # rows in whole batch files, as process 0 saw
     for start in range(0, done, batch_size):
-      lines += _batch_file(partial, start).read_bytes().splitlines(keepends=True)
+      lines += [line + b"\n" for line in _batch_file(partial, start).read_bytes().split(b"\n")[:-1]]
     for i, line in enumerate(lines):
       if json.loads(line)["index"] != prompts.indices[i]:
         raise ValueError(f"{partial} row {i} is not example {prompts.indices[i]}; the folder "

@@ -1,5 +1,5 @@
-"""Grading: GSM8K numbers, MATH through math-verify (and its fallback), MMLU letters, answer
-forcing, accuracy."""
+"""Grading: GSM8K numbers, MATH through math-verify (and its fallback), MMLU letters, the
+synthetic task's "#" answers, answer forcing, accuracy."""
 
 import json
 import os
@@ -134,6 +134,27 @@ def test_mmlu_compare():
   assert gr.is_correct("mmlu", "\\boxed{B}", "Paris is B. So the answer is \\boxed{B}")
   assert not gr.is_correct("mmlu", "\\boxed{B}", "The answer is (C)")
   assert not gr.is_correct("mmlu", "\\boxed{B}", "no idea")
+
+
+@pytest.mark.parametrize("completion, correct", [
+    ("3+5=8;8+2=10#10", True),
+    ("3+5=8;8+2=11#11", False),
+    ("3+5=8;8+2=10", False),          # no "#": no answer
+    ("#3 then more#10", True),        # the last "#" counts
+    ("3+5=8#8 and then #11", False),
+    ("#### 10", True),
+    ("# ten", False),
+])
+def test_synthetic_grader(completion, correct):
+  assert gr.is_correct("synthetic", "3+5=8;8+2=10#10", completion) is correct
+  assert gr.grader("Synthetic") == "synthetic"
+
+
+def test_synthetic_answer_forcing_reads_no_box():
+  gold = "3+5=8;8+2=10#10"
+  assert gr.extract_answer("synthetic", "#-4") == "-4"
+  assert not gr.is_correct("synthetic", gold, gr.forced_completion_text("3+5=8;8+2=10", "10}"))
+  assert gr.is_correct("synthetic", gold, gr.forced_completion_text("3+5=8;8+2=10#10", "3}"))
 
 
 def test_dataset_names():

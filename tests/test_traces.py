@@ -351,3 +351,12 @@ def test_a_proxy_without_rows_for_every_token_is_refused(tiny_pair, tokenizer, t
   with pytest.raises(ValueError, match="vocab mismatch"):
     run_traces(teacher, tokenizer, make_examples(2), tmp_path / "t.jsonl",
                            dataset="gsm8k", proxy=proxy, grad=grad, lam=1.0, **KW)
+
+
+def test_rows_whose_text_holds_unicode_line_separators_read_back(tmp_path):
+  """A random model's completion may hold U+2028, U+0085 or U+001C, which JSON leaves
+  unescaped: rows are split on "\\n" only."""
+  rows = [dict(index=0, completion="a\u2028b\x85c\x1cd"), dict(index=1, completion="e")]
+  path = tmp_path / "t.jsonl"
+  path.write_bytes(b"".join(traces._row_line(r) for r in rows))
+  assert traces.read_traces(path) == rows
