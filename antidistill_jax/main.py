@@ -132,7 +132,12 @@ def main(argv):
   mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
   experiment = pipeline.Experiment(config, _WORKDIR.value, shard=pipeline.parse_shard(_SHARD.value),
                                    mesh=mesh)
-  experiment.run(_STAGES.value or pipeline.STAGES)
+  stages = _STAGES.value or pipeline.STAGES
+  experiment.run(stages)
+  report = experiment.workdir / "report"
+  if "report" in stages and experiment.writer and (report / "results.md").exists():
+    print(f"\n{(report / 'results.md').read_text()}\nFigure 3: {report / 'figure3.png'}\n"
+          f"Figure 5: {report / 'figure5.png'}\nAll results: {report / 'results.json'}")
 
 
 def run():

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -53,8 +54,8 @@ from antidistill_jax import (data, distill, evaluation, files, gradients, models
                              parallel, sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 
-STAGES = ("holdout", "grad", "sample", "distill", "eval_student", "eval_teacher", "eval_base",
-          "report")
+STAGES = ("models", "holdout", "grad", "calibrate", "sample", "distill", "eval_student",
+          "eval_teacher", "eval_base", "report")
 PER_POINT = ("sample", "distill", "eval_student", "eval_teacher")
 
 
@@ -99,6 +100,42 @@ def parse_shard(text: str) -> tuple[int, int]:
     raise ValueError(f"--shard={text!r}: expected i/n, e.g. 0/4.") from None
   shard_points([], (i, n))
   return i, n
+
+
+def calibrated_lams(ladder: Sequence[tuple[float, float]], best: float, worst: float,
+                    points: int) -> list[float]:
+  """`points` lams at which the teacher's accuracy is expected to be evenly spaced from `best`
+  down to `worst` (both included), read off a measured (lam, accuracy) ladder; duplicates
+  merge, so fewer may come back.
+
+  The ladder's accuracies are made non-increasing in lam (a running minimum: noise on a small
+  batch) and interpolated linearly in log lam between its rungs (lam = 0 sits one rung below
+  the smallest positive lam). A target above the ladder's first accuracy gets the smallest
+  positive lam; one below its last gets the largest lam (the ladder is too short: extend it)."""
+  ladder = sorted((float(lam), float(acc)) for lam, acc in ladder)
+  positive = [lam for lam, _ in ladder if lam > 0]
+  if len(positive) < 2:
+    raise ValueError("a calibration ladder needs at least two positive lams.")
+  floor = math.log(positive[0]) - (math.log(positive[1]) - math.log(positive[0]))
+  xs = [math.log(lam) if lam > 0 else floor for lam, _ in ladder]
+  ys, low = [], math.inf
+  for _, acc in ladder:
+    low = min(low, acc)
+    ys.append(low)
+  targets = ([best + (worst - best) * k / (points - 1) for k in range(points)] if points > 1
+             else [(best + worst) / 2])
+  lams = []
+  for target in targets:
+    if target >= ys[0]:
+      x = xs[0] if ladder[0][0] > 0 else math.log(positive[0])
+    elif target <= ys[-1]:
+      x = xs[-1]
+    else:
+      k = next(i for i in range(1, len(ys)) if ys[i] <= target)
+      span = ys[k - 1] - ys[k]
+      x = xs[k] if span == 0 else xs[k - 1] + (xs[k] - xs[k - 1]) * (ys[k - 1] - target) / span
+    lams.append(float(f"{max(math.exp(x), positive[0]):.3g}"))
+  return sorted(set(lams))
 
 
 # -- keys and files ---------------------------------------------------------------------------
@@ -186,7 +223,6 @@ class Experiment:
 
   def __init__(self, config, workdir: str, *, shard: tuple[int, int] = (0, 1), mesh=None):
     self.config, self.workdir, self.shard, self.mesh = config, epath.Path(workdir), shard, mesh
-    self.points = shard_points(grid(config), shard)
     self._models: dict[str, Loaded] = {}
     self._splits: dict[str, list] = {}
     self._split_hashes: dict[str, str] = {}
@@ -223,6 +259,18 @@ class Experiment:
       self._events = monitoring.EventWriter(self.workdir / "tensorboard", enabled=self.writer)
     return self._events
 
+  @property
+  def points(self) -> list[Point]:
+    """This shard's grid points; with grid.calibrate, the ADS lams the calibrate stage chose."""
+    if "_points" not in self.__dict__:
+      points = grid(self.config)
+      if self.config.grid.get("calibrate"):
+        eps, lams = float(self.config.sample.eps), self.calibrated_lams()
+        points = ([Point("ads", float(t), lam, eps) for t in self.config.grid.ads_taus
+                   for lam in lams] + [p for p in points if p.kind == "temperature"])
+      self._points = shard_points(points, self.shard)
+    return self._points
+
   # -- data and models -----------------------------------------------------------------------
 
   def split(self, which: str):
@@ -231,14 +279,23 @@ class Experiment:
       d = self.config.data
       name, split = getattr(d, which).split(":")
       if name == "synthetic":
-        from antidistill_jax.data import synthetic
-        examples = synthetic.sums(int(getattr(d, f"max_{which}")), split=split, seed=d.seed)
+        examples = self._synthetic(split, int(getattr(d, f"max_{which}")))
       else:
         examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
                                    data_dir=d.data_dir or None, seed=d.split_seed)
       limit = getattr(d, f"max_{which}", None)
       self._splits[which] = list(examples[:limit] if limit else examples)
     return self._splits[which]
+
+  def _synthetic(self, split: str, n: int, stream: int = 0, **overrides) -> list:
+    """n problems of data.task (chains, with its writing options; default the sums demo).
+    stream > 0 draws other problems of the same split (training data for the models stage)."""
+    from antidistill_jax.data import synthetic
+    d = self.config.data
+    task = dict(d.get("task") or {}, **overrides)
+    if task.pop("kind", "sums") == "sums":
+      return synthetic.sums(n, split=split, seed=d.seed + stream)
+    return synthetic.chains(n, split=split, seed=d.seed, stream=stream, **task)
 
   def split_hash(self, which: str) -> str:
     """traces.examples_sha256 of a split, computed once (every stage key of it needs it)."""
@@ -250,7 +307,9 @@ class Experiment:
     """teacher, proxy or student: loaded once (tiny random ones built when config.tiny.enabled)."""
     if role not in self._models:
       c = self.config
-      if c.tiny.enabled:
+      if c.get("scratch") and c.scratch.enabled:
+        path = self.scratch_models()[role]
+      elif c.tiny.enabled:
         texts = [e.problem + " " + e.solution
                  for which in ("holdout", "train", "test") for e in self.split(which)]
         path = _tiny_models(c, self.workdir, texts)[role]
@@ -323,8 +382,11 @@ class Experiment:
 
   def _trace_settings(self) -> dict:
     c = self.config
-    return dict(system=c.prompts.system or None, max_prompt_length=c.prompts.max_prompt_length,
-                dataset=c.data.grader)
+    settings = dict(system=c.prompts.system or None,
+                    max_prompt_length=c.prompts.max_prompt_length, dataset=c.data.grader)
+    if not c.prompts.get("answer_forcing", True):  # the synthetic task has no "Final Answer"
+      settings["answer_forcing"] = False
+    return settings
 
   def holdout_key(self) -> str:
     c = self.config
@@ -407,6 +469,76 @@ class Experiment:
       setattr(self, name, sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw))
     return getattr(self, name)
 
+  # -- models trained from scratch (configs/synthetic.py) --------------------------------------
+
+  def models_key(self) -> str:
+    return key_of(stage="models", scratch=self.config.scratch.to_dict(),
+                  task=self.config.data.get("task") and self.config.data.task.to_dict(),
+                  seed=self.config.data.seed)
+
+  def scratch_models(self) -> dict[str, str]:
+    """Paths of the teacher, proxy and student the models stage trained (local copies)."""
+    out = self.out_dir("models", self.models_key())
+    if not parallel.agree((out / "done.json").exists()):
+      raise FileNotFoundError(f"no trained models at {out}: run the models stage first "
+                              "(--stages=models).")
+    return {role: files.local_dir(out / role) for role in ("teacher", "proxy", "student")}
+
+  def run_models(self) -> None:
+    """Trains the synthetic task's models from scratch (`scratch`): the teacher on gold traces,
+    the proxy on the teacher's traces at tau=1, the student (another family) from random
+    weights, or pre-trained on an easier distribution (scratch.student.pretrain)."""
+    c = self.config
+    if not (c.get("scratch") and c.scratch.enabled):
+      return
+    from antidistill_jax import scratch, tiny
+
+    if jax.process_count() > 1:
+      raise RuntimeError("the models stage trains tiny models on one process: run it alone "
+                         "first (--stages=models without --distributed), then the rest.")
+
+    def compute(out):
+      sc, tok = c.scratch, tiny.task_tokenizer()
+      local = tempfile.mkdtemp(prefix="scratch_") if not files.is_local(out) else os.fspath(out)
+      step = lambda role: os.path.join(local, role)
+      held = scratch.example_rows(tok, self.split("holdout")[:sc.eval_rows])
+
+      def train(role, rows, spec, start_from=None, seed_offset=0):
+        cfg = scratch.scratch_config(**dict(spec.train))
+        path, history = scratch.train_from_scratch(
+            step(role), tokenizer=tok, rows=rows, holdout_rows=held,
+            model_type=spec.model_type, shape=dict(spec.shape), config=cfg,
+            start_from=start_from, seed=sc.seed + seed_offset)
+        return path, history[-1]
+
+      gold = scratch.example_rows(tok, self._synthetic("train", sc.teacher.traces, 1))
+      teacher, t_last = train("teacher", gold, sc.teacher)
+      # The proxy learns from what the teacher serves: its traces at tau=1 on train problems.
+      t_model = models.from_pretrained(teacher)
+      sampler = sampling.Sampler(t_model, tok, mesh=self.mesh)
+      served = traces.generate_traces(
+          sampler, self._synthetic("train", sc.proxy.traces, 2), os.path.join(local, "served.jsonl"),
+          dataset=c.data.grader, system=None, answer_forcing=False, batch_size=sc.batch_size,
+          params=sampling.SamplingParams(max_new_tokens=c.sample.max_new_tokens, tau=1.0,
+                                         seed=sc.seed))
+      proxy, p_last = train("proxy", traces.read_traces(os.path.join(local, "served.jsonl")),
+                            sc.proxy, seed_offset=1)
+      if sc.student.get("pretrain"):  # prior knowledge: the same task, easier problems
+        easy = self._synthetic("train", sc.student.pretrain.traces, 3,
+                               **dict(sc.student.pretrain.task))
+        train("student", scratch.example_rows(tok, easy), sc.student, seed_offset=2)
+      else:
+        save_model_dir(scratch.random_model(tok, model_type=sc.student.model_type,
+                                            seed=sc.seed + 2, **dict(sc.student.shape)),
+                       tok, step("student"))
+      if not files.is_local(out) and parallel.is_writer():
+        for role in ("teacher", "proxy", "student"):
+          files.upload_dir(step(role), out / role)
+      return dict(teacher_train_loss=t_last["train_loss"], proxy_train_loss=p_last["train_loss"],
+                  served_accuracy=served["statistics"]["accuracy"])
+
+    self._once("models", self.models_key(), compute)
+
   def run_holdout(self) -> None:
     c = self.config
     self._once("holdout", self.holdout_key(), lambda out: self._traces(
@@ -440,6 +572,59 @@ class Experiment:
                                 "(--stages=holdout,grad).")
       self._grad = gradients.load_gradient(path, self.model("proxy").model)[0]
     return self._grad
+
+  # -- lambda calibration (grid.calibrate) ------------------------------------------------------
+
+  def calibrate_key(self) -> str:
+    c = self.config
+    return key_of(stage="calibrate", grad=self.grad_key(),
+                  teacher=self.model("teacher").fingerprint, examples=self.split_hash("holdout"),
+                  calibrate=c.grid.calibrate.to_dict(), taus=list(c.grid.ads_taus),
+                  temperatures=list(c.grid.temperatures),
+                  params=self.point_params(Point("ads", 1.0, 1.0, c.sample.eps)).as_dict())
+
+  def run_calibrate(self) -> None:
+    """Chooses the ADS lams so that the teacher's accuracy under them spans the temperature
+    sweep's: the teacher's accuracy on grid.calibrate.n holdout problems at each temperature
+    and along a ladder of lams (lam = b * eps for b in grid.calibrate.ladder, at the first ADS
+    tau), then grid.calibrate.points lams interpolated (in log lam) at accuracies evenly spaced
+    from the best temperature accuracy to the worst."""
+    c = self.config
+    if not c.grid.get("calibrate"):
+      return
+
+    def compute(out):
+      cal, eps = c.grid.calibrate, float(c.sample.eps)
+      examples = self.split("holdout")[:cal.n]
+      temps = {float(t): self._teacher_accuracy(Point("temperature", float(t), 0.0, eps),
+                                                examples) for t in c.grid.temperatures}
+      tau = float(c.grid.ads_taus[0])
+      ladder = [(float(b) * eps, self._teacher_accuracy(Point("ads", tau, float(b) * eps, eps),
+                                                        examples)) for b in cal.ladder]
+      lams = calibrated_lams(ladder, max(temps.values()), min(temps.values()), int(cal.points))
+      return dict(lams=lams, temperature_accuracy=temps,
+                  ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
+
+    self._once("calibrate", self.calibrate_key(), compute)
+
+  def calibrated_lams(self) -> list[float]:
+    done = self.out_dir("calibrate", self.calibrate_key()) / "done.json"
+    if not done.exists():
+      raise FileNotFoundError(f"no lambda calibration at {done}: run the calibrate stage "
+                              "first (--stages=...,calibrate).")
+    return [float(x) for x in files.read_json(done)["metrics"]["lams"]]
+
+  def _teacher_accuracy(self, point: Point, examples) -> float:
+    """The teacher's accuracy on `examples` at a point's settings, in memory (no files)."""
+    from antidistill_jax import grading
+    from antidistill_jax.data.prompts import build_prompts
+    sampler = self.teacher_sampler(point.lam != 0.0)
+    s = self._trace_settings()
+    prompts = build_prompts(sampler.tokenizer, examples, s["max_prompt_length"], system=s["system"])
+    gen = sampler(prompts.ids, self.point_params(point))
+    texts = [sampler.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+    return grading.accuracy(self.config.data.grader,
+                            [examples[i].solution for i in prompts.indices], texts)
 
   def run_sample(self, point: Point) -> None:
     c = self.config
@@ -502,11 +687,10 @@ class Experiment:
     self._index(point.name, student_eval=metrics)
 
   def _evaluate(self, out, sampler, params=None) -> dict:
-    summary = evaluation.evaluate(sampler, self.split("test"), out, dataset=self.config.data.grader,
+    summary = evaluation.evaluate(sampler, self.split("test"), out,
                                   params=params or self.eval_params(),
                                   batch_size=self.config.eval.batch_size, name="eval",
-                                  system=self.config.prompts.system or None,
-                                  max_prompt_length=self.config.prompts.max_prompt_length)
+                                  **self._trace_settings())
     return dict(accuracy=summary["accuracy"], forced_accuracy=summary["forced_accuracy"],
                 n=summary["n"])
 
@@ -549,4 +733,5 @@ class Experiment:
     self.events.close()
     self._events = None
     monitoring.stage_summary("stages " + ",".join(s for s in STAGES if s in stages),
-                             time.time() - start, points=len(self.points))
+                             time.time() - start, points=len(self.points)
+                             if "_points" in self.__dict__ else "-")

@@ -53,7 +53,8 @@ def test_tiny_config_runs_every_stage_then_a_rerun_does_no_work(finished):
   points = pipeline.grid(tiny_config.get_config())
   per_point = {s: len(points) for s in pipeline.PER_POINT}
   counts = {s: sum(r["stage"] == s for r in first) for s in pipeline.STAGES if s != "report"}
-  assert counts == dict(holdout=1, grad=1, eval_base=1, **per_point)
+  # tiny trains no models and has a fixed grid: no models or calibrate stage runs.
+  assert counts == dict(models=0, holdout=1, grad=1, calibrate=0, eval_base=1, **per_point)
   assert not any(r["reused"] for r in first)
   for name in ("figure3.png", "figure5.png", "results.md"):
     assert os.path.getsize(os.path.join(finished, "report", name)) > 0
@@ -240,3 +241,44 @@ def test_a_mesh_shards_the_models_and_fsdp_the_teacher(tmp_path):
   assert tuple(teacher.layers[0].mlp.up_proj.kernel[...].sharding.spec) == ("data", "model")
   assert tuple(proxy.layers[0].mlp.up_proj.kernel[...].sharding.spec) == (None, "model")
   assert teacher.mesh is mesh and proxy.mesh is mesh
+
+
+def test_calibrated_lams_span_the_temperature_accuracies():
+  ladder = [(0.0, 0.98), (0.1, 0.97), (0.2, 0.9), (0.4, 0.7), (0.8, 0.4), (1.6, 0.1)]
+  lams = pipeline.calibrated_lams(ladder, best=0.97, worst=0.55, points=3)
+  # 0.97 at 0.1; 0.76 = 0.9 - 0.7 * 0.2: 0.2 * 2**0.7; 0.55 = 0.7 - 0.5 * 0.3: 0.4 * 2**0.5
+  assert lams == [0.1, 0.325, 0.566]
+  # A noisy rise is ignored (running minimum); a target beyond the ladder takes its end.
+  assert pipeline.calibrated_lams([(0.0, 0.9), (0.1, 0.95), (0.2, 0.5)], 0.9, 0.0, 2) == [0.1, 0.2]
+  with pytest.raises(ValueError, match="two positive lams"):
+    pipeline.calibrated_lams([(0.0, 1.0), (0.1, 0.5)], 1.0, 0.5, 2)
+
+
+def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
+  """configs/synthetic.py (models trained from scratch, lambda calibration, both sweeps) end to
+  end at a size that checks it runs, not that it shows the effect."""
+  from configs import synthetic
+  c = synthetic.get_config()
+  c.data.max_holdout, c.data.max_train, c.data.max_test = 16, 32, 16
+  c.scratch.eval_rows = 8
+  c.scratch.teacher.traces, c.scratch.proxy.traces = 64, 32
+  c.scratch.batch_size = 32
+  for role in ("teacher", "proxy"):
+    c.scratch[role].train.epochs = 1
+  c.grid.temperatures = (1.0, 2.0)
+  c.grid.calibrate.n, c.grid.calibrate.points, c.grid.calibrate.ladder = 16, 2, (0.0, 10.0, 100.0)
+  c.distill.epochs, c.distill.eval_every = 1, 1
+  experiment = pipeline.Experiment(c, str(tmp_path))
+  experiment.run()
+  stages = [r["stage"] for r in runs(tmp_path)]
+  assert stages[:4] == ["models", "holdout", "grad", "calibrate"]
+  lams = experiment.calibrated_lams()
+  assert 1 <= len(lams) <= 2 and all(lam > 0 for lam in lams)
+  kinds = sorted(p.kind for p in experiment.points)
+  assert kinds == ["ads"] * len(lams) + ["temperature"] * 2
+  # Each trained model is a checkpoint the pipeline loaded: the student is another family.
+  assert experiment.model("student").model.config.model_type != \
+      experiment.model("teacher").model.config.model_type
+  entries, base = report.collect(str(tmp_path))
+  assert len(entries) == len(experiment.points) and base["student_eval"]["n"] == 16
+  assert os.path.exists(tmp_path / "report" / "figure3.png")
