@@ -229,8 +229,8 @@ def load_gradient(path: str | os.PathLike[str], proxy: Transformer, *,
   check_compatible(proxy, {k: np.empty(v, np.uint8) for k, v in meta["leaves"].items()})
   if check_fingerprint and meta.get("proxy_fingerprint") != fingerprint(proxy):
     raise ValueError(
-        f"gradient at {os.fspath(path)!r} was computed for proxy {meta.get('proxy_fingerprint')}, not "
-        f"for this proxy ({fingerprint(proxy)}); recompute it, or pass check_fingerprint=False.")
+        f"gradient at {os.fspath(path)!r} was computed for proxy "
+        f"{meta.get('proxy_fingerprint')}, not for this proxy ({fingerprint(proxy)}); recompute it, or pass check_fingerprint=False.")
   _, params = nnx.split(proxy)
   target = {name: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=getattr(x, "sharding", None))
             for name, x in flatten(params).items()}

@@ -1,12 +1,16 @@
 """Command-line entry point.
 
-  python -m antidistill_jax.main                      # tiny random teacher, offline, seconds
-  python -m antidistill_jax.main --config=configs/generate.py --config.checkpoint=DIR
+  python -m antidistill_jax.main     # the default: configs/synthetic.py in runs/synthetic,
+                                     # tiny models trained from scratch, offline, < 10 min on CPU
   python -m antidistill_jax.main --config=configs/tiny.py --workdir=runs/tiny [--stages=a,b]
       [--shard=i/n] [--config.key=value ...]            # the experiment (antidistill_jax.pipeline)
+  python -m antidistill_jax.main --config=configs/generate.py [--config.checkpoint=DIR]
+                                                        # the sampling demo
 
-Loads a teacher through `models.from_pretrained`, renders the prompts with its chat template
-and samples with `sampling.generate`, plainly and, with a proxy, antidistilled.
+An experiment config (one with a `grid`) runs `pipeline.Experiment` in --workdir (default
+runs/<config name>); the generate demo loads a teacher through `models.from_pretrained`, renders
+the prompts with its chat template and samples with `sampling.generate`, plainly and, with a
+proxy, antidistilled.
 """
 
 import dataclasses
@@ -34,8 +38,9 @@ def _config_path(path: str) -> str:
   return path
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", _config_path("configs/generate.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "experiment outputs (experiment configs)")
+_CONFIG = config_flags.DEFINE_config_file("config", _config_path("configs/synthetic.py"))
+_WORKDIR = flags.DEFINE_string("workdir", None, "experiment outputs, local or gs:// (default: "
+                               "runs/<config name>)")
 _STAGES = flags.DEFINE_list("stages", None, "stages to run (default: all), in pipeline order")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run grid points i, i+n, ... (independent hosts)")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -123,14 +128,18 @@ def main(argv):
     run_generate(config)
     return
   from antidistill_jax import parallel, pipeline
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required for an experiment config.")
+  workdir = _WORKDIR.value
+  if not workdir:
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    workdir = os.path.join("runs", name)
+    logging.info("no --workdir: writing to %s", workdir)
   import jax
   m = config.mesh
   # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
   # `model`. One device needs no mesh.
   mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
-  experiment = pipeline.Experiment(config, _WORKDIR.value, shard=pipeline.parse_shard(_SHARD.value),
+  experiment = pipeline.Experiment(config, workdir, shard=pipeline.parse_shard(_SHARD.value),
                                    mesh=mesh)
   stages = _STAGES.value or pipeline.STAGES
   experiment.run(stages)

@@ -517,7 +517,8 @@ class Experiment:
       t_model = models.from_pretrained(teacher)
       sampler = sampling.Sampler(t_model, tok, mesh=self.mesh)
       served = traces.generate_traces(
-          sampler, self._synthetic("train", sc.proxy.traces, 2), os.path.join(local, "served.jsonl"),
+          sampler, self._synthetic("train", sc.proxy.traces, 2),
+          os.path.join(local, "served.jsonl"),
           dataset=c.data.grader, system=None, answer_forcing=False, batch_size=sc.batch_size,
           params=sampling.SamplingParams(max_new_tokens=c.sample.max_new_tokens, tau=1.0,
                                          seed=sc.seed))

@@ -70,6 +70,56 @@ def table(entries: list[dict], base: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
+  """Linear interpolation of y at x through points sorted by x; None outside [xs[0], xs[-1]]."""
+  if not xs or x < xs[0] or x > xs[-1]:
+    return None
+  for k in range(1, len(xs)):
+    if x <= xs[k]:
+      span = xs[k] - xs[k - 1]
+      return ys[k] if span == 0 else ys[k - 1] + (ys[k] - ys[k - 1]) * (x - xs[k - 1]) / span
+  return ys[-1]
+
+
+def matched(entries: list[dict]) -> list[dict]:
+  """Each ADS point against the temperature sweep at the same teacher accuracy: the sweep's
+  student accuracy and student holdout loss (NLL on clean teacher traces) interpolated
+  linearly in teacher accuracy; None where the point lies outside the sweep's range. The gap
+  is ADS minus temperature: negative student accuracy means ADS students learned less."""
+  temps = sorted((_acc(e, "teacher_eval"), _acc(e, "student_eval"),
+                  (e.get("distill") or {}).get("holdout_loss")) for e in entries
+                 if e["point"]["kind"] == "temperature" and _acc(e, "teacher_eval") is not None
+                 and _acc(e, "student_eval") is not None)
+  xs = [t for t, _, _ in temps]
+  rows = []
+  for e in entries:
+    teacher, student = _acc(e, "teacher_eval"), _acc(e, "student_eval")
+    if e["point"]["kind"] != "ads" or teacher is None or student is None:
+      continue
+    loss = (e.get("distill") or {}).get("holdout_loss")
+    temp_student = _interpolate(xs, [s for _, s, _ in temps], teacher)
+    temp_loss = (_interpolate(xs, [l for _, _, l in temps], teacher)
+                 if all(l is not None for _, _, l in temps) else None)
+    rows.append(dict(lam=e["point"]["lam"], teacher=teacher, ads_student=student,
+                     temperature_student=temp_student,
+                     gap=None if temp_student is None else student - temp_student,
+                     ads_loss=loss, temperature_loss=temp_loss,
+                     loss_gap=None if loss is None or temp_loss is None else loss - temp_loss))
+  return rows
+
+
+def matched_table(rows: list[dict]) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  lines = ["| lam | teacher acc | ADS student | temperature student (same teacher acc) | "
+           "ADS minus temperature | ADS student NLL | temperature student NLL |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['lam']:.4g} | {fmt(r['teacher'])} | {fmt(r['ads_student'])} | "
+                 f"{fmt(r['temperature_student'])} | {fmt(r['gap'])} | {fmt(r['ads_loss'])} | "
+                 f"{fmt(r['temperature_loss'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = False) -> bool:
   """Teacher against student accuracy; False (no file) when no point has both."""
   import matplotlib
@@ -147,9 +197,14 @@ def write_report(workdir) -> dict:
   files.makedirs(out)
   written = {}
   md = out / "results.md"
-  files.write_atomic(md, table(entries, base).encode("utf-8"))
+  rows = matched(entries)
+  text = table(entries, base)
+  if rows:
+    text += ("\nADS against the temperature sweep at the same teacher accuracy (interpolated; "
+             "NLL: student holdout loss on clean teacher traces):\n\n" + matched_table(rows))
+  files.write_atomic(md, text.encode("utf-8"))
   written["table"] = str(md)
-  files.write_json(out / "results.json", dict(points=entries, base=base))
+  files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows))
   for name, make in (("figure3", lambda p: figure3(entries, base, p)),
                      ("figure3_forced", lambda p: figure3(entries, base, p, forced=True)),
                      ("figure5", lambda p: figure5(entries, p))):
@@ -157,3 +212,115 @@ def write_report(workdir) -> dict:
     if make(path):
       written[name] = str(path)
   return written
+
+
+# -- several seeds ----------------------------------------------------------------------------
+
+
+def _mean_sd(xs: list[float]) -> str:
+  import statistics
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return "-"
+  sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+  sign = "+" if any(x < 0 for x in xs) else ""  # differences show their sign
+  return f"{statistics.fmean(xs):{sign}.3f} ± {sd:.3f}"
+
+
+def seeds_table(runs: dict[str, list[dict]]) -> str:
+  """Mean ± sd over runs (seeds) of the matched rows, grouped by the ADS point's rank in lam
+  (a calibrated grid aims every seed's k-th point at the same teacher accuracy)."""
+  ranks = max((len(rows) for rows in runs.values()), default=0)
+  lines = ["| ADS point (by lam) | seeds | lam | teacher acc | ADS student | temperature student "
+           "| ADS minus temperature | NLL: ADS minus temperature |",
+           "|---:|---:|---|---|---|---|---|---|"]
+  for k in range(ranks):
+    rows = [sorted(r, key=lambda x: x["lam"])[k] for r in runs.values() if len(r) > k]
+    col = lambda key: [r[key] for r in rows]
+    lines.append(f"| {k + 1} | {len(rows)} | {_mean_sd(col('lam'))} | {_mean_sd(col('teacher'))} | "
+                 f"{_mean_sd(col('ads_student'))} | {_mean_sd(col('temperature_student'))} | "
+                 f"{_mean_sd(col('gap'))} | {_mean_sd(col('loss_gap'))} |")
+  return "\n".join(lines) + "\n"
+
+
+def seeds_figure(workdirs: dict[str, str], path) -> None:
+  """Figure 3 with every seed: ADS and temperature series per seed, the undistilled students."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  markers = "osD^v<>"
+  for i, (name, workdir) in enumerate(workdirs.items()):
+    entries, base = collect(workdir)
+    for kind, color in (("ads", "tab:red"), ("temperature", "tab:blue")):
+      pts = sorted((_acc(e, "student_eval"), _acc(e, "teacher_eval")) for e in entries
+                   if e["point"]["kind"] == kind and _acc(e, "student_eval") is not None
+                   and _acc(e, "teacher_eval") is not None)
+      if pts:
+        label = f"{'antidistillation' if kind == 'ads' else 'temperature'}, {name}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                color=color, alpha=0.7, label=label)
+    if base is not None and _acc(base, "student_eval") is not None:
+      ax.axvline(_acc(base, "student_eval"), color="gray", linestyle="--", alpha=0.6)
+  ax.set_xlabel("distilled student accuracy (dashed: undistilled)")
+  ax.set_ylabel("teacher accuracy")
+  ax.set_title("Teacher vs distilled student, every seed")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  _save_png(fig, path)
+  plt.close(fig)
+
+
+def style_rows(workdir) -> list[dict]:
+  """For the synthetic chains task: the writing choices in each point's training traces
+  (`data.synthetic.style_summary`), all traces and the correct ones; [] for other tasks."""
+  from antidistill_jax import traces
+  from antidistill_jax.data import synthetic
+  rows = []
+  for e in collect(workdir)[0]:
+    path = epath.Path(workdir) / "sample" / str(e.get("sample_key")) / "traces.jsonl"
+    if not e.get("sample_key") or not path.exists():
+      continue
+    if traces.read_meta(path)["config"]["dataset"] != "synthetic":
+      return []
+    got = traces.read_traces(path)
+    for subset, chosen in (("all", got), ("correct", [r for r in got if r["correct"]])):
+      summary = synthetic.style_summary([r["completion"] for r in chosen],
+                                        [r["problem"] for r in chosen])
+      rows.append(dict(point=e["name"], subset=subset, **summary))
+  return rows
+
+
+def style_table(rows: list[dict]) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  lines = ["| trace set | traces | n | ';' separator | accumulator first |", "|---|---|---:|---:|---:|"]
+  lines += [f"| {r['point']} | {r['subset']} | {r['traces']} | {fmt(r['semicolon'])} | "
+            f"{fmt(r['accumulator_first'])} |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_seeds_report(workdirs: dict[str, str], out) -> dict:
+  """out/seeds.md (each seed's matched table, then mean ± sd by ADS rank) and out/seeds.png
+  from several experiment workdirs, e.g. {"seed 0": "runs/s0", ...}."""
+  out = epath.Path(out)
+  files.makedirs(out)
+  runs = {name: matched(collect(w)[0]) for name, w in workdirs.items()}
+  text = ["# ADS against temperature sampling at the same teacher accuracy, over seeds\n\n",
+          seeds_table(runs)]
+  for name, workdir in workdirs.items():
+    entries, base = collect(workdir)
+    text += [f"\n## {name} ({workdir})\n\n", table(entries, base), "\n", matched_table(runs[name])]
+    styles = style_rows(workdir)
+    if styles:
+      text += ["\nWriting choices in the training traces (`data.synthetic.style_summary`):\n\n",
+               style_table(styles)]
+  files.write_atomic(out / "seeds.md", "".join(text).encode("utf-8"))
+  seeds_figure(workdirs, out / "seeds.png")
+  return dict(table=str(out / "seeds.md"), figure=str(out / "seeds.png"))
+
+
+if __name__ == "__main__":
+  import sys
+  if len(sys.argv) < 3:
+    sys.exit("usage: python -m antidistill_jax.report OUT_DIR NAME=WORKDIR [NAME=WORKDIR ...]")
+  print(write_seeds_report(dict(a.split("=", 1) for a in sys.argv[2:]), sys.argv[1]))

@@ -1,4 +1,5 @@
-"""The README's main job on its embedded default config."""
+"""The sampling demo, configs/generate.py (the README's main job, configs/synthetic.py, is
+tests/test_pipeline.py::test_the_synthetic_config_runs_at_reduced_size)."""
 
 import os
 

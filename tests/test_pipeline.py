@@ -212,7 +212,7 @@ def test_a_hub_id_offline_names_the_local_alternative(tmp_path, monkeypatch):
 
 def test_the_installed_package_finds_its_configs(tmp_path):
   """`pip install .` (not editable) ships configs/: --config=configs/NAME.py resolves to the
-  packaged file from any directory, and the default config is the packaged demo."""
+  packaged file from any directory, the default config (the README's main job) among them."""
   target = tmp_path / "site"
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                   "--target", str(target), ROOT], check=True, capture_output=True, timeout=600)
@@ -228,6 +228,11 @@ def test_the_installed_package_finds_its_configs(tmp_path):
   where = subprocess.run([sys.executable, "-c", "import antidistill_jax; print(antidistill_jax.__file__)"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
+  default = subprocess.run(
+      [sys.executable, "-c", "from antidistill_jax import main; "
+       "print(main.flags.FLAGS['config'].config_filename)"],
+      cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert default.stdout.strip() == str(target / "antidistill_jax" / "configs" / "synthetic.py")
   assert [r["stage"] for r in runs(tmp_path / "run")] == ["holdout", "grad"]
 
 
@@ -262,6 +267,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   c.data.max_holdout, c.data.max_train, c.data.max_test = 16, 32, 16
   c.scratch.eval_rows = 8
   c.scratch.teacher.traces, c.scratch.proxy.traces = 64, 32
+  c.scratch.student.pretrain.traces = 32
   c.scratch.batch_size = 32
   for role in ("teacher", "proxy"):
     c.scratch[role].train.epochs = 1
@@ -282,3 +288,18 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   entries, base = report.collect(str(tmp_path))
   assert len(entries) == len(experiment.points) and base["student_eval"]["n"] == 16
   assert os.path.exists(tmp_path / "report" / "figure3.png")
+
+
+def test_ads_points_are_compared_at_the_same_teacher_accuracy():
+  entry = lambda kind, lam, teacher, student, loss: dict(
+      name=f"{kind}{lam}", point=dict(kind=kind, tau=1.0, lam=lam, eps=0.01),
+      teacher_eval=dict(accuracy=teacher), student_eval=dict(accuracy=student),
+      distill=dict(holdout_loss=loss))
+  entries = [entry("temperature", 0.0, 0.9, 0.6, 0.2), entry("temperature", 0.0, 0.5, 0.3, 0.4),
+             entry("ads", 0.1, 0.7, 0.5, 0.6), entry("ads", 0.05, 0.95, 0.7, 0.1)]
+  inside, outside = report.matched(entries)
+  assert inside["temperature_student"] == pytest.approx(0.45)  # halfway between 0.6 and 0.3
+  assert inside["gap"] == pytest.approx(0.05) and inside["loss_gap"] == pytest.approx(0.3)
+  assert outside["temperature_student"] is None and outside["gap"] is None  # above the sweep
+  text = report.seeds_table({"a": [inside], "b": [dict(inside, gap=0.15)]})
+  assert "| 1 | 2 |" in text and "+0.100 ± 0.071" not in text and "0.100 ± 0.071" in text
