@@ -253,9 +253,9 @@ def seeds_figure(workdirs: dict[str, str], path) -> None:
   for i, (name, workdir) in enumerate(workdirs.items()):
     entries, base = collect(workdir)
     for kind, color in (("ads", "tab:red"), ("temperature", "tab:blue")):
-      pts = sorted((_acc(e, "student_eval"), _acc(e, "teacher_eval")) for e in entries
-                   if e["point"]["kind"] == kind and _acc(e, "student_eval") is not None
-                   and _acc(e, "teacher_eval") is not None)
+      pts = sorted(((_acc(e, "student_eval"), _acc(e, "teacher_eval")) for e in entries
+                    if e["point"]["kind"] == kind and _acc(e, "student_eval") is not None
+                    and _acc(e, "teacher_eval") is not None), key=lambda p: p[1])  # along a sweep
       if pts:
         label = f"{'antidistillation' if kind == 'ads' else 'temperature'}, {name}"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
