@@ -145,8 +145,10 @@ def main(argv):
   experiment.run(stages)
   report = experiment.workdir / "report"
   if "report" in stages and experiment.writer and (report / "results.md").exists():
-    print(f"\n{(report / 'results.md').read_text()}\nFigure 3: {report / 'figure3.png'}\n"
-          f"Figure 5: {report / 'figure5.png'}\nAll results: {report / 'results.json'}")
+    written = [(what, report / name) for what, name in (
+        ("Figure 3", "figure3.png"), ("Figure 5", "figure5.png"), ("All results", "results.json"))]
+    print(f"\n{(report / 'results.md').read_text()}\n"
+          + "\n".join(f"{what}: {path}" for what, path in written if path.exists()))
 
 
 def run():
