@@ -255,6 +255,9 @@ def test_calibrated_lams_span_the_temperature_accuracies():
   assert lams == [0.1, 0.325, 0.566]
   # A noisy rise is ignored (running minimum); a target beyond the ladder takes its end.
   assert pipeline.calibrated_lams([(0.0, 0.9), (0.1, 0.95), (0.2, 0.5)], 0.9, 0.0, 2) == [0.1, 0.2]
+  # 0.6 lies 3/4 of the way from 0.9 (the rise at 0.1 counts as 0.9) to 0.5: 0.1 * 2**0.75.
+  noisy = [(0.0, 0.9), (0.1, 0.95), (0.2, 0.5), (0.4, 0.3)]
+  assert pipeline.calibrated_lams(noisy, 0.9, 0.3, 3) == [0.1, 0.168, 0.4]
   with pytest.raises(ValueError, match="two positive lams"):
     pipeline.calibrated_lams([(0.0, 1.0), (0.1, 0.5)], 1.0, 0.5, 2)
 
