@@ -522,7 +522,7 @@ class Experiment:
           dataset=c.data.grader, system=None, answer_forcing=False, batch_size=sc.batch_size,
           params=sampling.SamplingParams(max_new_tokens=c.sample.max_new_tokens, tau=1.0,
                                          seed=sc.seed))
-      proxy, p_last = train("proxy", traces.read_traces(os.path.join(local, "served.jsonl")),
+      _, p_last = train("proxy", traces.read_traces(os.path.join(local, "served.jsonl")),
                             sc.proxy, seed_offset=1)
       if sc.student.get("pretrain"):  # prior knowledge: the same task, easier problems
         easy = self._synthetic("train", sc.student.pretrain.traces, 3,
