@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 from antidistill_jax import models
 
 # Tiny teacher and proxy whose non-embedding parameter counts are 4:1.
@@ -13,6 +15,17 @@ TEACHER_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2)
 PROXY_CFG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=1)
+
+# config.json fields of the paper's models (hub ids deepseek-ai/DeepSeek-R1-Distill-Qwen-7B and
+# Qwen/Qwen2.5-3B).
+TEACHER_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                  intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  max_position_embeddings=131072, tie_word_embeddings=False)
+PROXY_3B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
+                intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                max_position_embeddings=32768, tie_word_embeddings=True)
 
 
 def flops_per_token(cfg: models.ModelConfig) -> float:
@@ -28,3 +41,9 @@ def save_report(report: dict[str, Any], path: str) -> None:
   with open(path, "w") as f:
     json.dump(report, f, indent=2)
   print(json.dumps(report))
+
+
+def kv_bytes(cfg: models.ModelConfig, batch: int, slots: int, dtype) -> int:
+  """Bytes of a model's K and V caches for `batch` rows of `slots` positions."""
+  per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+  return per_slot * batch * slots * jnp.dtype(dtype).itemsize

@@ -49,18 +49,6 @@ _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "weights and caches; the host compiler upcasts bf16 matmul operands to "
     "fp32 copies of the weights, so bf16 figures on CPU overstate temporaries")
 
-# config.json fields of the paper's models (hub ids deepseek-ai/DeepSeek-R1-Distill-Qwen-7B and
-# Qwen/Qwen2.5-3B).
-TEACHER_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                  intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  max_position_embeddings=131072, tie_word_embeddings=False)
-PROXY_3B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
-                intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                max_position_embeddings=32768, tie_word_embeddings=True)
-
-
 def abstract_model(hf: dict, dtype) -> Transformer:
   cfg = config_from_hf(hf)
   return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype,
@@ -71,15 +59,10 @@ def nbytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def kv_bytes(cfg, batch: int, slots: int, dtype) -> int:
-  return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
-      dtype).itemsize
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
-  teacher_hf, proxy_hf = dict(TEACHER_7B), dict(PROXY_3B)
+  teacher_hf, proxy_hf = dict(common.TEACHER_7B), dict(common.PROXY_3B)
   if _LAYERS.value:
     teacher_hf["num_hidden_layers"] = proxy_hf["num_hidden_layers"] = _LAYERS.value
   teacher, proxy = abstract_model(teacher_hf, dtype), abstract_model(proxy_hf, dtype)
@@ -90,8 +73,8 @@ def main(argv):
            jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
   base = sampling.SamplingParams(max_new_tokens=n, tau=1.0, top_p=_TOP_P.value or None)
   slots = p + n
-  t_cache = kv_bytes(teacher.config, b, slots, dtype)
-  p_cache = kv_bytes(proxy.config, b, slots, dtype)
+  t_cache = common.kv_bytes(teacher.config, b, slots, dtype)
+  p_cache = common.kv_bytes(proxy.config, b, slots, dtype)
   results = []
   for mode in _MODES.value:
     params = base if mode == "plain" else dataclasses.replace(base, lam=1.0, method=mode)
