@@ -186,15 +186,19 @@ def num_steps(n: int, config: DistillConfig) -> int:
   return config.epochs * -(-n // config.batch_size)
 
 
-def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh):
-  """Fixed-shape right-padded micro-batches (ids, pad, loss) of the given examples."""
+def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, keep=None):
+  """Fixed-shape right-padded micro-batches (ids, pad, loss) of the given examples; with a keep
+  mask [len(examples)], the loss mask of the examples it drops is zero (same shapes)."""
   for start in range(0, len(indices), config.micro_batch_size):
-    chunk = [examples[i] for i in indices[start:start + config.micro_batch_size]]
+    picked = indices[start:start + config.micro_batch_size]
+    chunk = [examples[i] for i in picked]
     longest = max(len(p) + len(c) for p, c in chunk)
     length = min(-(-longest // config.length_multiple) * config.length_multiple,
                  max(config.max_length, longest))
-    arrays = gradients.pack_examples(chunk, rows, length, config.pad_id)
-    yield parallel.shard_batch([jnp.asarray(a) for a in arrays], mesh)
+    ids, pad, loss = gradients.pack_examples(chunk, rows, length, config.pad_id)
+    if keep is not None:
+      loss[:len(chunk)] *= np.asarray(keep, np.int32)[picked][:, None]
+    yield parallel.shard_batch([jnp.asarray(a) for a in (ids, pad, loss)], mesh)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -266,7 +270,8 @@ def evaluate_loss(parts, examples: Sequence[TokenPair], config: DistillConfig, *
 def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[TokenPair],
             workdir: str, config: DistillConfig = DistillConfig(), *, mesh: Mesh | None = None,
             max_steps: int | None = None,
-            on_step: Callable[[dict[str, float]], None] | None = None
+            on_step: Callable[[dict[str, float]], None] | None = None,
+            select: Callable[[Transformer, int], np.ndarray] | None = None
             ) -> tuple[Transformer, list[dict[str, float]]]:
   """Fine-tunes `student` (modified in place) on `train` (prompt ids, completion ids) pairs,
   resuming from the latest checkpoint in workdir/checkpoints if there is one.
@@ -276,6 +281,10 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   max_steps stops early (the schedule still spans the whole run): a later call resumes.
   on_step: called with each step's record (step, train_loss, grad_norm, holdout_loss at
     evaluations), e.g. to write TensorBoard scalars while training runs.
+  select: called at the start of each epoch with the student at its current weights and the
+    epoch; returns a keep mask [len(train)]: the examples it drops add no loss that epoch (the
+    batches and the schedule are unchanged). The mask is checkpointed, so a run resumed
+    mid-epoch trains on the same examples (attacks.reaimed_selector).
   """
   if not train:
     raise ValueError("distill needs at least one training example.")
@@ -289,6 +298,8 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   # Checkpointed state: flat string-keyed dicts, which orbax stores and optax updates as is.
   state = {"params": flatten(trainable), "rngs": flatten(rngs)}
   state["opt_state"] = tx.init(state["params"])
+  if select is not None:
+    state["keep"] = np.ones(len(train), np.int32)
   history: list[dict[str, float]] = []
   rows = parallel.round_rows(config.micro_batch_size, mesh)
 
@@ -307,17 +318,24 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   t0, tokens = time.time(), 0
   bar = monitoring.progress(end - start, epath.Path(workdir).name or "distill",
                             unit="step")
+  per_epoch = -(-len(train) // config.batch_size)
   for step in range(start, end):
     params = unflatten_like(trainable, state["params"])
     step_rngs = unflatten_like(rngs, state["rngs"])
+    if select is not None and step % per_epoch == 0:
+      current = nnx.merge(graphdef, params, step_rngs, frozen, copy=True)
+      state["keep"] = np.asarray(select(current, step // per_epoch), np.int32)
+    keep = None if select is None else np.asarray(state["keep"])
     acc = jax.tree.map(jnp.zeros_like, params)
     loss_sum, n_tok = 0.0, 0.0
-    for batch in _micro_batches(train, batch_indices(len(train), config, step), config, rows, mesh):
+    for batch in _micro_batches(train, batch_indices(len(train), config, step), config, rows,
+                                mesh, keep):
       acc, s, c, step_rngs = _grad_step(graphdef, params, step_rngs, frozen, acc, *batch)
       loss_sum, n_tok = loss_sum + float(s), n_tok + float(c)
     new_params, opt_state, grad_norm = _apply(tx, state["params"], state["opt_state"],
                                               flatten(acc), jnp.float32(n_tok))
-    state = {"params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state}
+    state = {"params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state,
+             **({"keep": state["keep"]} if select is not None else {})}
     tokens += int(n_tok)
     record = {"step": step + 1, "train_loss": loss_sum / max(n_tok, 1.0),
               "grad_norm": float(grad_norm)}

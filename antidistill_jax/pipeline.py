@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
+from antidistill_jax import attacks as attacks_lib
 from antidistill_jax import (data, distill, evaluation, files, gradients, models, monitoring,
                              parallel, sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
@@ -331,15 +332,17 @@ class Experiment:
     return self.workdir / stage / key
 
   def _record(self, stage: str, key: str, seconds: float, reused: bool, metrics: dict,
-              point: Point | None = None) -> None:
-    line = dict(time=time.time(), stage=stage, key=key, point=point.name if point else None,
+              point: Point | str | None = None) -> None:
+    if isinstance(point, Point):
+      point = point.name
+    line = dict(time=time.time(), stage=stage, key=key, point=point,
                 reused=reused, seconds=round(seconds, 3), metrics=metrics)
-    summary = (f"{stage}{' ' + point.name if point else ''} [{key}]: "
+    summary = (f"{stage}{' ' + point if point else ''} [{key}]: "
                f"{'reused' if reused else f'{seconds:.1f} s'}, "
                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in metrics.items()))
     logging.info("%s", summary)
-    prefix = f"summary/{stage}/{point.name}" if point else f"summary/{stage}"
+    prefix = f"summary/{stage}/{point}" if point else f"summary/{stage}"
     self.events.scalars({f"{prefix}/{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
     if self.writer:  # rewritten whole (an object store has no append); a few hundred lines
@@ -357,7 +360,7 @@ class Experiment:
     merged.update(fields)
     files.write_json(path, merged)
 
-  def _once(self, stage: str, key: str, compute, point: Point | None = None) -> dict:
+  def _once(self, stage: str, key: str, compute, point: Point | str | None = None) -> dict:
     """Runs compute(out_dir) -> metrics unless out_dir/done.json exists; returns the metrics.
     Process 0's view of done.json decides for every process; after compute, the others wait
     until process 0 has written its outputs."""
@@ -426,13 +429,15 @@ class Experiment:
     return key_of(stage="sample", examples=self.split_hash("train"),
                   batch=self.config.sample.batch_size, **self._teacher_side(point))
 
-  def distill_key(self, point: Point) -> str:
+  def distill_key(self, point: Point, attack: str | None = None) -> str:
+    extra = {} if attack is None else dict(attack=self.attack_settings(point, attack))
     return key_of(stage="distill", traces=self.sample_key(point), holdout=self.holdout_key(),
                   student=self.model("student").fingerprint,
-                  distill=dataclasses.asdict(self.distill_config()))
+                  distill=dataclasses.asdict(self.distill_config()), **extra)
 
-  def eval_student_key(self, point: Point) -> str:
-    return key_of(stage="eval_student", student=self.distill_key(point), **self._eval_parts())
+  def eval_student_key(self, point: Point, attack: str | None = None) -> str:
+    return key_of(stage="eval_student", student=self.distill_key(point, attack),
+                  **self._eval_parts())
 
   def eval_teacher_key(self, point: Point) -> str:
     return key_of(stage="eval_teacher", examples=self.split_hash("test"),
@@ -449,6 +454,58 @@ class Experiment:
   def distill_config(self) -> distill.DistillConfig:
     return distill.DistillConfig(**{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in self.config.distill.items()})
+
+  # -- attackers (config.attacks) ---------------------------------------------------------------
+
+  def attack_names(self) -> tuple[str, ...]:
+    names = (self.config.get("attacks") or {}).get("names", ())
+    # --config.attacks.names=a,b arrives as one string: split on commas.
+    names = tuple(n.strip() for x in ([names] if isinstance(names, str) else names)
+                  for n in str(x).split(",") if n.strip())
+    unknown = [n for n in names if n not in attacks_lib.NAMES]
+    if unknown:
+      raise ValueError(f"unknown attacks {unknown}; expected some of {attacks_lib.NAMES}.")
+    return names
+
+  def students(self) -> list[tuple[Point, str | None]]:
+    """(point, attack) of every student to distill: each point's own (attack None), then each
+    attacker on the points it applies to (keep_correct: every point; clean_mix and reaimed:
+    the ADS points)."""
+    out = [(p, None) for p in self.points]
+    for name in self.attack_names():
+      out += [(p, name) for p in self.points if name == "keep_correct" or p.kind == "ads"]
+    return out
+
+  @staticmethod
+  def entry_name(point: Point, attack: str | None) -> str:
+    return point.name if attack is None else f"{point.name}+{attack}"
+
+  def clean_point(self, point: Point) -> Point:
+    """The plain trace set at the point's tau: the clean traces clean_mix and reaimed use."""
+    clean = Point("temperature", point.tau, 0.0, point.eps)
+    if clean not in grid(self.config) and clean not in self.points:
+      raise ValueError(f"attacks clean_mix and reaimed take clean traces from the plain trace "
+                       f"set at tau={point.tau}, which the grid lacks: add {point.tau} to "
+                       "grid.temperatures.")
+    return clean
+
+  def attack_settings(self, point: Point, attack: str) -> dict:
+    a = self.config.attacks
+    if attack == "keep_correct":
+      return dict(name=attack)
+    clean = dict(traces=self.sample_key(self.clean_point(point)), seed=int(a.seed))
+    if attack == "clean_mix":
+      return dict(name=attack, rows=int(a.clean_mix.rows), **clean)
+    return dict(name=attack, rows=int(a.reaimed.clean_rows),
+                drop_fraction=float(a.reaimed.drop_fraction),
+                micro_batch=int(a.reaimed.micro_batch_size), **clean)
+
+  def _clean_rows(self, point: Point) -> list[dict]:
+    path = self.out_dir("sample", self.sample_key(self.clean_point(point))) / "traces.jsonl"
+    if not path.exists():
+      raise FileNotFoundError(f"no clean traces for the attackers at {path}: run the sample "
+                              "stage first.")
+    return traces.read_traces(path)
 
   # -- stages ----------------------------------------------------------------------------------
 
@@ -637,8 +694,9 @@ class Experiment:
     self._index(point.name, name=point.name, point=dataclasses.asdict(point), sample_key=key,
                 traces=metrics)
 
-  def run_distill(self, point: Point) -> None:
-    key = self.distill_key(point)
+  def run_distill(self, point: Point, attack: str | None = None) -> None:
+    key = self.distill_key(point, attack)
+    name = self.entry_name(point, attack)
 
     def compute(out):
       trace_path = self.out_dir("sample", self.sample_key(point)) / "traces.jsonl"
@@ -647,45 +705,77 @@ class Experiment:
                                 "stage first.")
       student = self.model("student")
       cfg = self.distill_config()
-      sft = distill.sft_examples(student.tokenizer, traces.read_traces(trace_path),
-                                 system=self.config.prompts.system or None,
+      system = self.config.prompts.system or None
+      rows = traces.read_traces(trace_path)
+      settings = self.attack_settings(point, attack) if attack else {}
+      extra, select, log = {}, None, []
+      if attack == "keep_correct":
+        rows = attacks_lib.keep_correct(rows)
+        if not rows:  # nothing to learn from: the attacker's student stays undistilled
+          logging.warning("keep_correct: no trace of %s is correct; no student for %s.",
+                          point.name, name)
+          return dict(train_rows=0, skipped="no correct traces")
+      elif attack == "clean_mix":
+        rows = attacks_lib.clean_mix(rows, self._clean_rows(point), settings["rows"],
+                                     settings["seed"])
+      sft = distill.sft_examples(student.tokenizer, rows, system=system,
                                  max_length=cfg.max_length)
-      held = distill.sft_examples(student.tokenizer, self.holdout_rows(),
-                                  system=self.config.prompts.system or None,
-                                 max_length=cfg.max_length)
+      if attack == "reaimed":
+        clean = attacks_lib.clean_mix([], self._clean_rows(point), settings["rows"],
+                                      settings["seed"])
+        select = attacks_lib.reaimed_selector(
+            distill.sft_examples(student.tokenizer, clean, system=system,
+                                 max_length=cfg.max_length), sft,
+            drop_fraction=settings["drop_fraction"], micro_batch_size=settings["micro_batch"],
+            pad_id=cfg.pad_id, mesh=self.mesh, log=log)
+      held = distill.sft_examples(student.tokenizer, self.holdout_rows(), system=system,
+                                  max_length=cfg.max_length)
       fresh = models.from_pretrained(student.path, dtype=jnp.dtype(self.config.models.dtype),
                                      mesh=self.mesh)
       def on_step(record):
-        self.events.scalars({f"distill/{point.name}/{k}": v for k, v in record.items()
+        self.events.scalars({f"distill/{name}/{k}": v for k, v in record.items()
                              if k != "step"}, step=int(record["step"]))
       trained, history = distill.distill(fresh, sft, held, out / "train", cfg,
-                                         mesh=self.mesh, on_step=on_step)
+                                         mesh=self.mesh, on_step=on_step, select=select)
       save_model_dir(trained, student.tokenizer, out / "student")
       last = history[-1]
       evals = [h for h in history if "holdout_loss" in h]
+      if attack:  # traces it trained on (re-aimed: per epoch, after its filter)
+        extra = dict(train_rows=len(sft) - (log[-1]["dropped"] if log else 0))
+        if log:
+          extra["reaimed"] = log
       return dict(train_loss=float(last["train_loss"]), steps=int(last["step"]),
-                  holdout_loss=float(evals[-1]["holdout_loss"]) if evals else None)
+                  holdout_loss=float(evals[-1]["holdout_loss"]) if evals else None, **extra)
 
-    metrics = self._once("distill", key, compute, point)
-    self._index(point.name, distill_key=key, distill=metrics,
-                curves=os.fspath(self.out_dir("distill", key) / "train" / "curves.json"))
+    metrics = self._once("distill", key, compute, name)
+    fields = {} if attack is None else dict(name=name, point=dataclasses.asdict(point),
+                                            attack=attack, base=point.name)
+    self._index(name, distill_key=key, distill=metrics,
+                curves=os.fspath(self.out_dir("distill", key) / "train" / "curves.json"),
+                **fields)
 
-  def run_eval_student(self, point: Point) -> None:
-    key = self.eval_student_key(point)
+  def run_eval_student(self, point: Point, attack: str | None = None) -> None:
+    key = self.eval_student_key(point, attack)
+
+    trained = self.out_dir("distill", self.distill_key(point, attack))
+    if attack and parallel.agree((trained / "done.json").exists()) and \
+        files.read_json(trained / "done.json")["metrics"].get("skipped"):
+      return  # the attacker had nothing to train on (run_distill)
 
     def compute(out):
-      path = self.out_dir("distill", self.distill_key(point)) / "student"
+      path = trained / "student"
       if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no distilled student for {point.name} at {path}: run the "
-                                "distill stage first.")
+        raise FileNotFoundError(f"no distilled student for {self.entry_name(point, attack)} "
+                                f"at {path}: run the distill stage first.")
       model = models.from_pretrained(files.local_dir(path),
                                      dtype=jnp.dtype(self.config.models.dtype),
                                      mesh=self.mesh)
       return self._evaluate(out, sampling.Sampler(model, self.model("student").tokenizer,
                                                   mesh=self.mesh))
 
-    metrics = self._once("eval_student", key, compute, point)
-    self._index(point.name, student_eval=metrics)
+    name = self.entry_name(point, attack)
+    metrics = self._once("eval_student", key, compute, name)
+    self._index(name, student_eval=metrics)
 
   def _evaluate(self, out, sampler, params=None) -> dict:
     summary = evaluation.evaluate(sampler, self.split("test"), out,
@@ -725,7 +815,10 @@ class Experiment:
       if stage not in stages:
         continue
       t0 = time.time()
-      if stage in PER_POINT:
+      if stage in ("distill", "eval_student"):
+        for point, attack in self.students():
+          getattr(self, f"run_{stage}")(point, attack)
+      elif stage in PER_POINT:
         for point in self.points:
           getattr(self, f"run_{stage}")(point)
       else:

@@ -32,18 +32,72 @@ def _save_png(fig, path) -> None:
   files.write_atomic(path, png.getvalue())
 
 
-def collect(workdir) -> tuple[list[dict], dict | None]:
-  """(point entries sorted by kind, tau, lam; the base entry or None)."""
-  entries, base = [], None
+def _index_entries(workdir) -> list[tuple[str, dict]]:
   index = epath.Path(workdir) / "index"
-  for path in sorted(p for p in (index.iterdir() if index.exists() else []) if p.suffix == ".json"):
-    entry = _read(path)
-    if path.name == "base.json":
+  paths = sorted(p for p in (index.iterdir() if index.exists() else []) if p.suffix == ".json")
+  return [(p.name, _read(p)) for p in paths]
+
+
+def _sort(entries: list[dict]) -> list[dict]:
+  return sorted(entries, key=lambda e: (e["point"]["kind"], e["point"]["tau"], e["point"]["lam"]))
+
+
+def collect(workdir) -> tuple[list[dict], dict | None]:
+  """(point entries sorted by kind, tau, lam; the base entry or None). Students of attackers
+  are left out (collect_attacks)."""
+  entries, base = [], None
+  for name, entry in _index_entries(workdir):
+    if name == "base.json":
       base = entry
-    elif "point" in entry:
+    elif "point" in entry and not entry.get("attack"):
       entries.append(entry)
-  entries.sort(key=lambda e: (e["point"]["kind"], e["point"]["tau"], e["point"]["lam"]))
-  return entries, base
+  return _sort(entries), base
+
+
+def collect_attacks(workdir) -> dict[str, list[dict]]:
+  """{attack: entries of its students}, each entry completed with its point's teacher
+  evaluation and trace statistics (an attacker changes only what the student trains on)."""
+  plain = {e["name"]: e for e in collect(workdir)[0]}
+  out: dict[str, list[dict]] = {}
+  for _, entry in _index_entries(workdir):
+    if entry.get("attack") and entry.get("base") in plain:
+      base = plain[entry["base"]]
+      merged = dict(entry, teacher_eval=base.get("teacher_eval"), traces=base.get("traces"))
+      out.setdefault(entry["attack"], []).append(merged)
+  return {k: _sort(v) for k, v in sorted(out.items())}
+
+
+def attack_rows(workdir) -> list[dict]:
+  """Per attacker and ADS point: the attacked ADS student against temperature students at the
+  same teacher accuracy; the temperature students are attacked too where the attacker applies
+  to them (keep_correct), else the plain ones. Also the unattacked ADS student of the point."""
+  entries, _ = collect(workdir)
+  plain_ads = {e["name"]: e for e in entries if e["point"]["kind"] == "ads"}
+  temps = [e for e in entries if e["point"]["kind"] == "temperature"]
+  rows = []
+  for attack, attacked in collect_attacks(workdir).items():
+    attacked_temps = [e for e in attacked if e["point"]["kind"] == "temperature"]
+    ads = {e["name"]: e for e in attacked if e["point"]["kind"] == "ads"}
+    for r in matched(list(ads.values()) + (attacked_temps or temps)):
+      e = ads[r["name"]]
+      rows.append(dict(r, attack=attack, against="attacked" if attacked_temps else "plain",
+                       unattacked_ads_student=_acc(plain_ads.get(e["base"], {}), "student_eval"),
+                       train_rows=(e.get("distill") or {}).get("train_rows")))
+  return rows
+
+
+def attack_table(rows: list[dict]) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  lines = ["| attacker | lam | teacher acc | ADS student, unattacked | ADS student, attacked | "
+           "temperature student (same teacher acc) | attacked ADS minus temperature | "
+           "NLL: attacked ADS minus temperature | traces trained on |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    temp = f"{fmt(r['temperature_student'])} ({r['against']})"
+    lines.append(f"| {r['attack']} | {r['lam']:.4g} | {fmt(r['teacher'])} | "
+                 f"{fmt(r['unattacked_ads_student'])} | {fmt(r['ads_student'])} | {temp} | "
+                 f"{fmt(r['gap'])} | {fmt(r['loss_gap'])} | {r['train_rows'] or '-'} |")
+  return "\n".join(lines) + "\n"
 
 
 def _acc(entry: dict, which: str, forced: bool = False):
@@ -100,7 +154,8 @@ def matched(entries: list[dict]) -> list[dict]:
     temp_student = _interpolate(xs, [s for _, s, _ in temps], teacher)
     temp_loss = (_interpolate(xs, [l for _, _, l in temps], teacher)
                  if all(l is not None for _, _, l in temps) else None)
-    rows.append(dict(lam=e["point"]["lam"], teacher=teacher, ads_student=student,
+    rows.append(dict(name=e.get("name"), lam=e["point"]["lam"], teacher=teacher,
+                     ads_student=student,
                      temperature_student=temp_student,
                      gap=None if temp_student is None else student - temp_student,
                      ads_loss=loss, temperature_loss=temp_loss,
@@ -202,9 +257,14 @@ def write_report(workdir) -> dict:
   if rows:
     text += ("\nADS against the temperature sweep at the same teacher accuracy (interpolated; "
              "NLL: student holdout loss on clean teacher traces):\n\n" + matched_table(rows))
+  attacked = attack_rows(workdir)
+  if attacked:
+    text += ("\nAttackers distilling from the same traces (antidistill_jax/attacks.py), against "
+             "temperature students at the same teacher accuracy:\n\n" + attack_table(attacked))
   files.write_atomic(md, text.encode("utf-8"))
   written["table"] = str(md)
-  files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows))
+  files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows,
+                                              attacks=attacked))
   for name, make in (("figure3", lambda p: figure3(entries, base, p)),
                      ("figure3_forced", lambda p: figure3(entries, base, p, forced=True)),
                      ("figure5", lambda p: figure5(entries, p))):

@@ -65,5 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
                    length_multiple=32, eval_every=94, checkpoint_every=329, clip_norm=1.0,
                    seed=seed)
   c.eval = dict(max_new_tokens=48, batch_size=256)
+  # Attackers distilling from the same ADS traces (antidistill_jax/attacks.py); none by default
+  # (each adds a student per point). Settings fixed before any attacker ran:
+  #   --config.attacks.names=keep_correct,clean_mix,reaimed
+  c.attacks = dict(names=(), seed=seed, clean_mix=dict(rows=300),
+                   reaimed=dict(clean_rows=256, drop_fraction=0.25, micro_batch_size=128))
   c.mesh = dict(data=-1, model=1, fsdp_teacher=False)
   return ml_collections.ConfigDict(c)

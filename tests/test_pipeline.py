@@ -277,6 +277,8 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   c.grid.temperatures = (1.0, 2.0)
   c.grid.calibrate.n, c.grid.calibrate.points, c.grid.calibrate.ladder = 16, 2, (0.0, 10.0, 100.0)
   c.distill.epochs, c.distill.eval_every = 1, 1
+  c.attacks.names = ("keep_correct,clean_mix,reaimed",)  # as --config.attacks.names=a,b,c gives it
+  c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows = 4, 8
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
   stages = [r["stage"] for r in runs(tmp_path)]
@@ -291,6 +293,24 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   entries, base = report.collect(str(tmp_path))
   assert len(entries) == len(experiment.points) and base["student_eval"]["n"] == 16
   assert os.path.exists(tmp_path / "report" / "figure3.png")
+  # Attackers: one student per (attack, point it applies to), each its own distill key; the
+  # barely trained teacher writes no correct trace, so keep_correct has nothing to train on.
+  ads = [p for p in experiment.points if p.kind == "ads"]
+  attacked = report.collect_attacks(str(tmp_path))
+  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed"]
+  assert len(attacked["keep_correct"]) == len(experiment.points)
+  assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces")
+             and "student_eval" not in e for e in attacked["keep_correct"])
+  for name in ("clean_mix", "reaimed"):
+    assert [e["base"] for e in attacked[name]] == [p.name for p in ads]
+    assert all(e["student_eval"]["n"] == 16 for e in attacked[name])
+  assert all(e["distill"]["train_rows"] == 32 + 4 for e in attacked["clean_mix"])
+  assert all([r["dropped"] for r in e["distill"]["reaimed"]] == [8]
+             for e in attacked["reaimed"])  # 25% of 32, re-aimed once per epoch
+  keys = {experiment.distill_key(p, a) for p, a in experiment.students()}
+  assert len(keys) == len(experiment.students()) == len(experiment.points) * 2 + 2 * len(ads)
+  text = (tmp_path / "report" / "results.md").read_text()
+  assert "| clean_mix |" in text and "| reaimed |" in text
 
 
 def test_ads_points_are_compared_at_the_same_teacher_accuracy():

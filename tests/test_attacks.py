@@ -1,0 +1,132 @@
+"""Attackers: the re-aimed score is the exact directional derivative of a trace's
+log-likelihood, distill's per-epoch selection drops exactly what it says and resumes exactly,
+and keep_correct / clean_mix pick the rows they promise."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from antidistill_jax import attacks, distill, gradients, models
+from antidistill_jax.pytrees import flatten
+from conftest import LLAMA, build_hf_checkpoint, random_examples
+
+SMALL = distill.DistillConfig(lora_rank=None, learning_rate=1e-2, epochs=2, batch_size=4,
+                              micro_batch_size=2, eval_every=2, checkpoint_every=1,
+                              length_multiple=16, max_length=64, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tokenizer):
+  path = tmp_path_factory.mktemp("attack_student")
+  build_hf_checkpoint(path, tokenizer=tokenizer, seed=7, **LLAMA)
+  return str(path)
+
+
+def _loglik(model, examples) -> np.ndarray:
+  ids, pad, loss = gradients.pack_examples(examples, len(examples), 64)
+  nll, mask = gradients.token_nll(model, jnp.asarray(ids), jnp.asarray(pad), jnp.asarray(loss))
+  return np.asarray(-jnp.sum(nll * mask, axis=1), np.float64)
+
+
+def test_trace_scores_are_the_derivative_of_the_log_likelihood_along_g(student_dir):
+  model = models.from_pretrained(student_dir)
+  g, _ = gradients.proxy_gradient(model, random_examples(6, seed=3), micro_batch_size=3)
+  train = random_examples(7, seed=4)
+  scores = attacks.trace_scores(model, g, train, micro_batch_size=4)
+  eps = 1e-3
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  moved = lambda sign: nnx.merge(graphdef, jax.tree.map(lambda p, d: p + sign * eps * d,
+                                                        params, g), rest)
+  fd = (_loglik(moved(1), train) - _loglik(moved(-1), train)) / (2 * eps)
+  np.testing.assert_allclose(scores, fd, rtol=2e-2, atol=1e-3 * np.abs(fd).max())
+  assert np.abs(scores).min() > 0  # not trivially zero
+
+
+def _params(model):
+  return {k: np.asarray(v) for k, v in flatten(nnx.state(model, nnx.Param)).items()}
+
+
+def test_a_selection_that_keeps_everything_changes_nothing(student_dir, tmp_path):
+  train, holdout = random_examples(8, seed=1), random_examples(3, seed=2)
+  plain, plain_hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                      str(tmp_path / "plain"), SMALL)
+  calls = []
+  keep_all = lambda model, epoch: calls.append(epoch) or np.ones(len(train), bool)
+  kept, kept_hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                    str(tmp_path / "kept"), SMALL, select=keep_all)
+  assert calls == [0, 1]  # once per epoch
+  assert kept_hist == plain_hist
+  a, b = _params(plain), _params(kept)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def test_dropped_examples_teach_nothing(student_dir, tmp_path):
+  """Dropping every example of epoch 1 leaves the weights where epoch 0 left them (no weight
+  decay; AdamW's step is zero with zero gradients from the start), and dropping half trains on
+  the other half only: the kept examples' loss falls more than the dropped ones'."""
+  train, holdout = random_examples(8, seed=1), random_examples(3, seed=2)
+  base = models.from_pretrained(student_dir)
+  drop_all = lambda model, epoch: np.zeros(len(train), bool)
+  untouched, hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                    str(tmp_path / "none"), SMALL, select=drop_all)
+  a, b = _params(base), _params(untouched)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  assert all(r["train_loss"] == 0.0 for r in hist)  # no loss tokens counted
+  half = np.arange(len(train)) < 4
+  trained, _ = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                               str(tmp_path / "half"), dataclasses.replace(SMALL, epochs=4),
+                               select=lambda model, epoch: half)
+  before, after = _loglik(base, train), _loglik(trained, train)
+  gain = after - before
+  assert gain[half].mean() > 2 * max(gain[~half].mean(), 0.0) and gain[half].mean() > 0
+
+
+def test_reaimed_selection_resumes_exactly(student_dir, tmp_path):
+  """A run killed mid-epoch resumes with the mask it had (checkpointed), not a new one."""
+  train, holdout, clean = (random_examples(10, seed=1), random_examples(3, seed=2),
+                           random_examples(4, seed=6))
+  config = dataclasses.replace(SMALL, epochs=3)
+  logs = {}
+
+  def run(name, max_steps=None):
+    log = logs.setdefault(name, [])
+    select = attacks.reaimed_selector(clean, train, drop_fraction=0.3, micro_batch_size=4,
+                                      log=log)
+    return distill.distill(models.from_pretrained(student_dir), train, holdout,
+                           str(tmp_path / name), config, select=select, max_steps=max_steps)
+
+  full, full_hist = run("full")
+  run("cut", max_steps=4)  # 3 steps per epoch: killed in epoch 1, after its selection
+  resumed, resumed_hist = run("cut")
+  assert resumed_hist == full_hist
+  a, b = _params(full), _params(resumed)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  assert [r["epoch"] for r in logs["full"]] == [0, 1, 2] and all(
+      r["dropped"] == 3 for r in logs["full"])
+  assert [r["epoch"] for r in logs["cut"]] == [0, 1, 2]  # epoch 1 was not recomputed on resume
+  # The student moved between epochs, so its gradient and the scores moved too.
+  assert logs["full"][0]["clean_loss"] != logs["full"][2]["clean_loss"]
+  assert logs["full"][0]["score_dropped_mean"] > logs["full"][0]["score_kept_mean"]
+
+
+def test_keep_correct_and_clean_mix_pick_their_rows():
+  rows = [dict(index=i, correct=i % 3 == 0) for i in range(9)]
+  assert [r["index"] for r in attacks.keep_correct(rows)] == [0, 3, 6]
+  with pytest.raises(ValueError, match="graded"):
+    attacks.keep_correct([dict(index=0)])
+  clean = [dict(index=100 + i) for i in range(10)]
+  mixed = attacks.clean_mix(rows, clean, 4, seed=0)
+  assert mixed[:9] == rows and len(mixed) == 13
+  extra = [r["index"] for r in mixed[9:]]
+  assert len(set(extra)) == 4 and all(100 <= i < 110 for i in extra)
+  assert mixed == attacks.clean_mix(rows, clean, 4, seed=0)  # seeded
+  assert mixed != attacks.clean_mix(rows, clean, 4, seed=1)
+  with pytest.raises(ValueError, match="clean set has 10"):
+    attacks.clean_mix(rows, clean, 11)
