@@ -303,6 +303,26 @@ def seeds_table(runs: dict[str, list[dict]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def attack_seeds_table(runs: dict[str, list[dict]]) -> str:
+  """Mean ± sd over runs (seeds) of attack_rows, by attacker and ADS rank in lam."""
+  attacks = sorted({r["attack"] for rows in runs.values() for r in rows})
+  lines = ["| attacker | ADS point (by lam) | seeds | teacher acc | ADS student, unattacked | "
+           "ADS student, attacked | temperature student | attacked ADS minus temperature | "
+           "NLL: attacked ADS minus temperature |",
+           "|---|---:|---:|---|---|---|---|---|---|"]
+  for attack in attacks:
+    per_run = [sorted((r for r in rows if r["attack"] == attack), key=lambda x: x["lam"])
+               for rows in runs.values()]
+    for k in range(max((len(r) for r in per_run), default=0)):
+      rows = [r[k] for r in per_run if len(r) > k]
+      col = lambda key: [r[key] for r in rows]
+      lines.append(f"| {attack} | {k + 1} | {len(rows)} | {_mean_sd(col('teacher'))} | "
+                   f"{_mean_sd(col('unattacked_ads_student'))} | {_mean_sd(col('ads_student'))} | "
+                   f"{_mean_sd(col('temperature_student'))} ({rows[0]['against']}) | "
+                   f"{_mean_sd(col('gap'))} | {_mean_sd(col('loss_gap'))} |")
+  return "\n".join(lines) + "\n"
+
+
 def seeds_figure(workdirs: dict[str, str], path) -> None:
   """Figure 3 with every seed: ADS and temperature series per seed, the undistilled students."""
   import matplotlib
@@ -367,9 +387,17 @@ def write_seeds_report(workdirs: dict[str, str], out) -> dict:
   runs = {name: matched(collect(w)[0]) for name, w in workdirs.items()}
   text = ["# ADS against temperature sampling at the same teacher accuracy, over seeds\n\n",
           seeds_table(runs)]
+  attacked = {name: attack_rows(w) for name, w in workdirs.items()}
+  if any(attacked.values()):
+    text += ["\n## Attackers, over seeds\n\nEach attacker distils from the same ADS traces "
+             "(antidistill_jax/attacks.py); the temperature students it is compared with are "
+             "attacked too where the attacker applies to them (keep_correct), else plain.\n\n",
+             attack_seeds_table(attacked)]
   for name, workdir in workdirs.items():
     entries, base = collect(workdir)
     text += [f"\n## {name} ({workdir})\n\n", table(entries, base), "\n", matched_table(runs[name])]
+    if attacked[name]:
+      text += ["\n", attack_table(attacked[name])]
     styles = style_rows(workdir)
     if styles:
       text += ["\nWriting choices in the training traces (`data.synthetic.style_summary`):\n\n",

@@ -326,3 +326,40 @@ def test_ads_points_are_compared_at_the_same_teacher_accuracy():
   assert outside["temperature_student"] is None and outside["gap"] is None  # above the sweep
   text = report.seeds_table({"a": [inside], "b": [dict(inside, gap=0.15)]})
   assert "| 1 | 2 |" in text and "+0.100 ± 0.071" not in text and "0.100 ± 0.071" in text
+
+
+def test_attacked_students_are_compared_with_like_attacked_temperature_students(tmp_path):
+  """keep_correct applies to the temperature sweep too, so its ADS students are matched
+  against keep_correct temperature students; clean_mix only against the plain sweep. Teacher
+  accuracy comes from the attacked point's own entry (attackers do not change the teacher)."""
+  index = tmp_path / "index"
+  index.mkdir()
+
+  def write(name, kind, lam, teacher=None, student=None, attack=None):
+    base = name.split("+")[0]
+    e = dict(name=name, point=dict(kind=kind, tau=1.0, lam=lam, eps=0.01),
+             student_eval=dict(accuracy=student), distill=dict(holdout_loss=0.1, train_rows=7))
+    if attack:
+      e.update(attack=attack, base=base)
+    else:
+      e["teacher_eval"] = dict(accuracy=teacher)
+    (index / f"{name}.json").write_text(json.dumps(e))
+
+  write("t9", "temperature", 0.0, 0.9, 0.6)
+  write("t5", "temperature", 0.0, 0.5, 0.2)
+  write("a7", "ads", 0.1, 0.7, 0.3)
+  write("t9+keep_correct", "temperature", 0.0, student=0.8, attack="keep_correct")
+  write("t5+keep_correct", "temperature", 0.0, student=0.6, attack="keep_correct")
+  write("a7+keep_correct", "ads", 0.1, student=0.5, attack="keep_correct")
+  write("a7+clean_mix", "ads", 0.1, student=0.35, attack="clean_mix")
+  entries, _ = report.collect(str(tmp_path))
+  assert sorted(e["name"] for e in entries) == ["a7", "t5", "t9"]  # attacked ones apart
+  rows = {r["attack"]: r for r in report.attack_rows(str(tmp_path))}
+  assert rows["keep_correct"]["teacher"] == 0.7 and rows["keep_correct"]["against"] == "attacked"
+  assert rows["keep_correct"]["temperature_student"] == pytest.approx(0.7)  # 0.8 .. 0.6
+  assert rows["keep_correct"]["gap"] == pytest.approx(-0.2)
+  assert rows["clean_mix"]["temperature_student"] == pytest.approx(0.4)  # 0.6 .. 0.2, plain
+  assert rows["clean_mix"]["gap"] == pytest.approx(-0.05)
+  assert rows["clean_mix"]["unattacked_ads_student"] == 0.3
+  text = report.attack_seeds_table({"s0": list(rows.values()), "s1": list(rows.values())})
+  assert "| keep_correct | 1 | 2 |" in text and "-0.200 ± 0.000" in text
