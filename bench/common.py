@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from antidistill_jax import models
@@ -47,3 +49,28 @@ def kv_bytes(cfg: models.ModelConfig, batch: int, slots: int, dtype) -> int:
   """Bytes of a model's K and V caches for `batch` rows of `slots` positions."""
   per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
   return per_slot * batch * slots * jnp.dtype(dtype).itemsize
+
+
+def time_sampler(sampler, params, prompts, rows: int, repeats: int) -> dict[str, Any]:
+  """Compiles the sampler's program for one batch, runs it once, then keeps the best of
+  `repeats` timed runs: seconds, compile_seconds, program_bytes (XLA's arguments + temporaries +
+  outputs) and the device's peak bytes where it reports them."""
+  batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
+  prompt_len = max(map(len, prompts))
+  start = time.perf_counter()
+  compiled = sampler.lower(batch, params, prompt_len).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  program = None
+  if mem is not None:
+    program = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)
+  run = lambda: jax.block_until_ready(sampler.run_batch(batch, params, prompt_len))
+  run()  # warm-up (and the jit cache's hit)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - start)
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(seconds=best, compile_seconds=compile_s, program_bytes=program,
+              peak_device_bytes=stats.get("peak_bytes_in_use"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -59,25 +58,6 @@ def load_pair(tmp: str, dtype):
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 
 
-def run_cell(sampler, params, prompts, rows, repeats):
-  batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
-  prompt_len = max(map(len, prompts))
-  compiled = sampler.lower(batch, params, prompt_len).compile()
-  mem = compiled.memory_analysis()
-  mem_bytes = None
-  if mem is not None:
-    mem_bytes = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)
-  run = lambda: jax.block_until_ready(sampler.run_batch(batch, params, prompt_len))
-  run()  # warm-up (and cache hit for the jit)
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  stats = jax.devices()[0].memory_stats() or {}
-  return best, mem_bytes, stats.get("peak_bytes_in_use")
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
@@ -111,8 +91,9 @@ def main(argv):
     prompts = [rng.integers(0, vocab, _PROMPT_LEN.value).tolist() for _ in range(b)]
     plain_rate = None
     for mode in _MODES.value:
-      seconds, mem_bytes, peak = run_cell(samplers[mode], params[mode], prompts, b,
-                                          _REPEATS.value)
+      timed = common.time_sampler(samplers[mode], params[mode], prompts, b, _REPEATS.value)
+      seconds, mem_bytes = timed["seconds"], timed["program_bytes"]
+      peak = timed["peak_device_bytes"]
       rate = b * _NEW_TOKENS.value / seconds
       plain_rate = rate if plain_rate is None else plain_rate  # the first mode is the baseline
       results.append(dict(mode=mode, batch=b, tokens_per_s=rate, seconds=seconds,

@@ -99,27 +99,6 @@ def step_bytes(mode: str, t_weights: int, p_weights: int, t_cache: int, p_cache:
   return t_weights + t_cache + 2 * p_weights + 2 * p_cache
 
 
-def run_cell(sampler, params, prompts, rows, repeats):
-  batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
-  prompt_len = max(map(len, prompts))
-  start = time.perf_counter()
-  compiled = sampler.lower(batch, params, prompt_len).compile()
-  compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  program = None
-  if mem is not None:
-    program = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)
-  run = lambda: jax.block_until_ready(sampler.run_batch(batch, params, prompt_len))
-  run()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  stats = jax.devices()[0].memory_stats() or {}
-  return best, compile_s, program, stats.get("peak_bytes_in_use")
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
@@ -159,8 +138,9 @@ def main(argv):
     for mode in _MODES.value:
       print(f"batch {b}, {mode}: compiling and timing", flush=True)
       sampler = samplers.get(mode, shared)
-      seconds, compile_s, program, peak = run_cell(sampler, settings[mode], prompts, b,
-                                                   _REPEATS.value)
+      timed = common.time_sampler(sampler, settings[mode], prompts, b, _REPEATS.value)
+      seconds, compile_s = timed["seconds"], timed["compile_seconds"]
+      program, peak = timed["program_bytes"], timed["peak_device_bytes"]
       rate = b * _NEW_TOKENS.value / seconds
       if mode == "plain":
         plain_rate = rate

@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
                    eval_every=50, checkpoint_every=50)
   c.eval = dict(max_new_tokens=1024, batch_size=64)
   # data x model devices (-1: the rest); fsdp_teacher also shards the teacher's hidden dimension
-  # over `data` (FSDP), for teachers that do not fit on `model` devices.
+  # over `data` (FSDP), for teachers that do not fit on `model` devices. model=1 suits 80 GB
+  # GPUs (a 7B + 3B pair in bf16 with g: ~33 GB of weights per device); on 16 GiB TPU chips
+  # (v5e) use --config.mesh.model=4 (notebooks/gsm8k_tpu.ipynb).
   c.mesh = dict(data=-1, model=1, fsdp_teacher=False)
   return ml_collections.ConfigDict(c)
