@@ -469,11 +469,12 @@ class Experiment:
 
   def students(self) -> list[tuple[Point, str | None]]:
     """(point, attack) of every student to distill: each point's own (attack None), then each
-    attacker on the points it applies to (keep_correct: every point; clean_mix and reaimed:
-    the ADS points)."""
+    attacker on the points it applies to. The filters (keep_correct, reaimed) run on the
+    temperature sets too, so that a filtered ADS student is compared with students filtered
+    the same way; clean_mix only on the ADS sets."""
     out = [(p, None) for p in self.points]
     for name in self.attack_names():
-      out += [(p, name) for p in self.points if name == "keep_correct" or p.kind == "ads"]
+      out += [(p, name) for p in self.points if name != "clean_mix" or p.kind == "ads"]
     return out
 
   @staticmethod
@@ -481,11 +482,13 @@ class Experiment:
     return point.name if attack is None else f"{point.name}+{attack}"
 
   def clean_point(self, point: Point) -> Point:
-    """The plain trace set at the point's tau: the clean traces clean_mix and reaimed use."""
-    clean = Point("temperature", point.tau, 0.0, point.eps)
+    """The clean traces clean_mix and reaimed use: the plain trace set at the first ADS tau
+    (the attacker's reference, the same for every point it attacks)."""
+    tau = float(self.config.grid.ads_taus[0]) if self.config.grid.ads_taus else point.tau
+    clean = Point("temperature", tau, 0.0, point.eps)
     if clean not in grid(self.config) and clean not in self.points:
       raise ValueError(f"attacks clean_mix and reaimed take clean traces from the plain trace "
-                       f"set at tau={point.tau}, which the grid lacks: add {point.tau} to "
+                       f"set at tau={tau}, which the grid lacks: add {tau} to "
                        "grid.temperatures.")
     return clean
 

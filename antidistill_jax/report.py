@@ -70,7 +70,8 @@ def collect_attacks(workdir) -> dict[str, list[dict]]:
 def attack_rows(workdir) -> list[dict]:
   """Per attacker and ADS point: the attacked ADS student against temperature students at the
   same teacher accuracy; the temperature students are attacked too where the attacker applies
-  to them (keep_correct), else the plain ones. Also the unattacked ADS student of the point."""
+  to them (the filters keep_correct and reaimed), else the plain ones (clean_mix). Also the
+  unattacked ADS student of the point."""
   entries, _ = collect(workdir)
   plain_ads = {e["name"]: e for e in entries if e["point"]["kind"] == "ads"}
   temps = [e for e in entries if e["point"]["kind"] == "temperature"]
@@ -391,7 +392,8 @@ def write_seeds_report(workdirs: dict[str, str], out) -> dict:
   if any(attacked.values()):
     text += ["\n## Attackers, over seeds\n\nEach attacker distils from the same ADS traces "
              "(antidistill_jax/attacks.py); the temperature students it is compared with are "
-             "attacked too where the attacker applies to them (keep_correct), else plain.\n\n",
+             "filtered the same way for the filters (keep_correct, reaimed), and plain for "
+             "clean_mix.\n\n",
              attack_seeds_table(attacked)]
   for name, workdir in workdirs.items():
     entries, base = collect(workdir)

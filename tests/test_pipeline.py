@@ -301,14 +301,16 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   assert len(attacked["keep_correct"]) == len(experiment.points)
   assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces")
              and "student_eval" not in e for e in attacked["keep_correct"])
+  assert [e["base"] for e in attacked["clean_mix"]] == [p.name for p in ads]
+  assert sorted(e["base"] for e in attacked["reaimed"]) == sorted(
+      p.name for p in experiment.points)  # a filter: the temperature sets are filtered too
   for name in ("clean_mix", "reaimed"):
-    assert [e["base"] for e in attacked[name]] == [p.name for p in ads]
     assert all(e["student_eval"]["n"] == 16 for e in attacked[name])
   assert all(e["distill"]["train_rows"] == 32 + 4 for e in attacked["clean_mix"])
   assert all([r["dropped"] for r in e["distill"]["reaimed"]] == [8]
              for e in attacked["reaimed"])  # 25% of 32, re-aimed once per epoch
   keys = {experiment.distill_key(p, a) for p, a in experiment.students()}
-  assert len(keys) == len(experiment.students()) == len(experiment.points) * 2 + 2 * len(ads)
+  assert len(keys) == len(experiment.students()) == len(experiment.points) * 3 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text
 
