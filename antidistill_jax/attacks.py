@@ -29,9 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from antidistill_jax import gradients, parallel
+from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
-
-TokenPair = tuple[Sequence[int], Sequence[int]]
 
 NAMES = ("keep_correct", "clean_mix", "reaimed")
 
@@ -45,14 +44,20 @@ def keep_correct(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return [r for r in rows if r["correct"]]
 
 
+def draw(clean: Sequence[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
+  """n rows drawn without replacement from clean (seeded), in their original order."""
+  if n > len(clean):
+    raise ValueError(f"the attacker wants {n} clean traces but the clean set has {len(clean)}: "
+                     "lower attacks.clean_mix.rows / attacks.reaimed.clean_rows or sample more "
+                     "clean traces.")
+  pick = np.random.default_rng(seed).choice(len(clean), n, replace=False)
+  return [clean[i] for i in sorted(pick)]
+
+
 def clean_mix(rows: Sequence[dict[str, Any]], clean: Sequence[dict[str, Any]], n: int,
               seed: int = 0) -> list[dict[str, Any]]:
-  """rows followed by n rows drawn without replacement from clean (seeded)."""
-  if n > len(clean):
-    raise ValueError(f"clean_mix wants {n} clean traces but the clean set has {len(clean)}: "
-                     "lower attacks.clean_mix.rows or sample more clean traces.")
-  pick = np.random.default_rng(seed).choice(len(clean), n, replace=False)
-  return list(rows) + [clean[i] for i in sorted(pick)]
+  """rows followed by n rows drawn from clean (draw)."""
+  return list(rows) + draw(clean, n, seed)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")

@@ -334,8 +334,7 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
       loss_sum, n_tok = loss_sum + float(s), n_tok + float(c)
     new_params, opt_state, grad_norm = _apply(tx, state["params"], state["opt_state"],
                                               flatten(acc), jnp.float32(n_tok))
-    state = {"params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state,
-             **({"keep": state["keep"]} if select is not None else {})}
+    state = {**state, "params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state}
     tokens += int(n_tok)
     record = {"step": step + 1, "train_loss": loss_sum / max(n_tok, 1.0),
               "grad_norm": float(grad_norm)}

@@ -486,7 +486,7 @@ class Experiment:
     (the attacker's reference, the same for every point it attacks)."""
     tau = float(self.config.grid.ads_taus[0]) if self.config.grid.ads_taus else point.tau
     clean = Point("temperature", tau, 0.0, point.eps)
-    if clean not in grid(self.config) and clean not in self.points:
+    if clean not in grid(self.config):  # every shard's points, calibrated or not
       raise ValueError(f"attacks clean_mix and reaimed take clean traces from the plain trace "
                        f"set at tau={tau}, which the grid lacks: add {tau} to "
                        "grid.temperatures.")
@@ -724,8 +724,7 @@ class Experiment:
       sft = distill.sft_examples(student.tokenizer, rows, system=system,
                                  max_length=cfg.max_length)
       if attack == "reaimed":
-        clean = attacks_lib.clean_mix([], self._clean_rows(point), settings["rows"],
-                                      settings["seed"])
+        clean = attacks_lib.draw(self._clean_rows(point), settings["rows"], settings["seed"])
         select = attacks_lib.reaimed_selector(
             distill.sft_examples(student.tokenizer, clean, system=system,
                                  max_length=cfg.max_length), sft,
