@@ -33,6 +33,44 @@ from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
 
 NAMES = ("keep_correct", "clean_mix", "reaimed")
+NEEDS_CLEAN = ("clean_mix", "reaimed")  # attackers that read a clean (plain-sampled) trace set
+
+
+def settings(name: str, config) -> dict:
+  """The attacker's settings from config.attacks: what its student depends on besides the
+  served traces (and, for NEEDS_CLEAN, the clean trace set)."""
+  if name not in NAMES:
+    raise ValueError(f"unknown attack {name!r}; expected one of {NAMES}.")
+  if name == "keep_correct":
+    return dict(name=name)
+  if name == "clean_mix":
+    return dict(name=name, rows=int(config.clean_mix.rows), seed=int(config.seed))
+  return dict(name=name, rows=int(config.reaimed.clean_rows),
+              drop_fraction=float(config.reaimed.drop_fraction),
+              micro_batch=int(config.reaimed.micro_batch_size), seed=int(config.seed))
+
+
+def prepare(attack: dict, rows: Sequence[dict[str, Any]], clean: Sequence[dict[str, Any]] | None,
+            to_examples: Callable[[Sequence[dict]], list[TokenPair]], *, pad_id: int = 0,
+            mesh: Mesh | None = None, log: list | None = None
+            ) -> tuple[list[TokenPair], Callable | None] | None:
+  """The one call the distill stage makes: (training examples, per-epoch select or None) for
+  the student of `attack` (settings()) on the served trace `rows`, or None when the attacker
+  leaves nothing to train on. `clean`: the clean trace rows, for NEEDS_CLEAN attackers."""
+  name = attack["name"]
+  if name == "keep_correct":
+    rows = keep_correct(rows)
+    return (to_examples(rows), None) if rows else None
+  if clean is None:
+    raise ValueError(f"attack {name} needs a clean trace set.")
+  if name == "clean_mix":
+    return to_examples(clean_mix(rows, clean, attack["rows"], attack["seed"])), None
+  train = to_examples(rows)
+  select = reaimed_selector(to_examples(draw(clean, attack["rows"], attack["seed"])), train,
+                            drop_fraction=attack["drop_fraction"],
+                            micro_batch_size=attack["micro_batch"], pad_id=pad_id, mesh=mesh,
+                            log=log)
+  return train, select
 
 
 def keep_correct(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

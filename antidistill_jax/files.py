@@ -3,6 +3,7 @@ object-store (`gs://...`) paths through `etils.epath`.
 
   write_atomic(path, data)    # bytes; readers see the old file or the new one
   write_json(path, obj)       # indented UTF-8 JSON + newline, atomically
+  create_new(path, data)      # write unless it exists: the first writer wins, atomically
   read_json(path)
   replace(src, dst)           # rename over dst, durably
   local_dir(path)             # a local folder holding a (possibly gs://) folder's files
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 from etils import epath
@@ -65,6 +67,39 @@ def write_atomic(path: PathLike, data: bytes) -> None:
     os.fsync(f.fileno())
   os.replace(tmp, path)
   fsync_dir(path)
+
+
+def create_new(path: PathLike, data: bytes) -> bool:
+  """Writes `data` to `path` only if no file is there; True if this call created it.
+
+  Several processes or hosts may race: exactly one wins and a reader sees no file or the whole
+  file. Locally: a private tmp file, fsynced, then os.link onto `path` (fails if it exists).
+  On an object store: mode "xb", an upload with the precondition "no object yet" (gcsfs sends
+  ifGenerationMatch=0), published whole when it closes."""
+  if not is_local(path):
+    import fsspec  # epath opens no "x" mode: fsspec (gcsfs) does
+    fs, target = fsspec.core.url_to_fs(os.fspath(path))
+    try:
+      with fs.open(target, "xb") as f:
+        f.write(data)
+    except FileExistsError:
+      return False
+    return True
+  path = epath.Path(path)
+  makedirs(path.parent)
+  tmp = f"{os.fspath(path)}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    return False
+  finally:
+    os.unlink(tmp)
+  fsync_dir(path)
+  return True
 
 
 def write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:

@@ -11,9 +11,9 @@ The nucleus is a threshold on the logit value. With w = exp(x - max) and Z = sum
 G(t) = sum(w[x > t]), the mass strictly above t. The kept set is {x >= t*}, where t* is the
 smallest present value with G(t*) < p Z. It is found in three stages:
 
-  1. Candidates. When p Z <= K (the K largest weights could hold the nucleus, i.e. a peaked
-     distribution, the common case for a trained model), the exact K largest values give t*
-     directly if their mass reaches p Z.
+  1. Candidates. When p Z <= E (the E = `_CANDIDATES` largest weights could hold the
+     nucleus, i.e. a peaked distribution, the common case for a trained model), the exact E
+     largest values give t* directly if their mass reaches p Z.
   2. Search. Otherwise a bracket lo < t* <= hi, with G(lo) >= p Z > G(hi), is narrowed by
      passes over [B, V], each one masked sum at one pivot. The pivot interpolates the crossing
      inside the bracket (count density taken as uniform in value, so mass ~ exp(x)) and then
@@ -87,13 +87,13 @@ def filter_logits(logits_BV, top_k: int | None, top_p) -> jax.Array:
   vocab = x_BV.shape[-1]
   skip_p = top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1.0)
   if top_k is not None and top_k < vocab:
-    vals_BK = top_values(x_BV, top_k)
-    x_BV = jnp.where(x_BV < vals_BK[:, -1:], -jnp.inf, x_BV)
+    vals_BE = top_values(x_BV, top_k)
+    x_BV = jnp.where(x_BV < vals_BE[:, -1:], -jnp.inf, x_BV)
     if skip_p:
       return jnp.where(x_BV == -jnp.inf, -jnp.inf, logits_BV)
     p = jnp.asarray(top_p, jnp.float32)
     # The top_k values already hold the whole nucleus: no pass over [B, V] beyond a tie count.
-    threshold_B1 = _threshold_within_top_k(x_BV, vals_BK, p)
+    threshold_B1 = _threshold_within_top_k(x_BV, vals_BE, p)
   elif skip_p:
     return logits_BV
   else:
@@ -105,13 +105,6 @@ def filter_logits(logits_BV, top_k: int | None, top_p) -> jax.Array:
   return jnp.where(kept_BV, logits_BV, -jnp.inf)
 
 
-def warp_logits(logits_BV, tau, top_k: int | None = 50, top_p=0.95) -> jax.Array:
-  """Hugging Face `generate`'s sampling warpers, in its order: temperature (logits / tau),
-  top-k (HF's default top_k=50 unless overridden), top-p. The authors' reference sampler is
-  this applied to z + lam * Delta (`SamplingParams.reference`)."""
-  return filter_logits(logits_BV / tau, top_k, top_p)
-
-
 def top_values(x_BV, k: int) -> jax.Array:
   """The k largest values of each row, descending (ties repeated), as `lax.top_k(x, k)[0]`.
 
@@ -121,38 +114,38 @@ def top_values(x_BV, k: int) -> jax.Array:
   batch, vocab = x_BV.shape
   for chunk in (64, 32, 16):
     if vocab % chunk == 0 and vocab // chunk >= 2 * k and k * chunk < vocab // 2:
-      x_BNC = x_BV.reshape(batch, vocab // chunk, chunk)
-      _, idx_BK = jax.lax.top_k(jnp.max(x_BNC, axis=-1), k)
-      picked_BKC = jnp.take_along_axis(x_BNC, idx_BK[:, :, None], axis=1)
-      return _top_k_values(picked_BKC.reshape(batch, k * chunk), k)
+      x_BMC = x_BV.reshape(batch, vocab // chunk, chunk)
+      _, idx_BE = jax.lax.top_k(jnp.max(x_BMC, axis=-1), k)
+      picked_BEC = jnp.take_along_axis(x_BMC, idx_BE[:, :, None], axis=1)
+      return _top_k_values(picked_BEC.reshape(batch, k * chunk), k)
   return _top_k_values(x_BV, k)
 
 
-def _top_k_values(x_BN, k: int) -> jax.Array:
+def _top_k_values(x_BX, k: int) -> jax.Array:
   # The values are gathered through the indices: when only `lax.top_k(...)[0]` is used, XLA:CPU
   # may rewrite the TopK into a full sort of the row (measured: 10x slower for [32, 1024]).
-  _, idx_BK = jax.lax.top_k(x_BN, k)
-  return jnp.take_along_axis(x_BN, idx_BK, axis=-1)
+  _, idx_BE = jax.lax.top_k(x_BX, k)
+  return jnp.take_along_axis(x_BX, idx_BE, axis=-1)
 
 
-def _threshold_within_top_k(x_BV, vals_BK, p) -> jax.Array:
+def _threshold_within_top_k(x_BV, vals_BE, p) -> jax.Array:
   """t* when the top-k filter ran first: the nucleus lies inside the top_k values.
 
   Tokens tied with the k-th value beyond the list are kept by top-k and count in the
   normalizer; they only need counting (they all weigh w(kth))."""
-  m_B1 = _finite_or_zero(vals_BK[:, :1])
-  w_BK = jnp.exp(vals_BK - m_B1)
-  ties_B1 = jnp.sum(x_BV >= vals_BK[:, -1:], axis=-1, keepdims=True) - vals_BK.shape[-1]
-  z_B1 = jnp.sum(w_BK, axis=-1, keepdims=True) + ties_B1.astype(jnp.float32) * w_BK[:, -1:]
-  return _crossing(vals_BK, w_BK, jnp.zeros_like(z_B1), p * z_B1)
+  m_B1 = _finite_or_zero(vals_BE[:, :1])
+  w_BE = jnp.exp(vals_BE - m_B1)
+  ties_B1 = jnp.sum(x_BV >= vals_BE[:, -1:], axis=-1, keepdims=True) - vals_BE.shape[-1]
+  z_B1 = jnp.sum(w_BE, axis=-1, keepdims=True) + ties_B1.astype(jnp.float32) * w_BE[:, -1:]
+  return _crossing(vals_BE, w_BE, jnp.zeros_like(z_B1), p * z_B1)
 
 
-def _crossing(cands_BK, w_BK, g_hi_B1, pz_B1) -> jax.Array:
+def _crossing(cands_BE, w_BE, g_hi_B1, pz_B1) -> jax.Array:
   """t* from descending candidates that hold the crossing: the last candidate whose preceding
   mass (g_hi plus the candidates before it) is below p Z; at least the first."""
-  before_BK = g_hi_B1 + jnp.cumsum(w_BK, axis=-1) - w_BK
-  n_B1 = jnp.sum((before_BK < pz_B1) & (cands_BK > -jnp.inf), axis=-1, keepdims=True)
-  return jnp.take_along_axis(cands_BK, jnp.maximum(n_B1, 1) - 1, axis=-1)
+  before_BE = g_hi_B1 + jnp.cumsum(w_BE, axis=-1) - w_BE
+  n_B1 = jnp.sum((before_BE < pz_B1) & (cands_BE > -jnp.inf), axis=-1, keepdims=True)
+  return jnp.take_along_axis(cands_BE, jnp.maximum(n_B1, 1) - 1, axis=-1)
 
 
 def _finite_or_zero(v):
@@ -176,18 +169,19 @@ def nucleus_threshold(x_BV, p) -> jax.Array:
   pz_B1 = p * z_B1
   done_B1 = ~valid_B1 | (p >= 1.0)
 
-  # Stage 1: candidates, only when some row's nucleus could fit in K weights of at most 1.
+  # Stage 1: candidates, only when some row's nucleus could fit in E weights of at most 1.
   k = min(_CANDIDATES, vocab)
   def with_candidates():
-    cands_BK = top_values(x_BV, k)
-    w_BK = jnp.exp(cands_BK - m_B1)
-    before_BK = jnp.cumsum(w_BK, axis=-1) - w_BK
+    cands_BE = top_values(x_BV, k)
+    w_BE = jnp.exp(cands_BE - m_B1)
+    before_BE = jnp.cumsum(w_BE, axis=-1) - w_BE
     # Found when the crossing is inside the list (or the list is the whole row).
-    found_B1 = (jnp.sum(before_BK < pz_B1, axis=-1, keepdims=True) < k) | (k == vocab)
-    # Unresolved rows search below the K-th candidate: G(c_K) <= mass of the first K-1 < p Z.
-    hi_B1 = cands_BK[:, -1:]
-    g_hi_B1 = jnp.sum(jnp.where(cands_BK > hi_B1, w_BK, 0.0), axis=-1, keepdims=True)
-    return found_B1, _crossing(cands_BK, w_BK, jnp.zeros_like(z_B1), pz_B1), hi_B1, g_hi_B1
+    found_B1 = (jnp.sum(before_BE < pz_B1, axis=-1, keepdims=True) < k) | (k == vocab)
+    # Unresolved rows search below the last (E-th) candidate c: G(c) <= mass of the first E-1
+    # < p Z.
+    hi_B1 = cands_BE[:, -1:]
+    g_hi_B1 = jnp.sum(jnp.where(cands_BE > hi_B1, w_BE, 0.0), axis=-1, keepdims=True)
+    return found_B1, _crossing(cands_BE, w_BE, jnp.zeros_like(z_B1), pz_B1), hi_B1, g_hi_B1
   def without_candidates():
     return jnp.zeros_like(done_B1), m_B1, m_B1, jnp.zeros_like(z_B1)
   if k < vocab:
@@ -253,8 +247,8 @@ def _search_threshold(x_BV, w_BV, m_B1, z_B1, p, hi_B1, g_hi_B1, done_B1) -> jax
   by_top_k_B1 = ~done_B1 & ~(exit_.adjacent | exit_.use_min | exit_.use_max)
   def with_top_k(t_B1):
     # (min: tiny vocabularies never get here, stage 1 covers them, but this is still traced)
-    cands_BK = top_values(jnp.where(inside_BV, x_BV, -jnp.inf), min(_RESOLVE_K, x_BV.shape[-1]))
-    t_top_B1 = _crossing(cands_BK, jnp.exp(cands_BK - m_B1), state.g_hi, pz_B1)
+    cands_BE = top_values(jnp.where(inside_BV, x_BV, -jnp.inf), min(_RESOLVE_K, x_BV.shape[-1]))
+    t_top_B1 = _crossing(cands_BE, jnp.exp(cands_BE - m_B1), state.g_hi, pz_B1)
     return jnp.where(by_top_k_B1 & (t_top_B1 > -jnp.inf), t_top_B1, t_B1)
   return jax.lax.cond(jnp.any(by_top_k_B1), with_top_k, lambda t: t, t_B1)
 

@@ -1,8 +1,9 @@
 """The antidistillation direction g: the gradient of the proxy student's distillation loss.
 
-  l(theta_P) = (1/N) sum_n (1/|c_n|) sum_{t in c_n} -log p(x_t | x_<t; theta_P)
+  l(theta) = (1/N) sum_n (1/|c_n|) sum_{t in c_n} -log p(x_t | x_<t; theta)
 
-over N held-out teacher traces (prompt p_n, completion c_n), loss on completion tokens only.
+over N held-out teacher traces (prompt p_n, completion c_n), loss on completion tokens only,
+theta the proxy's parameters.
 g = grad l is taken with `jax.grad` over the proxy's nnx.Param state in fp32 (fp32 parameters
 and fp32 compute, also for a bf16 proxy, as in the reference), summed over fixed-shape
 micro-batches (bounded memory, few compilations) and divided by N once, with the batch sharded
@@ -47,9 +48,9 @@ def token_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT,
   """NLL [B, T-1] of each next token and its weight [B, T-1] (loss_mask of the target, fp32).
 
   Token t is scored by the logits at t - 1; sequences are right-padded (pad_mask_BT = 0).
-  The unembedding and log-softmax run over `chunk` positions at a time under jax.checkpoint,
-  so neither the forward nor the backward pass holds more than a [B, chunk, V] slice of the
-  logits (a 152k vocabulary makes the whole [B, T, V] the largest tensor of training).
+  The unembedding and log-softmax run over C = `chunk` positions at a time (M chunks) under
+  jax.checkpoint, so neither the forward nor the backward pass holds more than a [B, C, V]
+  slice of the logits (a 152k vocabulary makes the whole [B, T, V] the largest tensor of training).
   chunk=None computes them in one piece.
   """
   h_BTD = model.hidden_states(ids_BT, pad_mask_BT)[:, :-1]
@@ -65,11 +66,11 @@ def token_nll(model: Transformer, ids_BT, pad_mask_BT, loss_mask_BT,
   else:
     n = -(-t // chunk)
     pad = n * chunk - t
-    h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(
+    h_MBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(
         h_BTD.shape[0], n, chunk, -1).swapaxes(0, 1)
-    targets_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(-1, n, chunk).swapaxes(0, 1)
-    nll_NBC = jax.lax.map(lambda xs: jax.checkpoint(nll)(*xs), (h_NBCD, targets_NBC))
-    nll_BT = nll_NBC.swapaxes(0, 1).reshape(h_BTD.shape[0], -1)[:, :t]
+    targets_MBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(-1, n, chunk).swapaxes(0, 1)
+    nll_MBC = jax.lax.map(lambda xs: jax.checkpoint(nll)(*xs), (h_MBCD, targets_MBC))
+    nll_BT = nll_MBC.swapaxes(0, 1).reshape(h_BTD.shape[0], -1)[:, :t]
   return nll_BT, loss_mask_BT[:, 1:].astype(jnp.float32)
 
 

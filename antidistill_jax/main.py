@@ -4,21 +4,33 @@
                                      # tiny models trained from scratch, offline, < 10 min on CPU
   python -m antidistill_jax.main --config=configs/tiny.py --workdir=runs/tiny [--stages=a,b]
       [--shard=i/n] [--config.key=value ...]            # the experiment (antidistill_jax.pipeline)
-  python -m antidistill_jax.main --config=configs/generate.py [--config.checkpoint=DIR]
+  python -m antidistill_jax.main --config=configs/generate.py [--config.models.teacher=DIR]
                                                         # the sampling demo
 
-An experiment config (one with a `grid`) runs `pipeline.Experiment` in --workdir (default
-runs/<config name>); the generate demo loads a teacher through `models.from_pretrained`, renders
+An experiment config (job="experiment") runs `pipeline.Experiment` in --workdir (default
+runs/<config name>; --migrate_keys first moves an older workdir's finished outputs to the
+current keys); the generate demo (job="generate") loads a teacher through `models.from_pretrained`, renders
 the prompts with its chat template and samples with `sampling.generate`, plainly and, with a
 proxy, antidistilled.
+
+The experiment's log (absl and python logging at INFO and above: ours, orbax's, jax's) goes to
+<workdir>/logs/<UTC time>-<host>-<pid>.log, named on the first line it prints; the terminal
+gets warnings only, unless --verbosity=0 (INFO) or -v=1 (DEBUG). A bad flag or config value, a
+missing input or an unusable workdir ends in one line, `error: ...`, with exit status 2.
 """
 
+import atexit
 import dataclasses
+import logging as py_logging
 import os
+import socket
+import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from antidistill_jax import errors, files
 
 # configs/ ships inside the package (setup.py maps it to antidistill_jax/configs), so the
 # default and `--config=configs/NAME.py` work from a checkout and from `pip install .` alike.
@@ -52,22 +64,147 @@ _COORDINATOR = flags.DEFINE_string(
     "cluster is not detected)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (--distributed)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (--distributed)")
+_MIGRATE = flags.DEFINE_bool(
+    "migrate_keys", False, "a workdir written by an older antidistill_jax: move its finished "
+    "outputs to this config's keys (renames folders; loads each model once), then run")
+
+# Exit status of a usage error (bad flag or config value, missing input, unusable workdir), as
+# argparse and the shells use; a crash exits 1.
+USAGE_EXIT = 2
+# A log record with this attribute set goes to the log file only (the traceback behind an error
+# the terminal shows as one line).
+FILE_ONLY = "antidistill_file_only"
+_LOG_FILE: str | None = None  # this process's log file, once route_logs made it
+
+
+# -- flags checked before anything runs ------------------------------------------------------
+
+
+def parse_stages(names, stages) -> tuple[str, ...]:
+  """--stages as a tuple (all of `stages` when not given); errors.BadValue naming the unknown."""
+  if not names:
+    return tuple(stages)
+  unknown = [s for s in names if s not in stages]
+  if unknown:
+    raise errors.BadValue(f"--stages={','.join(names)}: unknown stage(s) {', '.join(unknown)}; "
+                          f"pick from {','.join(stages)}.")
+  return tuple(names)
+
+
+def check_workdir(workdir: str) -> None:
+  """errors.BadWorkdir when a local --workdir cannot be a folder (it, or a parent, is a file)."""
+  if not files.is_local(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.BadWorkdir(f"--workdir={workdir}: {path} is a file; pass a folder (a new one, "
+                            "or an earlier run's to resume it).")
+
+
+# -- logs: everything to a file in the workdir, warnings to the terminal ----------------------
+
+
+def _terminal_level() -> int:
+  """WARNING, or the level --verbosity / -v asks for when the user gave it (0: INFO, 1: DEBUG)."""
+  verbosity = flags.FLAGS["verbosity"]
+  if not verbosity.present:
+    return py_logging.WARNING
+  v = verbosity.value
+  return logging.converter.absl_to_standard(v) if v <= 1 else py_logging.DEBUG - (v - 1)
+
+
+def route_logs(workdir: str) -> str:
+  """Sends absl and python logging (ours, orbax's, jax's) at INFO and above (lower if
+  --verbosity asks) to a new file, and to the terminal (stderr) WARNING and above unless
+  --verbosity / -v asks for more (--verbosity=0: INFO). Returns the file's path.
+
+  The file is <workdir>/logs/<UTC time>-<host>-<pid>.log: one per process and run, created,
+  never appended to, so jobs sharing a workdir do not mix their lines. A remote workdir
+  (gs://) cannot be appended to: the file is written under files.cache_root()/logs and copied
+  to <workdir>/logs/ when the process exits (a killed job leaves it in the cache only; the path
+  printed at start says where)."""
+  name = (f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{socket.gethostname()}-"
+          f"{os.getpid()}.log")
+  remote = not files.is_local(workdir)
+  folder = os.path.join(files.cache_root(), "logs") if remote else os.path.join(workdir, "logs")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, name)
+  terminal = _terminal_level()
+  root = py_logging.getLogger()
+  # absl's handler (app.run puts it on the root logger) and any other stderr handler: the
+  # terminal's level; records marked FILE_ONLY skip them.
+  absl_handler = logging.get_absl_handler()
+  to_terminal = [h for h in root.handlers if h is absl_handler or (
+      isinstance(h, py_logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__))]
+  if not to_terminal:  # not under app.run: python's lastResort stops once a file handler exists
+    to_terminal = [py_logging.StreamHandler(sys.stderr)]
+    to_terminal[0].setFormatter(logging.PythonFormatter())
+    root.addHandler(to_terminal[0])
+  for handler in to_terminal:
+    handler.setLevel(terminal)
+    handler.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
+  global _LOG_FILE
+  _LOG_FILE = path
+  to_file = py_logging.FileHandler(path, mode="x", encoding="utf-8")
+  to_file.setFormatter(logging.PythonFormatter())  # absl's "I1204 18:25:25.49 pid file:line]"
+  to_file.setLevel(min(py_logging.INFO, terminal))
+  root.addHandler(to_file)
+  # The root level gates every logger without its own (absl sets it from --verbosity): it must
+  # let INFO through to the file even when the terminal wants only warnings.
+  root.setLevel(min(py_logging.INFO, terminal))
+  if remote:
+    def upload():
+      to_file.flush()
+      target = f"{workdir.rstrip('/')}/logs/{name}"
+      try:
+        with open(path, "rb") as f:
+          files.write_atomic(target, f.read())
+      except Exception as e:  # pylint: disable=broad-except  (exiting: say where the log is)
+        print(f"could not copy the log to {target} ({type(e).__name__}: {e}); it is at {path}",
+              file=sys.stderr)
+    atexit.register(upload)
+  return path
+
+
+# -- usage errors: one line, no traceback -----------------------------------------------------
+
+
+def _log_to_file_only(message: str) -> None:
+  """Logs `message` and the exception being handled to the log file, if route_logs made one."""
+  if _LOG_FILE:
+    py_logging.getLogger(__name__).error(message, exc_info=True, extra={FILE_ONLY: True})
+
+
+def usage_error(message: str) -> None:
+  """Ends the process as a usage error: `error: <message>` on stderr, exit status USAGE_EXIT."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag (or --config.* value) reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    usage_error(f"{e} (--helpshort lists the flags)")
 
 
 def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
   """`path`, or a tiny random checkpoint built once under workdir/name."""
-  from antidistill_jax import tiny
+  from antidistill_jax import random_checkpoints
   if path:
     return path
   path = os.path.join(workdir, name)
   if not os.path.exists(os.path.join(path, "config.json")):
     logging.info("building a tiny random %s at %s", name, path)
-    tiny.make_tiny_checkpoint(path, **tiny_config)
+    random_checkpoints.make_tiny_checkpoint(path, **tiny_config)
   return path
 
 
 def run_generate(config) -> dict[str, list[str]]:
-  """Plain samples of the prompts, and antidistilled ones when config.lam != 0.
+  """Plain samples of config.generate.problems, and antidistilled ones when generate.lam != 0.
 
   The antidistillation direction g is the proxy's gradient on the teacher's greedy answers to
   the same prompts: enough to show the mechanics; the experiment uses a holdout split.
@@ -76,30 +213,32 @@ def run_generate(config) -> dict[str, list[str]]:
 
   from antidistill_jax import gradients, models, sampling
   from antidistill_jax import tokenizer as tok_lib
+  from antidistill_jax.data.prompts import user_message
 
-  teacher_path = _checkpoint(config.checkpoint, config.workdir, "tiny_teacher")
-  dtype = jnp.dtype(config.dtype)
+  g, s = config.generate, config.sample
+  teacher_path = _checkpoint(config.models.teacher, g.workdir, "tiny_teacher")
+  dtype = jnp.dtype(config.models.dtype)
   teacher = models.from_pretrained(teacher_path, dtype=dtype)
   tokenizer = tok_lib.load_tokenizer(teacher_path)
-  prompts = [tok_lib.prompt_ids(tokenizer, p, system=config.system_prompt or None)
-             for p in config.prompts]
+  # The authors' layout, as the experiment's (data.prompts): system turn, problem.strip() + "\n".
+  prompts = [tok_lib.prompt_ids(tokenizer, user_message(p), system=config.prompts.system or None)
+             for p in g.problems]
   params = sampling.SamplingParams(
-      max_new_tokens=config.max_new_tokens, tau=config.tau,
-      top_p=config.top_p if config.tau > 0 else None, seed=config.seed,
-      lam=config.lam, eps=config.eps, method=config.method)
+      max_new_tokens=s.max_new_tokens, tau=g.tau, top_p=s.top_p if g.tau > 0 else None,
+      seed=s.seed, lam=g.lam, eps=s.eps, method=s.method)
   eos = tok_lib.eos_ids(teacher_path, teacher.config)  # generation_config.json's too
   plain = sampling.Sampler(teacher, tokenizer, eos_ids=eos)
   runs = {"plain": (plain, dataclasses.replace(params, lam=0.0))}
-  if config.lam:
-    proxy_path = _checkpoint(config.proxy, config.workdir, "tiny_proxy", seed=1, hidden_size=32,
+  if g.lam:
+    proxy_path = _checkpoint(config.models.proxy, g.workdir, "tiny_proxy", seed=1, hidden_size=32,
                              intermediate_size=64, tokenizer=tokenizer)
     proxy = models.from_pretrained(proxy_path, dtype=dtype)
-    greedy = plain(prompts, sampling.SamplingParams(max_new_tokens=config.max_new_tokens, tau=0.0))
+    greedy = plain(prompts, sampling.SamplingParams(max_new_tokens=s.max_new_tokens, tau=0.0))
     grad, meta = gradients.proxy_gradient(proxy, list(zip(prompts, greedy.tokens)),
                                           micro_batch_size=len(prompts))
     logging.info("proxy gradient: %s", meta)
     ads = sampling.Sampler(teacher, tokenizer, eos_ids=eos, proxy=proxy, grad=grad)
-    runs[f"antidistilled (lam={config.lam}, method={config.method})"] = (ads, params)
+    runs[f"antidistilled (lam={g.lam}, method={s.method})"] = (ads, params)
   texts = {}
   for name, (sampler, p) in runs.items():
     start = time.time()
@@ -107,13 +246,23 @@ def run_generate(config) -> dict[str, list[str]]:
     seconds = time.time() - start
     texts[name] = [tokenizer.decode(t) for t in out.tokens]
     print(f"\n===== {name}: {int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")
-    for prompt, text, logp in zip(config.prompts, texts[name], out.logprobs):
+    for prompt, text, logp in zip(g.problems, texts[name], out.logprobs):
       print(f"\n### {prompt}\n{text!r}\n(mean teacher log-prob {logp.mean():.3f})")
   return texts
 
 
 def main(argv):
   del argv
+  if _CONFIG.value.job != "generate":  # the experiment: flags checked, logs routed, first
+    from antidistill_jax import pipeline  # its import starts no jax backend (distributed below)
+    shard = pipeline.parse_shard(_SHARD.value)
+    stages = parse_stages(_STAGES.value, pipeline.STAGES)
+    workdir = _WORKDIR.value
+    if not workdir:
+      config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+      workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+    check_workdir(workdir)
+    print(f"workdir {workdir}, log {route_logs(workdir)}", file=sys.stderr, flush=True)
   if _DISTRIBUTED.value:
     import jax
     # CPU hosts need a collectives backend (JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo also sets it).
@@ -124,24 +273,21 @@ def main(argv):
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
   config = _CONFIG.value
-  if "grid" not in config:  # the generation demo
+  if config.job == "generate":  # the sampling demo (configs/generate.py)
     run_generate(config)
     return
   from antidistill_jax import parallel, pipeline
-  workdir = _WORKDIR.value
-  if not workdir:
-    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    name = os.path.splitext(os.path.basename(config_file))[0]
-    workdir = os.path.join("runs", name)
-    logging.info("no --workdir: writing to %s", workdir)
   import jax
   m = config.mesh
   # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
   # `model`. One device needs no mesh.
   mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
-  experiment = pipeline.Experiment(config, workdir, shard=pipeline.parse_shard(_SHARD.value),
-                                   mesh=mesh)
-  stages = _STAGES.value or pipeline.STAGES
+  experiment = pipeline.Experiment(config, workdir, shard=shard, mesh=mesh)
+  if _MIGRATE.value:
+    moved = experiment.migrate_keys()
+    print(f"migrated {sum(moved.values())} finished outputs to the new keys: "
+          + (", ".join(f"{s} {n}" for s, n in moved.items()) or "none matched this config"),
+          flush=True)
   experiment.run(stages)
   report = experiment.workdir / "report"
   if "report" in stages and experiment.writer and (report / "results.md").exists():
@@ -152,11 +298,21 @@ def main(argv):
 
 
 def run():
-  """Console entry: resolves --config=configs/NAME.py against the packaged configs first."""
-  import sys
+  """Console entry: resolves --config=configs/NAME.py against the packaged configs first.
+
+  A bad flag and an errors.UserError raised anywhere in the run (a bad value, a missing input,
+  an unusable workdir) end as one line on stderr, exit status USAGE_EXIT; the traceback behind
+  it, and behind any crash, goes to the run's log file (route_logs) when there is one."""
   argv = [f"--config={_config_path(a[len('--config='):])}" if a.startswith("--config=") else a
           for a in sys.argv]
-  app.run(main, argv=argv)
+  try:
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+  except errors.UserError as e:
+    _log_to_file_only("usage error")
+    usage_error(str(e))
+  except Exception:
+    _log_to_file_only("crashed")
+    raise
 
 
 if __name__ == "__main__":

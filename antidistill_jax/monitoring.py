@@ -224,9 +224,6 @@ class EventWriter:
         self._flushed = time.monotonic()
       self._end_file_if_old()
 
-  def scalar(self, tag: str, value: Any, step: int):
-    self.scalars({tag: value}, step)
-
   def flush(self):
     """Flushes to storage (local readers see it now); ends the file if it is due to rotate."""
     if not self.enabled:
@@ -270,6 +267,9 @@ def _show(v: Any) -> str:
   return str(v)
 
 
+_DRAWN: list["Progress"] = []  # the bars on the terminal now, innermost last
+
+
 class Progress:
   """A tqdm bar over a long loop, plus a summary line logged on close.
 
@@ -296,6 +296,11 @@ class Progress:
                enabled: bool | None = None, log_summary: bool | None = None, **tqdm_kwargs):
     if enabled is None:
       enabled = not os.environ.get(NO_PROGRESS_ENV) and _is_process_zero()
+    # A bar opened inside another (a stage's traces inside the stage's items) is not drawn: it
+    # shows its count and rate on the outer bar instead, so the terminal keeps one bar.
+    self._outer = _DRAWN[-1] if enabled and _DRAWN else None
+    enabled = enabled and self._outer is None
+    self.total = total
     self.log_summary = _is_process_zero() if log_summary is None else log_summary
     self.desc, self.unit, self.n = desc, unit, 0
     self.postfix: dict[str, Any] = {}
@@ -307,6 +312,7 @@ class Progress:
       if "mininterval" not in tqdm_kwargs and not getattr(out, "isatty", lambda: False)():
         tqdm_kwargs["mininterval"] = 30.0
       self._bar = tqdm.tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, **tqdm_kwargs)
+      _DRAWN.append(self)
     else:
       self._bar = None
 
@@ -329,6 +335,10 @@ class Progress:
       if postfix:
         self._bar.set_postfix({k: _show(v) for k, v in self.postfix.items()}, refresh=False)
       self._bar.update(n)
+    elif self._outer is not None and self._outer._bar is not None:
+      done = f"{_num(self.n)}/{_num(self.total)}" if self.total else _num(self.n)
+      self._outer._bar.set_postfix_str(
+          f"{self.desc} {done} {self.unit} ({_num(self.rate)} {self.unit}/s)", refresh=True)
 
   def close(self) -> str:
     """Closes the bar and returns (and, on process 0, logs) the summary line. Idempotent."""
@@ -336,6 +346,8 @@ class Progress:
       self._end = time.perf_counter()
       if self._bar is not None:
         self._bar.close()
+        if self in _DRAWN:
+          _DRAWN.remove(self)
       self.summary = (f"{self.desc}: {_num(self.n)} {self.unit} in {_num(self.elapsed)} s "
                       f"({_num(self.rate)} {self.unit}/s)")
       if self.postfix:

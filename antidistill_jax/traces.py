@@ -58,8 +58,6 @@ FORCED_TOKENS = 32  # greedy tokens generated after FORCE_ANSWER, as in the refe
 # Forced prefixes (prompt + whole trace) vary in length by up to max_new_tokens; a coarse
 # padding multiple keeps the number of compiled shapes of the 32-step program small.
 FORCE_PROMPT_MULTIPLE = 128
-# Statistics that depend on the machine and on interruptions, not on the rows.
-TIMING_KEYS = ("seconds", "tokens_per_second")
 
 
 # -- paths and lines ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from antidistill_jax import gradients, models, sampling, tiny
+from antidistill_jax import gradients, models, random_checkpoints, sampling
 
 import common  # bench/common.py (the script's folder is on sys.path)
 
@@ -45,10 +45,10 @@ def main(argv):
       if event == "/jax/core/compile/backend_compile_duration"
       and "_decode_program" in str(kw.get("fun_name", "")) else None)
   with tempfile.TemporaryDirectory() as tmp:
-    tok = tiny.train_tokenizer(vocab_size=512)
-    teacher = models.from_pretrained(tiny.make_tiny_checkpoint(os.path.join(tmp, "t"),
-                                                               tokenizer=tok, seed=0))
-    proxy = models.from_pretrained(tiny.make_tiny_checkpoint(
+    tok = random_checkpoints.train_tokenizer(vocab_size=512)
+    teacher = models.from_pretrained(random_checkpoints.make_tiny_checkpoint(
+        os.path.join(tmp, "t"), tokenizer=tok, seed=0))
+    proxy = models.from_pretrained(random_checkpoints.make_tiny_checkpoint(
         os.path.join(tmp, "p"), tokenizer=tok, seed=1, hidden_size=32, intermediate_size=64))
   rng = np.random.default_rng(0)
   examples = [(rng.integers(0, 300, 8).tolist(), rng.integers(0, 300, 16).tolist())

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from antidistill_jax import gradients, models, tiny
+from antidistill_jax import gradients, models, random_checkpoints
 
 _VOCABS = flags.DEFINE_list("vocab_sizes", ["32000", "152064"], "vocabulary sizes")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "tokens per sequence")
@@ -33,7 +33,7 @@ def main(argv):
   del argv
   rows = []
   for vocab in map(int, _VOCABS.value):
-    cfg = models.config_from_hf(tiny.tiny_hf_config("qwen2", vocab_size=vocab))
+    cfg = models.config_from_hf(random_checkpoints.tiny_hf_config("qwen2", vocab_size=vocab))
     graphdef, params = nnx.split(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0))))
     ids = jax.ShapeDtypeStruct((_BATCH.value, _SEQ.value), jnp.int32)
     for chunk in _CHUNKS.value:

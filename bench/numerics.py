@@ -25,7 +25,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from antidistill_jax import gradients, models, sampling, tiny
+from antidistill_jax import gradients, models, random_checkpoints, sampling
+from antidistill_jax.sampling import adjustment
 
 import common  # bench/common.py (the script's folder is on sys.path)
 
@@ -55,8 +56,8 @@ def norm_ratio(a, b) -> float:
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
-    path = _PROXY.value or tiny.make_tiny_checkpoint(os.path.join(tmp, "proxy"), seed=1,
-                                                     **PROXY_CFG)
+    path = _PROXY.value or random_checkpoints.make_tiny_checkpoint(
+        os.path.join(tmp, "proxy"), seed=1, **PROXY_CFG)
     proxies = {d: models.from_pretrained(path, dtype=jnp.dtype(d)) for d in _DTYPES.value}
     reference_proxy = models.from_pretrained(path, dtype=jnp.float32)
   vocab = reference_proxy.config.vocab_size
@@ -80,7 +81,7 @@ def main(argv):
                  norm_ratio=norm_ratio(d, exact), finite=bool(np.all(np.isfinite(d))))
       if method == "fd":
         plus, minus = sampling.perturbed_states(theta, grad, eps)
-        stats = jax.device_get(sampling._fd_rounding(theta, plus, minus, grad))
+        stats = jax.device_get(adjustment._fd_rounding(theta, plus, minus, grad))
         row.update(unmoved_fraction=float(stats["unmoved_fraction"]),
                    step_cosine=float(stats["cosine"]))
       results.append(row)

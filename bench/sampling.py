@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from antidistill_jax import gradients, models, sampling, tiny
+from antidistill_jax import gradients, models, random_checkpoints, sampling
 
 import common  # bench/common.py (the script's folder is on sys.path)
 
@@ -51,9 +51,10 @@ def load_pair(tmp: str, dtype):
   if _TEACHER.value:
     return (models.from_pretrained(_TEACHER.value, dtype=dtype),
             models.from_pretrained(_PROXY.value or _TEACHER.value, dtype=dtype))
-  tok = tiny.train_tokenizer(vocab_size=512)
-  paths = [tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed,
-                                     vocab_size=max(_VOCAB.value, len(tok)), **cfg)
+  tok = random_checkpoints.train_tokenizer(vocab_size=512)
+  paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
+                                                   seed=seed,
+                                                   vocab_size=max(_VOCAB.value, len(tok)), **cfg)
            for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 

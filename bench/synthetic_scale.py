@@ -5,7 +5,7 @@
       --runs="role=student,type=llama,d=64,layers=3,ff=192,batch=32,n=3000,epochs=7,lr=3e-3" \\
       --eval_at=0.75,1.0 --sample_n=3000 --overhead
 
-Each run trains with `scratch` (distill.distill, full fine-tuning) on gold `chains` traces
+Each run trains with `task_models` (distill.distill, full fine-tuning) on gold `chains` traces
 (n examples, `epochs` passes; a run given `steps` gets n = steps * batch, one epoch) and,
 at each fraction of its schedule in --eval_at, stops (distill's max_steps), evaluates greedy
 accuracy (and with --tau1 at tau=1, unfiltered and with top_p=0.95) on --test_n test problems,
@@ -28,7 +28,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from antidistill_jax import distill, gradients, models, sampling, scratch, tiny
+from antidistill_jax import distill, gradients, models, sampling, task_models
 from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.data import synthetic
 import common  # bench/common.py (the script's folder is on sys.path)
@@ -39,7 +39,7 @@ _RUNS = flags.DEFINE_multi_string(
              "pre_steps=500"],
     "comma-separated key=value: role, type (qwen2/llama), d, layers, ff, heads, kv, batch, "
     "steps or n (+ epochs), lr, wd, warmup, seed; pre_steps > 0 first pre-trains on "
-    "scratch.pretraining_rows (2 to pre_max terms) at pre_lr")
+    "task_models.pretraining_rows (2 to pre_max terms) at pre_lr")
 _EVAL_AT = flags.DEFINE_list("eval_at", ["0.5", "1.0"], "fractions of the schedule to evaluate at")
 _TEST_N = flags.DEFINE_integer("test_n", 256, "test problems")
 _TAU1 = flags.DEFINE_bool("tau1", True, "also evaluate at tau=1")
@@ -86,16 +86,16 @@ def num_params(model) -> int:
 def pretrain(run: dict, tok, test, workdir: str) -> tuple[str, dict]:
   """A model pre-trained on easier chains (another writing style), saved under workdir; its
   record has its time and its accuracy on the real test set."""
-  rows = scratch.pretraining_rows(tok, run["pre_steps"] * run["batch"], seed=run["seed"] + 1,
-                                 max_terms=run["pre_max"])
-  cfg = scratch.scratch_config(batch_size=run["batch"], learning_rate=run["pre_lr"],
-                               eval_every=10**9, checkpoint_every=10**9)
+  rows = task_models.pretraining_rows(tok, run["pre_steps"] * run["batch"], seed=run["seed"] + 1,
+                                     max_terms=run["pre_max"])
+  cfg = task_models.scratch_config(batch_size=run["batch"], learning_rate=run["pre_lr"],
+                                   eval_every=10**9, checkpoint_every=10**9)
   t0 = time.perf_counter()
-  path, _ = scratch.train_from_scratch(os.path.join(workdir, "pre"), tokenizer=tok, rows=rows,
-                                       model_type=run["type"], shape=shape(run), config=cfg,
-                                       seed=run["seed"])
+  path, _ = task_models.train_from_scratch(os.path.join(workdir, "pre"), tokenizer=tok, rows=rows,
+                                           model_type=run["type"], shape=shape(run), config=cfg,
+                                           seed=run["seed"])
   train_s = time.perf_counter() - t0
-  acc, texts = scratch.accuracy(models.from_pretrained(path), tok, test, tau=0.0)
+  acc, texts = task_models.accuracy(models.from_pretrained(path), tok, test, tau=0.0)
   return path, dict(pre_train_s=round(train_s, 1), pre_greedy=acc,
                     pre_style=synthetic.style_summary(texts, [e.problem for e in test]))
 
@@ -105,31 +105,31 @@ def train_and_eval(run: dict, tok, test, workdir: str) -> dict:
   if run["pre_steps"]:
     start, pre = pretrain(run, tok, test, workdir)
     print(f"  pre-trained: {pre}", flush=True)
-  rows = scratch.example_rows(tok, synthetic.chains(run["n"], split="train", seed=run["seed"],
-                                                    **task_options()))
-  cfg = scratch.scratch_config(batch_size=run["batch"], learning_rate=run["lr"],
-                               weight_decay=run["wd"], warmup_fraction=run["warmup"],
-                               epochs=run["epochs"], seed=run["seed"], eval_every=10**9,
-                               checkpoint_every=10**9)
+  rows = task_models.example_rows(tok, synthetic.chains(run["n"], split="train", seed=run["seed"],
+                                                        **task_options()))
+  cfg = task_models.scratch_config(batch_size=run["batch"], learning_rate=run["lr"],
+                                   weight_decay=run["wd"], warmup_fraction=run["warmup"],
+                                   epochs=run["epochs"], seed=run["seed"], eval_every=10**9,
+                                   checkpoint_every=10**9)
   pairs = distill.sft_examples(tok, rows, system=None, max_length=cfg.max_length)
   total = distill.num_steps(len(pairs), cfg)
   stamps, train_s, evals, history = [], 0.0, [], []
   for frac in map(float, _EVAL_AT.value):
     model = (models.from_pretrained(start) if start else
-             scratch.random_model(tok, model_type=run["type"], seed=run["seed"], **shape(run)))
+             task_models.random_model(tok, model_type=run["type"], seed=run["seed"], **shape(run)))
     t0 = time.perf_counter()
     model, history = distill.distill(model, pairs, [], os.path.join(workdir, "train"), cfg,
                                      max_steps=max(1, round(frac * total)),
                                      on_step=lambda r: stamps.append(time.perf_counter()))
     train_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    acc, texts0 = scratch.accuracy(model, tok, test, tau=0.0)
+    acc, texts0 = task_models.accuracy(model, tok, test, tau=0.0)
     evals.append(dict(step=history[-1]["step"], train_s=round(train_s, 1), greedy=acc,
                       loss=round(float(np.mean([h["train_loss"] for h in history[-20:]])), 4),
                       eval_s=round(time.perf_counter() - t0, 1)))
     if _TAU1.value:
-      evals[-1]["tau1"], texts1 = scratch.accuracy(model, tok, test, tau=1.0)
-      evals[-1]["tau1_top_p"], _ = scratch.accuracy(model, tok, test, tau=1.0, top_p=0.95)
+      evals[-1]["tau1"], texts1 = task_models.accuracy(model, tok, test, tau=1.0)
+      evals[-1]["tau1_top_p"], _ = task_models.accuracy(model, tok, test, tau=1.0, top_p=0.95)
     print(f"  {run['role']} step {evals[-1]['step']}/{total}: {evals[-1]}", flush=True)
   out = dict(run, **pre, params=num_params(model), steps=total, train_s=round(train_s, 1),
              s_per_step=round(float(np.median(np.diff(stamps))), 4), evals=evals,
@@ -147,8 +147,8 @@ def sampling_time(teacher, tok, n: int) -> dict:
   prompts = build_prompts(tok, synthetic.chains(n, split="train", seed=9, **task_options()),
                           10**9, system=None).ids
   proxy_run = parse_run(_PROXY.value)
-  proxy = scratch.random_model(tok, model_type=proxy_run["type"], seed=1, **shape(proxy_run))
-  rows = scratch.example_rows(tok, synthetic.chains(64, split="holdout", **task_options()))
+  proxy = task_models.random_model(tok, model_type=proxy_run["type"], seed=1, **shape(proxy_run))
+  rows = task_models.example_rows(tok, synthetic.chains(64, split="holdout", **task_options()))
   grad, _ = gradients.proxy_gradient(proxy, [(r["prompt_ids"], r["completion_ids"]) for r in rows])
   out = {}
   for name, sampler, lam in (
@@ -167,9 +167,9 @@ def sampling_time(teacher, tok, n: int) -> dict:
 
 def bare_step_time(run: dict, tok, steps: int = 50) -> float:
   """Seconds per step of one jitted (grad + AdamW) program on a fixed batch of the run's shape."""
-  model = scratch.random_model(tok, model_type=run["type"], seed=0, **shape(run))
+  model = task_models.random_model(tok, model_type=run["type"], seed=0, **shape(run))
   graphdef, params = nnx.split(model, nnx.Param)
-  rows = scratch.example_rows(tok, synthetic.chains(run["batch"], split="train"))
+  rows = task_models.example_rows(tok, synthetic.chains(run["batch"], split="train"))
   pairs = distill.sft_examples(tok, rows, system=None, max_length=128)
   ids, pad, loss = (jnp.asarray(a) for a in gradients.pack_examples(pairs, len(pairs), 64))
   tx = optax.adamw(1e-3)
@@ -213,10 +213,10 @@ def print_table(report: dict) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  tok = tiny.task_tokenizer()
+  tok = task_models.task_tokenizer()
   test = synthetic.chains(_TEST_N.value, split="test", seed=0, **task_options())
   lengths = [len(r["prompt_ids"]) + len(r["completion_ids"])
-             for r in scratch.example_rows(tok, test)]
+             for r in task_models.example_rows(tok, test)]
   results = []
   root = tempfile.mkdtemp(prefix="synthetic_scale_")
   try:

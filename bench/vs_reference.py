@@ -48,7 +48,7 @@ import torch
 import transformers
 from absl import app, flags
 
-from antidistill_jax import gradients, models, pytrees, sampling, tiny
+from antidistill_jax import gradients, models, pytrees, random_checkpoints, sampling
 from antidistill_jax.models.checkpoint import hf_name
 
 import common  # bench/common.py (the script's folder is on sys.path)
@@ -203,8 +203,9 @@ def main(argv):
   torch.set_num_threads(threads)
   n, p = _NEW_TOKENS.value, _PROMPT_LEN.value
   with tempfile.TemporaryDirectory() as tmp:
-    tok = tiny.train_tokenizer(vocab_size=512)
-    paths = [tiny.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok, seed=seed, **cfg)
+    tok = random_checkpoints.train_tokenizer(vocab_size=512)
+    paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
+                                                     seed=seed, **cfg)
              for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
     teacher, proxy = (models.from_pretrained(x, dtype=jnp.float32) for x in paths)
     teacher_pt, proxy_pt = (transformers.AutoModelForCausalLM.from_pretrained(

@@ -1,30 +1,32 @@
 """Generate from a teacher, plainly and antidistilled (default: tiny random models built offline).
 
   python -m antidistill_jax.main --config=configs/generate.py \
-      --config.checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-7B \
-      --config.proxy=/path/to/Qwen2.5-3B --config.dtype=bfloat16 --config.lam=0.1
+      --config.models.teacher=/path/to/DeepSeek-R1-Distill-Qwen-7B \
+      --config.models.proxy=/path/to/Qwen2.5-3B --config.models.dtype=bfloat16 \
+      --config.generate.lam=0.1
+
+The prompts are the authors' (configs/base.py): their system turn, the problem as the user turn.
 """
 
-import ml_collections
+import os
+import runpy
+
+# configs/base.py by path, so this config loads from a checkout and from the installed package.
+base = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.checkpoint = ""  # local HF directory; empty: build a tiny random one under workdir
-  c.workdir = "runs/demo"
-  c.dtype = "float32"
-  c.prompts = (
-      "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
-      "in May. How many clips did Natalia sell altogether in April and May?",
-      "What is 12 + 30?",
-  )
-  c.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
-  c.max_new_tokens = 32
-  c.tau = 1.0  # 0 is greedy
-  c.top_p = 0.95
-  c.seed = 0
-  c.proxy = ""  # local HF directory sharing the teacher's tokenizer; empty: a tiny random one
-  c.lam = 5.0  # 0: plain sampling only
-  c.eps = 1e-2  # method="fd" only
-  c.method = "jvp"  # exact Delta ("fd": the paper's finite difference)
+def get_config():
+  c = base["get_config"]()
+  c.job = "generate"
+  # "": a tiny random teacher (and proxy) built once under generate.workdir.
+  c.models.update(dict(teacher="", proxy="", dtype="float32"))
+  c.sample.update(dict(max_new_tokens=32, top_p=0.95, eps=1e-2, method="jvp"))
+  c.generate.update(dict(
+      problems=(
+          "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+          "clips in May. How many clips did Natalia sell altogether in April and May?",
+          "What is 12 + 30?"),
+      tau=1.0,  # 0 is greedy
+      lam=5.0,  # 0: plain sampling only
+      workdir="runs/demo"))
   return c

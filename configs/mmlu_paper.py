@@ -1,5 +1,6 @@
 """The paper's MMLU experiment: configs/gsm8k_paper.py on MMLU (auxiliary_train 70/30 as
-train/holdout, test = MMLU test, answers as a boxed letter), distillation at max length 2,048."""
+train/holdout, test = MMLU test, answers as a boxed letter), distillation at max length 2,048.
+The prompts stay the authors' math SYSTEM_PROMPT: their code sends it for MMLU too."""
 
 import os
 import runpy

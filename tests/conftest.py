@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
-from antidistill_jax import tiny  # noqa: E402
+from antidistill_jax import random_checkpoints  # noqa: E402
 
 VOCAB = 320  # tokenizer size; tables are padded past it like real checkpoints
 
@@ -43,8 +43,9 @@ def build_hf_checkpoint(path, model_type: str, tokenizer, seed: int = 0, vocab_s
   import torch
   import transformers
   torch.manual_seed(seed)
-  hf = tiny.tiny_hf_config(model_type, vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, **overrides)
+  hf = random_checkpoints.tiny_hf_config(model_type, vocab_size=vocab_size,
+                                         eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, **overrides)
   config = transformers.AutoConfig.for_model(**hf)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
   _randomize(model, seed)
@@ -69,7 +70,7 @@ ARCHS = {"qwen2": QWEN2, "llama": LLAMA}
 
 @pytest.fixture(scope="session")
 def tokenizer():
-  return tiny.train_tokenizer(vocab_size=VOCAB)
+  return random_checkpoints.train_tokenizer(vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="session", params=sorted(ARCHS))

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from antidistill_jax import gradients, models, parallel, sampling
+from antidistill_jax.sampling import adjustment
 from conftest import VOCAB, generate, random_examples
 
 
@@ -55,7 +56,7 @@ def test_cached_delta_equals_full_recompute_at_every_position(pair, method):
     state = (jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus), eps)
   else:
     state = (theta, grad)
-  proxies = sampling._Proxies(graphdef, method, fd_stacked=True)
+  proxies = adjustment._Proxies(graphdef, method, fd_stacked=True)
   prompts = [[5, 17, 40, 2], [8, 120, 33, 4, 61, 9, 10]]
   ids, mask = sampling.left_pad(prompts, pad_id=0)
   new = np.array([[3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from antidistill_jax import distill, gradients, models, parallel, tiny
+from antidistill_jax import distill, gradients, models, parallel, random_checkpoints
 from antidistill_jax.pytrees import flatten
 from conftest import LLAMA, build_hf_checkpoint, random_examples, torch_logits
 
@@ -117,7 +117,8 @@ def test_distilling_lowers_the_loss_on_the_traces(student_dir, tmp_path, lora_ra
 
 
 def test_student_retokenizes_traces_with_its_own_template(tokenizer):
-  student_tok = tiny.train_tokenizer(vocab_size=400)  # another vocabulary than the teacher's
+  # Another vocabulary than the teacher's.
+  student_tok = random_checkpoints.train_tokenizer(vocab_size=400)
   traces = [{"problem": "What is 2 + 3?", "completion": "2 + 3 = 5. #### 5", "finished": True},
             {"problem": "What is 7 * 6?", "completion": "7 * 6 = 42 " * 30, "finished": False}]
   out = distill.sft_examples(student_tok, traces, system="Be brief.", max_length=80)

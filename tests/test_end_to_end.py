@@ -7,8 +7,8 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from antidistill_jax import (data, distill, evaluation, gradients, grading, models, sampling,
-                             tiny, traces)
+from antidistill_jax import (data, distill, evaluation, gradients, grading, models,
+                             random_checkpoints, sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 
 GSM8K_DIR = os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
@@ -20,9 +20,11 @@ GSM8K_DIR = os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
 def test_tiny_experiment_end_to_end(tmp_path):
   holdout = data.load_split("gsm8k", "holdout", manual_dir=GSM8K_DIR, data_dir=tmp_path / "tfds")[:4]
   train = data.load_split("gsm8k", "train", manual_dir=GSM8K_DIR, data_dir=tmp_path / "tfds")[:4]
-  tok = tiny.train_tokenizer([e.problem + e.solution for e in holdout + train], vocab_size=400)
+  tok = random_checkpoints.train_tokenizer([e.problem + e.solution for e in holdout + train],
+                                          vocab_size=400)
   small = dict(hidden_size=32, intermediate_size=64)
-  paths = {name: tiny.make_tiny_checkpoint(tmp_path / name, tokenizer=tok, seed=seed, **cfg)
+  paths = {name: random_checkpoints.make_tiny_checkpoint(tmp_path / name, tokenizer=tok,
+                                                         seed=seed, **cfg)
            for name, seed, cfg in (("teacher", 0, {}), ("proxy", 1, small),
                                    ("student", 2, dict(small, model_type="llama")))}
   teacher = models.from_pretrained(paths["teacher"])

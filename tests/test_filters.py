@@ -189,7 +189,6 @@ def test_hugging_face_warper_chain():
   logits = random_logits(9, 7, 4096)
   logits[:, 4000:] = -np.inf  # padding rows, as the sampler masks them
   ids = torch.zeros((7, 1), dtype=torch.long)
-  warp = jax.jit(filters.warp_logits, static_argnums=2)
   for tau in (0.6, 1.0, 1.4):
     tempered = jnp.asarray(logits) / tau
     for top_k, top_p in ((50, 0.95), (50, 0.5), (None, 0.95), (None, 0.3)):
@@ -200,5 +199,3 @@ def test_hugging_face_warper_chain():
       ours = jitted(top_k)[0](tempered, jnp.float32(top_p))
       # XLA's float32 division may differ from torch's by an ulp: the band absorbs it.
       assert_same_kept(ours, scores.numpy(), tempered, top_k, top_p)
-  np.testing.assert_array_equal(warp(jnp.asarray(logits), 0.7, 50, 0.95),
-                                jitted(50)[0](jnp.asarray(logits) / 0.7, jnp.float32(0.95)))

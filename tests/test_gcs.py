@@ -1,51 +1,31 @@
-"""gs:// workdirs, with no network: a fake `gs` filesystem for fsspec (the backend etils.epath
-uses for gs:// when tensorflow is absent) that keeps a bucket's objects under a local folder.
-The pipeline's own files (traces and their resume folders, evaluations, the index, runs.jsonl,
-the report, TensorBoard events, model folders) go through it. orbax's checkpoints (the proxy
+"""gs:// workdirs, with no network: a fake `gs` filesystem (tests/fake_gcs.py) that keeps a
+bucket's objects under a local folder.
+The pipeline's own files (traces and their resume folders, evaluations, records and claims, the
+index, the report, TensorBoard events, model folders) go through it. orbax's checkpoints (the proxy
 gradient, distillation state) use tensorstore's own GCS driver, which this cannot fake: those
 stages are left out here."""
 
 import json
 import os
 
-import fsspec
 import pytest
 from etils import epath
-from fsspec.implementations.local import LocalFileSystem
 
+import fake_gcs
 from antidistill_jax import files, pipeline
+from fake_gcs import FakeGCS
 from configs import tiny as tiny_config
-
-
-class FakeGCS(LocalFileSystem):
-  """gs://bucket/key <-> <root>/bucket/key. Like gcsfs: no rename of folders is needed by us,
-  and objects are written whole when their file closes."""
-  protocol = ("gs", "gcs")
-  root = ""
-
-  def __init__(self, *args, finalize_on_close=True, **kwargs):
-    super().__init__(*args, auto_mkdir=True, **kwargs)  # an object store has no folders to make
-
-  @classmethod
-  def _strip_protocol(cls, path):
-    path = os.fspath(path)
-    for prefix in ("gs://", "gcs://"):
-      if path.startswith(prefix):
-        return os.path.join(cls.root, path[len(prefix):])
-    return super()._strip_protocol(path)
 
 
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
   """A fake bucket gs://bucket, stored under tmp_path/gcs; a fresh local cache."""
   monkeypatch.setattr(FakeGCS, "root", str(tmp_path / "gcs"))
-  fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-  fsspec.register_implementation("gs", FakeGCS, clobber=True)
-  from etils.epath import backend
-  backend.fsspec_backend._get_filesystem.cache_clear()
+  fake_gcs.register(tmp_path / "gcs")
   monkeypatch.setenv("ANTIDISTILL_CACHE", str(tmp_path / "cache"))
   (tmp_path / "gcs" / "bucket").mkdir(parents=True)
   yield tmp_path / "gcs" / "bucket"
+  from etils.epath import backend
   backend.fsspec_backend._get_filesystem.cache_clear()
 
 
@@ -70,15 +50,10 @@ def test_files_write_read_and_copy_folders(bucket, tmp_path):
 def _run_without_orbax(workdir):
   """Every stage that needs no orbax checkpoint: holdout traces, the temperature points'
   trace sets and teacher evaluations, the undistilled student, the report."""
-  experiment = pipeline.Experiment(tiny_config.get_config(), workdir)
-  experiment.run_holdout()
-  for point in experiment.points:
-    if point.kind == "temperature":
-      experiment.run_sample(point)
-      experiment.run_eval_teacher(point)
-  experiment.run_eval_base()
-  experiment.run_report()
-  experiment.events.close()
+  config = tiny_config.get_config()
+  config.grid.ads_lam_over_eps = ()  # ADS needs g, an orbax checkpoint
+  experiment = pipeline.Experiment(config, workdir)
+  experiment.run(["models", "holdout", "sample", "eval_teacher", "eval_base", "report"])
   return experiment
 
 
@@ -97,14 +72,18 @@ def test_a_gs_workdir_holds_what_a_local_one_does(bucket, tmp_path, monkeypatch)
   assert remote.holdout_key() == local.holdout_key()  # the same models, read back from gs://
 
   in_bucket, on_disk = _tree(bucket / "run"), _tree(tmp_path / "local_run")
-  same_files = lambda t: {k for k in t if "tensorboard" not in k and "report" not in k}
+  same_files = lambda t: {k for k in t if not k.startswith(("tensorboard", "report", "runs/"))}
   assert same_files(in_bucket) == same_files(on_disk)
   assert not [k for k in in_bucket if ".partial" in k or ".tmp" in k]
   for rel in in_bucket:
     if rel.endswith("traces.jsonl") or rel.endswith("eval.jsonl"):
       rows = lambda p: [json.loads(l)["completion_ids"] for l in open(p)]
       assert rows(in_bucket[rel]) == rows(on_disk[rel]), rel
-  for name in ("report/results.md", "report/results.json", "runs.jsonl"):  # no student: no plot
+  records = pipeline.Store("gs://bucket/run").records()
+  assert sorted({r["stage"] for r in records}) == ["eval_base", "eval_teacher", "holdout",
+                                                    "models", "sample"]
+  assert len(pipeline.Store("gs://bucket/run").runs()) == 1
+  for name in ("report/results.md", "report/results.json"):  # no student: no plot
     assert os.path.getsize(in_bucket[name]) > 0
   assert any("tensorboard/events.out.tfevents" in k for k in in_bucket)
   assert sorted(os.listdir(tmp_path)) == ["cache", "gcs", "local_run"]
@@ -117,8 +96,11 @@ def test_trace_generation_resumes_in_a_bucket(bucket, monkeypatch):
   config = tiny_config.get_config()
   config.data.max_train = 8
   config.sample.batch_size = 4
+  config.grid.ads_lam_over_eps = ()
+  config.grid.temperatures = (1.0,)
   experiment = pipeline.Experiment(config, "gs://bucket/run")
-  point = next(p for p in experiment.points if p.kind == "temperature")
+  experiment.run(["models"])
+  point = experiment.points[0]
   real = sampling.Sampler.__call__
   calls = []
 
@@ -130,14 +112,14 @@ def test_trace_generation_resumes_in_a_bucket(bucket, monkeypatch):
 
   monkeypatch.setattr(sampling.Sampler, "__call__", dying)
   with pytest.raises(KeyboardInterrupt):
-    experiment.run_sample(point)
+    experiment.run(["sample"])
   out = experiment.out_dir("sample", experiment.sample_key(point))
   partial = epath.Path(os.fspath(out / "traces.jsonl") + ".partial")
   assert sorted(p.name for p in partial.iterdir()) == ["000000000.jsonl", "state.json"]
   calls.clear()
   monkeypatch.setattr(sampling.Sampler, "__call__", real)
-  experiment.run_sample(point)
+  experiment.run(["sample"])
   resumed = (out / "traces.jsonl").read_bytes()
   fresh = pipeline.Experiment(config, "gs://bucket/fresh")
-  fresh.run_sample(point)
+  fresh.run(["models", "sample"])
   assert resumed == (fresh.out_dir("sample", fresh.sample_key(point)) / "traces.jsonl").read_bytes()

@@ -111,11 +111,21 @@ def test_kv_cached_decode_equals_full_forward(hf_checkpoint):
     assert rel_err(cached[i], full[len(row) - 1:]) <= 1e-5
 
 
+def empty_cache(model, batch: int, max_len: int) -> models.KVCache:
+  """A cache of `max_len` zero slots with nothing written (end = 0, no left padding): the
+  state `model.step` starts a chunked prefill from."""
+  cfg = model.config
+  zeros = lambda: tuple(jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), model.dtype)
+                        for _ in range(cfg.num_layers))
+  return models.KVCache(k=zeros(), v=zeros(), start_B=jnp.zeros((batch,), jnp.int32),
+                        end=jnp.zeros((), jnp.int32))
+
+
 def test_chunked_prefill_through_step_equals_one_prefill(hf_checkpoint):
   path, _ = hf_checkpoint
   model = models.from_pretrained(path)
   ids = np.random.default_rng(3).integers(0, 320, size=(2, 24))
-  cache = model.init_cache(2, 32)
+  cache = empty_cache(model, 2, 32)
   first, cache = model.step(jnp.asarray(ids[:, :10]), cache)
   second, cache = model.step(jnp.asarray(ids[:, 10:]), cache)
   full = np.asarray(model(jnp.asarray(ids)))

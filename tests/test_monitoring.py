@@ -82,7 +82,7 @@ def test_scalars_read_back_by_tensorboard(tmp_path):
   with monitoring.EventWriter(logdir, enabled=True) as tb:
     for step in range(5):
       tb.scalars({"train/loss": 1.0 / (step + 1), "train/grad_norm": np.float32(step)}, step)
-    tb.scalar("holdout/loss", 0.1, 4)
+    tb.scalars({"holdout/loss": 0.1}, 4)
     tb.flush()
     # Flushed data is readable while the writer is still open.
     assert _load(logdir).Scalars("holdout/loss")[0].value == pytest.approx(0.1)
@@ -106,7 +106,7 @@ def test_scalars_read_back_by_tensorboard(tmp_path):
 def test_rotation_gives_several_files_read_as_one_run(tmp_path):
   with monitoring.EventWriter(tmp_path, enabled=True, rotate_seconds=0.0) as tb:
     for step in range(1, 13):
-      tb.scalar("loss", float(step), step)
+      tb.scalars({"loss": float(step)}, step)
   paths = sorted(tmp_path.iterdir())
   assert len(paths) == 12 and paths == tb.paths  # name order is creation order (past 9 too)
   for path in paths:
@@ -123,13 +123,13 @@ def test_remote_logdirs_rotate_by_default(tmp_path):
   assert local.rotate_seconds == float("inf")
   local.close()
   with pytest.raises(ValueError, match="closed"):
-    local.scalar("x", 1.0, 0)
+    local.scalars({"x": 1.0}, 0)
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
   logdir = tmp_path / "tb"
   with monitoring.EventWriter(logdir, enabled=False) as tb:
-    tb.scalar("loss", 1.0, 0)
+    tb.scalars({"loss": 1.0}, 0)
     tb.scalars({"a": 1.0}, 1)
     tb.flush()
   assert not logdir.exists() and tb.paths == []
@@ -178,7 +178,7 @@ def test_other_processes_draw_and_log_nothing(monkeypatch, capsys, caplog, tmp_p
     bar.update(10)
   line = monitoring.stage_summary("sample", 1.0)
   with monitoring.EventWriter(tmp_path / "tb") as tb:
-    tb.scalar("loss", 1.0, 0)
+    tb.scalars({"loss": 1.0}, 0)
   captured = capsys.readouterr()
   assert captured.out == captured.err == "" and not caplog.records
   assert bar.summary.startswith("sampling: 10 tok in ") and line == "sample: 1 s"

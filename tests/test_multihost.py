@@ -62,7 +62,7 @@ def results(workdir) -> dict:
       out[os.path.relpath(path, workdir)] = [
           (r["index"], r["completion_ids"], r["correct"], r.get("forced_correct"))
           for r in map(json.loads, f)]
-  for path in glob.glob(os.path.join(workdir, "*", "*", "done.json")):
+  for path in glob.glob(os.path.join(workdir, "records", "*", "*.json")):
     with open(path) as f:
       out[os.path.relpath(path, workdir)] = json.load(f)["metrics"]
   return out
@@ -82,7 +82,11 @@ def test_two_processes_equal_one(tmp_path):
   procs = run_processes([multi, multi])
   for i, (code, out) in enumerate(procs):
     assert code == 0, f"process {i}:\n{out[-4000:]}"
-  assert "process 1 of 2, 8 devices" in procs[1][1]
+  logs = []  # one log file per process in the workdir (main.route_logs)
+  for path in glob.glob(os.path.join(multi, "logs", "*.log")):
+    with open(path) as f:
+      logs.append(f.read())
+  assert len(logs) == 2 and any("process 1 of 2, 8 devices" in log for log in logs)
 
   single = str(tmp_path / "one_process")
   p = subprocess.run(_command(single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
@@ -95,11 +99,10 @@ def test_two_processes_equal_one(tmp_path):
   assert sorted(a) == sorted(b) and len(a) > 20
   different = [k for k in a if not close(a[k], b[k])]
   assert not different, different
-  # Process 0 alone wrote: one line per stage run in runs.jsonl, not two.
-  with open(os.path.join(multi, "runs.jsonl")) as f:
-    multi_runs = [json.loads(line)["stage"] for line in f]
-  with open(os.path.join(single, "runs.jsonl")) as f:
-    assert multi_runs == [json.loads(line)["stage"] for line in f]
+  # Process 0 alone wrote each record, once.
+  writers = {json.load(open(p))["pid"] for p in glob.glob(os.path.join(multi, "records", "*",
+                                                                          "*.json"))}
+  assert len(writers) == 1
 
 
 def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):

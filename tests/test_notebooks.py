@@ -6,6 +6,7 @@ import os
 import re
 
 import matplotlib
+from etils import epath
 
 from antidistill_jax import pipeline
 
@@ -38,14 +39,14 @@ def test_quickstart_runs_the_experiment_and_shows_its_results(tmp_path, monkeypa
   run_cells("quickstart.ipynb", code_cells("quickstart.ipynb"), namespace)
   assert namespace["config"].data.max_train == 32  # the reduced size
   workdir = tmp_path / "runs" / "synthetic_reduced"
-  # Every stage ran (the report writes no runs.jsonl line), each grid point through each of its
+  # Every stage ran (the report is derived: no record), each grid point through each of its
   # stages, and the report holds the table, the matched comparison and both figures.
-  with open(workdir / "runs.jsonl") as f:
-    runs = [json.loads(line) for line in f]
+  records = namespace["records"]
+  assert records == pipeline.Store(str(workdir)).records()
   points = {p.name for p in namespace["experiment"].points}
-  assert {r["stage"] for r in runs} == set(pipeline.STAGES) - {"report"}
+  assert {r["stage"] for r in records} == set(pipeline.STAGES) - {"report"}
   for stage in pipeline.PER_POINT:
-    assert {r["point"] for r in runs if r["stage"] == stage} == points, stage
+    assert {r["entry"] for r in records if r["stage"] == stage} == points, stage
   for name in ("results.md", "figure3.png", "figure5.png"):
     assert os.path.getsize(workdir / "report" / name) > 0, name
   assert "| undistilled student |" in namespace["results_md"]
@@ -91,7 +92,7 @@ def test_gsm8k_tpu_notebook_builds_its_experiment_offline(tmp_path, monkeypatch)
   assert dict(namespace["mesh"].shape) == {"data": 2, "model": 4}  # the tests' 8 devices
   experiment = namespace["experiment"]
   assert experiment.config is config and experiment.mesh is namespace["mesh"]
-  assert os.path.isdir(tmp_path / "runs" / "gsm8k")  # the workdir, created by the constructor
+  assert not os.path.exists(tmp_path / "runs" / "gsm8k")  # set up, nothing written yet
   kinds = [p.kind for p in namespace["points"]]  # the paper's grid: 20 lams x 2 taus, 20 temps
   assert (kinds.count("ads"), kinds.count("temperature")) == (38, 21)
   edited = run(TEACHER="/ckpt/teacher", PROXY="/ckpt/proxy", STUDENT="/ckpt/student",
@@ -100,5 +101,5 @@ def test_gsm8k_tpu_notebook_builds_its_experiment_offline(tmp_path, monkeypatch)
   assert (c.models.teacher, c.models.proxy, c.models.student, c.models.dtype) == (
       "/ckpt/teacher", "/ckpt/proxy", "/ckpt/student", "float32")
   assert dict(edited["mesh"].shape) == {"data": 4, "model": 2}
-  assert os.path.isdir(tmp_path / "edited")
+  assert edited["experiment"].workdir == epath.Path(tmp_path / "edited")
   assert not (tmp_path / "cache").exists()  # nothing was fetched

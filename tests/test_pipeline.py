@@ -1,6 +1,7 @@
 """The experiment as one command: configs/tiny.py end to end through the CLI, a rerun that does
 no work, a changed lam that makes new traces, grid sharding, and the report of a partial grid."""
 
+import glob
 import json
 import os
 import subprocess
@@ -14,20 +15,27 @@ from configs import tiny as tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(workdir, *flags):
-  """Runs the README's experiment command in a fresh process; returns its combined output."""
+def cli(workdir, *flags, shard=None, wait=True):
+  """Runs the README's experiment command in a fresh process; returns its combined output (or
+  the running process, wait=False)."""
   env = dict(os.environ, ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS="")
-  proc = subprocess.run(
-      [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=900)
+  command = [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
+             f"--workdir={workdir}", *flags] + ([f"--shard={shard}"] if shard else [])
+  if not wait:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout + proc.stderr
 
 
 def runs(workdir):
-  with open(os.path.join(workdir, "runs.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  """Each run's summary (stages and their computed / reused / waited counts), oldest first."""
+  return sorted(pipeline.Store(str(workdir)).runs(), key=lambda r: r["run"])
+
+
+def records(workdir):
+  return pipeline.Store(str(workdir)).records()
 
 
 def tree_bytes(workdir, stage):
@@ -41,62 +49,155 @@ def tree_bytes(workdir, stage):
   return out
 
 
+SHARED = ("models", "holdout", "grad", "eval_base")
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+  """configs/tiny.py run as two concurrent shards (--shard=0/2 and 1/2) on one workdir."""
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  cli(workdir)
+  procs = [cli(workdir, shard=f"{i}/2", wait=False) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
   return workdir
 
 
-def test_tiny_config_runs_every_stage_then_a_rerun_does_no_work(finished):
-  first = runs(finished)
+def test_concurrent_shards_share_the_shared_stages_then_a_rerun_does_no_work(finished):
   points = pipeline.grid(tiny_config.get_config())
-  per_point = {s: len(points) for s in pipeline.PER_POINT}
-  counts = {s: sum(r["stage"] == s for r in first) for s in pipeline.STAGES if s != "report"}
-  # tiny trains no models and has a fixed grid: no models or calibrate stage runs.
-  assert counts == dict(models=0, holdout=1, grad=1, calibrate=0, eval_base=1, **per_point)
-  assert not any(r["reused"] for r in first)
+  first = runs(finished)
+  assert len(first) == 2 and all(r["finished"] for r in first)
+  done = lambda stage, how: sum(r["stages"][stage][how] for r in first)
+  for stage in SHARED:  # run once across the shards: the other job waited or found it done
+    assert done(stage, "computed") == 1, stage
+    assert done(stage, "waited") + done(stage, "reused") == 1, stage
+  for stage in pipeline.PER_POINT:  # each point by its own shard
+    assert done(stage, "computed") == len(points) and done(stage, "waited") == 0, stage
+  by_stage = {}
+  for r in records(finished):
+    by_stage.setdefault(r["stage"], []).append(r)
+  assert {s: len(v) for s, v in by_stage.items()} == dict(
+      models=1, holdout=1, grad=1, eval_base=1, **{s: len(points) for s in pipeline.PER_POINT})
+  assert {r["entry"] for r in by_stage["sample"]} == {p.name for p in points}
+
+  before = {s: tree_bytes(finished, s) for s in ("records", "sample", "distill", "eval_teacher")}
+  output = cli(finished)  # one job, every point: all found
+  again = runs(finished)[-1]
+  assert all(c["computed"] == 0 and c["waited"] == 0 for s, c in again["stages"].items()
+             if s != "report")
+  assert {s: tree_bytes(finished, s) for s in before} == before  # nothing rewritten
   for name in ("figure3.png", "figure5.png", "results.md"):
     assert os.path.getsize(os.path.join(finished, "report", name)) > 0
   table = open(os.path.join(finished, "report", "results.md")).read()
   assert all(p.name in table for p in points) and "undistilled student" in table
+  # The terminal: a line per stage and the result, no library chatter.
+  lines = [line for line in output.splitlines() if line.strip()]
+  assert all(any(line.startswith(f"{s}: ") for line in lines) for s in pipeline.STAGES)
+  assert not [line for line in lines if "orbax" in line.lower() or "absl" in line.lower()]
   # TensorBoard (no tensorflow): each student's losses per step, and every stage's metrics.
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  events = EventAccumulator(os.path.join(finished, "tensorboard"))
-  events.Reload()
-  tags = set(events.Tags()["scalars"])
-  steps = [e.step for e in events.Scalars(f"distill/{points[0].name}/train_loss")]
+  tags, steps = set(), []
+  for run_dir in {os.path.dirname(p) for p in glob.glob(
+      os.path.join(finished, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)}:
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    tags |= set(events.Tags()["scalars"])
+    if f"distill/{points[0].name}/train_loss" in events.Tags()["scalars"]:
+      steps = [e.step for e in events.Scalars(f"distill/{points[0].name}/train_loss")]
   assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
   assert {f"summary/eval_teacher/{p.name}/accuracy" for p in points} <= tags
-  before = {s: tree_bytes(finished, s) for s in ("sample", "distill", "eval_teacher")}
 
-  cli(finished)
-  second = runs(finished)[len(first):]
-  assert len(second) == len(first) and all(r["reused"] for r in second)
-  assert [r["key"] for r in second] == [r["key"] for r in first]
-  assert {s: tree_bytes(finished, s) for s in before} == before  # nothing rewritten
+
+def test_a_rerun_builds_no_model(finished, tmp_path, monkeypatch):
+  """Finding finished work needs keys, and keys need no model: with from_pretrained and the
+  tiny builder patched to raise, a rerun of the finished run goes through."""
+  from antidistill_jax import models, random_checkpoints
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("a model was built to find finished work")
+
+  monkeypatch.setattr(models, "from_pretrained", forbidden)
+  monkeypatch.setattr(random_checkpoints, "make_tiny_checkpoint", forbidden)
+  experiment = pipeline.Experiment(tiny_config.get_config(), finished)
+  counts = experiment.run([s for s in pipeline.STAGES if s != "report"])
+  assert all(c["computed"] == 0 and c["reused"] > 0 for s, c in counts.items()
+             if s != "calibrate"), counts
+
+
+def test_checkpoints_are_known_by_their_files(finished, tmp_path, monkeypatch):
+  """config.models folders: keys hash the files (cached per file), never loaded weights. The
+  same files give the same keys and no model is built on a rerun; one changed byte (the chat
+  template, say) gives a new key."""
+  import shutil
+  from antidistill_jax import models
+  monkeypatch.setenv("ANTIDISTILL_CACHE", str(tmp_path / "cache"))
+  made = pipeline.Experiment(tiny_config.get_config(), finished)
+  config = tiny_config.get_config()
+  config.tiny.enabled = False
+  for role in ("teacher", "proxy", "student"):
+    setattr(config.models, role, str(shutil.copytree(made.model_path(role), tmp_path / role)))
+  workdir = str(tmp_path / "run")
+  first = pipeline.Experiment(config, workdir)
+  assert first.run(["holdout", "eval_base"])["holdout"]["computed"] == 1
+  key = first.holdout_key()
+
+  monkeypatch.setattr(models, "from_pretrained", lambda *a, **k: pytest.fail("model built"))
+  again = pipeline.Experiment(config, workdir)
+  assert again.holdout_key() == key
+  assert again.run(["holdout", "eval_base"])["eval_base"]["reused"] == 1
+  config_json = tmp_path / "teacher" / "tokenizer_config.json"
+  config_json.write_text(config_json.read_text().replace("}", ', "note": 1}', 1))
+  assert pipeline.Experiment(config, workdir).holdout_key() != key
+
+
+def test_keys_hold_only_what_changes_an_output(finished):
+  """Temperature points do not use the proxy: their keys ignore sample.method, placement and
+  eps, and so do the students and evaluations built on them; the exact JVP ignores eps."""
+  base = pipeline.Experiment(tiny_config.get_config(), finished)
+  config = tiny_config.get_config()
+  config.sample.method, config.sample.placement = "fd", "reference"
+  other = pipeline.Experiment(config, finished)
+  for point in base.points:
+    same = point.kind == "temperature"
+    for key in ("sample_key", "distill_key", "eval_student_key", "eval_teacher_key"):
+      assert (getattr(base, key)(point) == getattr(other, key)(point)) == same, (key, point)
+  ads = next(p for p in base.points if p.kind == "ads")
+  moved = pipeline.Point("ads", ads.tau, ads.lam, ads.eps * 2)  # the same lam, another eps
+  assert base.sample_key(moved) == base.sample_key(ads)
+  assert other.sample_key(moved) != other.sample_key(ads)  # fd uses eps
+
+
+def test_tiny_models_are_keyed(finished):
+  """Changing config.tiny makes other models (and every key after them), never reuses the
+  old ones."""
+  base = pipeline.Experiment(tiny_config.get_config(), finished)
+  config = tiny_config.get_config()
+  config.tiny.teacher.hidden_size = 48
+  changed = pipeline.Experiment(config, finished)
+  assert changed.models_key() != base.models_key()
+  assert changed.holdout_key() != base.holdout_key()
+  with pytest.raises(FileNotFoundError, match="run the models stage first"):
+    changed.model_path("teacher")
 
 
 def test_a_changed_lam_samples_new_traces(finished, tmp_path):
   import shutil
   finished = shutil.copytree(finished, tmp_path / "copy")  # the fixture stays as it was
-  before = runs(finished)
-  old = {r["key"] for r in before if r["stage"] == "sample"}
-  cli(finished, "--stages=sample", "--config.grid.ads_lam_over_eps=(100.0,)")
-  this_run = runs(finished)[len(before):]
-  new = [r for r in this_run if not r["reused"]]
-  assert len(new) == 1 and new[0]["point"] == "ads_tau1_lam1" and new[0]["key"] not in old
-  # The lam=0 points have the same settings as before: reused, not resampled.
-  assert sorted(r["point"] for r in this_run if r["reused"]) == [
-      "temperature_tau1.5_lam0", "temperature_tau1_lam0"]
+  old = {r["key"]: r for r in records(finished) if r["stage"] == "sample"}
+  cli(finished, "--stages=sample", "--config.grid.ads_lam_over_eps=(100.0,)",
+      "--config.sample.method=fd")
+  counts = runs(finished)[-1]["stages"]["sample"]
+  assert counts == dict(computed=1, reused=2, waited=0, seconds=counts["seconds"])
+  new = [r for r in records(finished) if r["stage"] == "sample" and r["key"] not in old]
+  assert len(new) == 1 and new[0]["entry"] == "ads_tau1_lam1"
   read = lambda key: open(os.path.join(finished, "sample", key, "traces.jsonl")).read()
-  ads_old = next(r["key"] for r in runs(finished) if r["point"] == "ads_tau1_lam3")
+  ads_old = next(k for k, r in old.items() if r["entry"] == "ads_tau1_lam3")
   assert read(new[0]["key"]) != read(ads_old)
 
 
 def test_stages_need_their_inputs(tmp_path):
   experiment = pipeline.Experiment(tiny_config.get_config(), str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=r"run the grad stage first"):
+  with pytest.raises(FileNotFoundError, match=r"run the models stage first"):
     experiment.run(["sample"])
   with pytest.raises(ValueError, match="unknown stages"):
     experiment.run(["sampel"])
@@ -204,7 +305,7 @@ def test_sigkill_during_a_stage_then_a_rerun_equals_an_uninterrupted_run(finishe
 def test_a_hub_id_offline_names_the_local_alternative(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(FileNotFoundError, match=r"could not fetch hub model 'org/no-such-model'"
-                                              r".*--config.teacher=DIR"):
+                                              r".*--config.models.teacher=DIR"):
     pipeline.resolve_checkpoint("org/no-such-model", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     pipeline.resolve_checkpoint(str(tmp_path / "missing"), str(tmp_path))
@@ -222,7 +323,7 @@ def test_the_installed_package_finds_its_configs(tmp_path):
   elsewhere.mkdir()
   proc = subprocess.run(
       [sys.executable, "-m", "antidistill_jax.main", "--config=configs/tiny.py",
-       f"--workdir={tmp_path / 'run'}", "--stages=holdout,grad"], cwd=elsewhere, env=env,
+       f"--workdir={tmp_path / 'run'}", "--stages=models,holdout,grad"], cwd=elsewhere, env=env,
       capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   where = subprocess.run([sys.executable, "-c", "import antidistill_jax; print(antidistill_jax.__file__)"],
@@ -233,7 +334,7 @@ def test_the_installed_package_finds_its_configs(tmp_path):
        "print(main.flags.FLAGS['config'].config_filename)"],
       cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
   assert default.stdout.strip() == str(target / "antidistill_jax" / "configs" / "synthetic.py")
-  assert [r["stage"] for r in runs(tmp_path / "run")] == ["holdout", "grad"]
+  assert [r["stage"] for r in records(tmp_path / "run")] == ["models", "holdout", "grad"]
 
 
 def test_a_mesh_shards_the_models_and_fsdp_the_teacher(tmp_path):
@@ -242,6 +343,7 @@ def test_a_mesh_shards_the_models_and_fsdp_the_teacher(tmp_path):
   config.mesh.fsdp_teacher = True
   mesh = parallel.make_mesh(data=2, model=4)
   experiment = pipeline.Experiment(config, str(tmp_path), mesh=mesh)
+  experiment.run(["models"])
   teacher, proxy = experiment.model("teacher").model, experiment.model("proxy").model
   assert tuple(teacher.layers[0].mlp.up_proj.kernel[...].sharding.spec) == ("data", "model")
   assert tuple(proxy.layers[0].mlp.up_proj.kernel[...].sharding.spec) == (None, "model")
@@ -281,7 +383,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows = 4, 8
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
-  stages = [r["stage"] for r in runs(tmp_path)]
+  stages = [r["stage"] for r in records(tmp_path)]
   assert stages[:4] == ["models", "holdout", "grad", "calibrate"]
   lams = experiment.calibrated_lams()
   assert 1 <= len(lams) <= 2 and all(lam > 0 for lam in lams)

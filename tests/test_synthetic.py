@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from antidistill_jax import grading, models, scratch, tiny
+from antidistill_jax import grading, models, task_models
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.data import synthetic
 
@@ -15,7 +15,7 @@ STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
 
 @pytest.fixture(scope="module")
 def tok():
-  return tiny.task_tokenizer()
+  return task_models.task_tokenizer()
 
 
 def _steps(solution):
@@ -99,7 +99,7 @@ def test_task_tokenizer_one_token_per_character(tmp_path, tok):
 
 
 def test_pretraining_rows_are_easier_and_written_one_way(tok):
-  rows = scratch.pretraining_rows(tok, 50, max_terms=3)
+  rows = task_models.pretraining_rows(tok, 50, max_terms=3)
   assert len(rows) == 50 and all(r["finished"] for r in rows)
   for r in rows:
     assert len(synthetic.parse_problem(r["problem"])) in (2, 3) and ";" not in r["completion"]
@@ -109,18 +109,18 @@ def test_pretraining_rows_are_easier_and_written_one_way(tok):
 
 
 def test_train_from_scratch_writes_a_loadable_checkpoint(tmp_path, tok):
-  rows = scratch.example_rows(tok, synthetic.chains(128, split="train"))
-  held = scratch.example_rows(tok, synthetic.chains(16, split="holdout"))
-  config = scratch.scratch_config(batch_size=16, learning_rate=1e-2, epochs=2, eval_every=8)
+  rows = task_models.example_rows(tok, synthetic.chains(128, split="train"))
+  held = task_models.example_rows(tok, synthetic.chains(16, split="holdout"))
+  config = task_models.scratch_config(batch_size=16, learning_rate=1e-2, epochs=2, eval_every=8)
   shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
   path = tmp_path / "student"
   # Stopped early: nothing written, a second call resumes and finishes.
-  done, history = scratch.train_from_scratch(path, tokenizer=tok, rows=rows, holdout_rows=held,
-                                             model_type="llama", shape=shape, config=config,
-                                             max_steps=6)
+  done, history = task_models.train_from_scratch(path, tokenizer=tok, rows=rows, holdout_rows=held,
+                                                 model_type="llama", shape=shape, config=config,
+                                                 max_steps=6)
   assert done is None and len(history) == 6
-  done, history = scratch.train_from_scratch(path, tokenizer=tok, rows=rows, holdout_rows=held,
-                                             model_type="llama", shape=shape, config=config)
+  done, history = task_models.train_from_scratch(path, tokenizer=tok, rows=rows, holdout_rows=held,
+                                                 model_type="llama", shape=shape, config=config)
   assert done == str(path) and len(history) == 16
   assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
   evals = [h["holdout_loss"] for h in history if "holdout_loss" in h]
@@ -129,13 +129,13 @@ def test_train_from_scratch_writes_a_loadable_checkpoint(tmp_path, tok):
   assert model.config.model_type == "llama" and model.config.hidden_size == 32
   assert len(tok_lib.load_tokenizer(path)) == len(tok)
   # A finished path is returned as is, with its history.
-  again, history_again = scratch.train_from_scratch(path, tokenizer=tok, rows=rows)
+  again, history_again = task_models.train_from_scratch(path, tokenizer=tok, rows=rows)
   assert again == str(path) and history_again == history
-  acc, texts = scratch.accuracy(model, tok, synthetic.chains(4, split="test"), max_new_tokens=8)
+  acc, texts = task_models.accuracy(model, tok, synthetic.chains(4, split="test"), max_new_tokens=8)
   assert 0.0 <= acc <= 1.0 and len(texts) == 4
   # start_from continues from a checkpoint (a pre-trained student): it starts where it ended.
-  _, more = scratch.train_from_scratch(tmp_path / "more", tokenizer=tok, rows=rows[:32],
-                                       config=config, start_from=str(path))
+  _, more = task_models.train_from_scratch(tmp_path / "more", tokenizer=tok, rows=rows[:32],
+                                           config=config, start_from=str(path))
   assert more[0]["train_loss"] < 0.7 * history[0]["train_loss"]
 
 

@@ -20,8 +20,6 @@ SYSTEM_PROMPT = (
     "You are a math teacher. You will be given a math problem and you will solve it step by "
     "step.\nYou will output your final solution like \\boxed{ANSWER}. Be sure to include "
     "relevant units within the brackets and fully evaluate arithmetic expressions.\n")
-# DeepSeek-R1's recommended instruction, for runs that do not follow the reference.
-R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 class Prompts(NamedTuple):

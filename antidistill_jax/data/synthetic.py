@@ -4,7 +4,7 @@
   examples = chains(64, split="train", seed=0)  # Example("3+5+2+7", "3+5=8;8+2=10;7+10=17#17")
 
 `sums` is GSM8K-formatted (the solution ends with "#### <sum>", so the GSM8K grader reads it).
-`chains` is the task tiny models trained from scratch learn (`scratch`): the problem is the
+`chains` is the task tiny models trained from scratch learn (`task_models`): the problem is the
 terms, the solution a chain of steps "a+b=c" that accumulates the running total, then "#" and
 the sum; graded with the "synthetic" rules (`grading`: the integer after the last "#"). Its
 writing has free choices a student can copy from its teacher's traces (`style` reads them):

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from antidistill_jax.models import sharding
-from antidistill_jax.models.config import ModelConfig
 
 
 def _layout(q_slot_T, k_slot_S, start_B):
@@ -50,14 +49,6 @@ class KVCache:
   v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
   start_B: jax.Array  # int32 [B]: first real slot of each row
   end: jax.Array  # int32 []: number of written slots
-
-  @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, start_B=None) -> "KVCache":
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B.astype(jnp.int32)
-    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-               start_B=start_B, end=jnp.zeros((), jnp.int32))
 
   @classmethod
   def from_prompt(cls, k_layers, v_layers, max_len: int, start_B: jax.Array, dtype) -> "KVCache":

@@ -29,17 +29,18 @@ class RMSNorm(nnx.Module):
 
 
 def rope_cos_sin(positions_BT: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables [B, T, H] for integer positions; angles in fp32, cast to `dtype` like HF."""
-  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
-  angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)
+  """cos/sin tables [B, T, H] for integer positions; angles in fp32, cast to `dtype` like HF.
+  inv_freq holds the R = H/2 rotary frequencies; each angle serves both halves of the head."""
+  angles_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  angles_BTH = jnp.concatenate([angles_BTR, angles_BTR], axis=-1)
   return jnp.cos(angles_BTH).astype(dtype), jnp.sin(angles_BTH).astype(dtype)
 
 
-def apply_rope(x_BTnH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-  """HF rotate_half rope on [B, T, heads, H]."""
-  half = x_BTnH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTnH[..., half:], x_BTnH[..., :half]], axis=-1)
-  return x_BTnH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+def apply_rope(x_BTXH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+  """HF rotate_half rope on [B, T, X, H], X any number of heads (N queries, K keys)."""
+  half = x_BTXH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTXH[..., half:], x_BTXH[..., :half]], axis=-1)
+  return x_BTXH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
 
 
 def linear(d_in: int, d_out: int, use_bias: bool, *, dtype, param_dtype,

@@ -146,10 +146,6 @@ class Transformer(nnx.Module):
       mask_BTS = causal_TT[None] & pad_mask_BT[:, None, :]
     return self.hidden(self.embed(input_ids_BT), positions_BT, mask_BTS)[0]
 
-  def init_cache(self, batch: int, max_len: int, start_B=None, dtype=None) -> KVCache:
-    return KVCache.init(self.config, batch, max_len, dtype or self.dtype, start_B).constrain(
-        self.mesh)
-
   def step(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Appends T tokens per row at cache.end; fp32 logits [B, T, V] and the new cache."""
     positions_BT, mask_BTS = cache.query_layout(input_ids_BT.shape[1])

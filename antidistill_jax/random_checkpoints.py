@@ -1,6 +1,5 @@
-"""Tiny checkpoints made offline: a byte-level BPE tokenizer trained with `tokenizers` and a
-randomly initialised Qwen2 / Llama written through `models.save_pretrained`; and
-`task_tokenizer`, one token per byte, for the synthetic task's models trained from scratch.
+"""Random tiny checkpoints made offline: a byte-level BPE tokenizer trained with `tokenizers`
+and a randomly initialised Qwen2 / Llama written through `models.save_pretrained`.
 
 They are real Hugging Face directories (config.json, model.safetensors, tokenizer.json with
 a chat template) that everything else loads through the normal path, so demos and tests run
@@ -44,38 +43,6 @@ def train_tokenizer(texts: Iterable[str] = (_DEFAULT_CORPUS,), vocab_size: int =
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(list(texts), trainer=trainer)
-  return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-      additional_special_tokens=list(SPECIAL_TOKENS[1:]), chat_template=CHAT_TEMPLATE)
-
-
-def _byte_chars() -> list[str]:
-  """The printable character byte-level BPE uses for each byte 0..255 (GPT-2's table)."""
-  kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-          *range(ord("\xae"), ord("\xff") + 1)]
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in kept:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
-
-
-def task_tokenizer():
-  """A byte-level PreTrainedTokenizerFast with no merges: every byte is one token (so every
-  character of the synthetic task is), ids 0-4 are the ChatML SPECIAL_TOKENS and id 5 + b is
-  byte b; eos "<|im_end|>", pad "<|endoftext|>" and CHAT_TEMPLATE as in `train_tokenizer`.
-  Any text encodes (non-ASCII characters take one token per UTF-8 byte)."""
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-  vocab.update({c: len(SPECIAL_TOKENS) + b for b, c in enumerate(_byte_chars())})
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(list(SPECIAL_TOKENS))
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
       additional_special_tokens=list(SPECIAL_TOKENS[1:]), chat_template=CHAT_TEMPLATE)

@@ -1,13 +1,15 @@
-"""Tiny models trained from scratch on the synthetic task: teachers, proxies and students that
-actually solve it, written as Hugging Face checkpoints.
+"""The synthetic task's models, trained from scratch: teachers, proxies and students that
+actually solve it, written as Hugging Face checkpoints, and the task's tokenizer (one token per
+byte) they share.
 
-  tok = tiny.task_tokenizer()
+  tok = task_tokenizer()
   rows = example_rows(tok, synthetic.chains(64_000, split="train"))   # gold traces as rows
-  path, history = train_from_scratch("models/teacher", tokenizer=tok, rows=rows,
-                                     shape=TEACHER, config=scratch_config())  # 2,000 steps
+  teacher = dict(hidden_size=64, intermediate_size=192)  # shapes: configs/synthetic.py
+  path, history = train_from_scratch("models/teacher", tokenizer=tok, rows=rows, shape=teacher,
+                                     config=scratch_config())
   acc, texts = accuracy(models.from_pretrained(path), tok, synthetic.chains(256, split="test"))
   base, _ = train_from_scratch("models/student_base", tokenizer=tok, model_type="llama",
-                               shape=STUDENT, rows=pretraining_rows(tok, 16_000))  # optional
+                               rows=pretraining_rows(tok, 16_000))  # optional
 
 Training is the project's own distillation (`distill.distill`, full fine-tuning, completion-
 only loss) on `distill.sft_examples` of the rows, with no system prompt, from a random
@@ -28,23 +30,48 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from antidistill_jax import distill, grading, models, sampling, tiny
+from antidistill_jax import distill, grading, models, random_checkpoints, sampling
 from antidistill_jax.data import synthetic
 from antidistill_jax.data.prompts import build_prompts, user_message
 from antidistill_jax.tokenizer import prompt_ids
 
-# Shapes (tiny_hf_config overrides) from bench/synthetic_scale.py (1 CPU core, batch 32): the
-# teacher reached 99.6% greedy and 95-97% at tau=1 on 256 test chains after 2,000 steps at
-# lr 4e-3 (~0.12 s/step) in two seeds; d=64 was as good greedily at 1,500 steps (0.085 s/step)
-# but 86-95% at tau=1 across three seeds. The student pre-trained on 2-3-term chains (500
-# steps, ~30% on the real test set) reached 64-92% greedy after 658 steps on 3,000 traces.
-TEACHER = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
-PROXY = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
-STUDENT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2)
 MAX_LENGTH = 128  # prompt + trace tokens; a 5-term chain with its ChatML prompt is <= 64
+
+
+def _byte_chars() -> list[str]:
+  """The printable character byte-level BPE uses for each byte 0..255 (GPT-2's table)."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+          *range(ord("\xae"), ord("\xff") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in kept:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
+def task_tokenizer():
+  """The task's tokenizer: a byte-level PreTrainedTokenizerFast with no merges, so every byte
+  is one token (and so every character of the synthetic task is); ids 0-4 are the ChatML
+  SPECIAL_TOKENS and id 5 + b is byte b; eos "<|im_end|>", pad "<|endoftext|>" and
+  CHAT_TEMPLATE as in `random_checkpoints.train_tokenizer`. Any text encodes (non-ASCII
+  characters take one token per UTF-8 byte)."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, pre_tokenizers
+  from tokenizers import models as tokenizer_models
+  special = random_checkpoints.SPECIAL_TOKENS
+  vocab = {t: i for i, t in enumerate(special)}
+  vocab.update({c: len(special) + b for b, c in enumerate(_byte_chars())})
+  tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(list(special))
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+      additional_special_tokens=list(special[1:]),
+      chat_template=random_checkpoints.CHAT_TEMPLATE)
 
 
 def scratch_config(**overrides: Any) -> distill.DistillConfig:
@@ -64,8 +91,8 @@ def random_model(tokenizer, *, model_type: str = "qwen2", seed: int = 0,
   """A randomly initialised fp32 model for `tokenizer` (table padded to a multiple of 64 rows,
   EOS and pad ids from the tokenizer); shape: tiny_hf_config overrides (hidden_size, ...)."""
   vocab = shape.pop("vocab_size", -(-len(tokenizer) // 64) * 64)
-  hf = tiny.tiny_hf_config(model_type, vocab, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, **shape)
+  hf = random_checkpoints.tiny_hf_config(model_type, vocab, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, **shape)
   return models.Transformer(models.config_from_hf(hf), dtype=jnp.float32, rngs=nnx.Rngs(seed))
 
 

@@ -1,0 +1,98 @@
+"""The experiment's grid: one Point per trace set, split over independent jobs by --shard.
+
+ADS at each tau in grid.ads_taus with lam = b * eps for b in grid.ads_lam_over_eps (or the lams
+the calibrate stage chose), and the temperature baseline at each tau in grid.temperatures with
+lam = 0. `shard=(i, n)` runs the points whose index is i mod n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from antidistill_jax import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One trace set: its sampling settings and a readable, unique name."""
+  kind: str  # "ads" or "temperature"
+  tau: float
+  lam: float
+  eps: float
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}_tau{self.tau:.4g}_lam{self.lam:.4g}"
+
+
+def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
+  """Every point of the config's grid, in order; `lams` (the calibrated ones) replaces
+  ads_lam_over_eps * eps when given."""
+  g = config.grid
+  eps = float(config.sample.eps)
+  if lams is None:
+    lams = [float(b) * eps for b in g.ads_lam_over_eps]
+  # lam = 0 is plain sampling whichever sweep lists it: one trace set, named as a temperature.
+  kind = lambda lam: "ads" if lam else "temperature"
+  points = [Point(kind(float(lam)), float(t), float(lam), eps) for t in g.ads_taus
+            for lam in lams]
+  points += [Point("temperature", float(t), 0.0, eps) for t in g.temperatures]
+  return list(dict.fromkeys(points))  # the same settings twice are one trace set
+
+
+def shard_points(points: Sequence, shard: tuple[int, int]) -> list:
+  i, n = shard
+  if not 0 <= i < n:
+    raise errors.BadValue(f"--shard={i}/{n}: expected i/n with 0 <= i < n (host i of n), "
+                          "e.g. --shard=0/4.")
+  return [p for k, p in enumerate(points) if k % n == i]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """--shard=i/n as (i, n), 0 <= i < n; errors.BadValue otherwise."""
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise errors.BadValue(f"--shard={text}: expected i/n with 0 <= i < n (host i of n), "
+                          "e.g. --shard=0/4.") from None
+  shard_points([], (i, n))
+  return i, n
+
+
+def calibrated_lams(ladder: Sequence[tuple[float, float]], best: float, worst: float,
+                    points: int) -> list[float]:
+  """`points` lams at which the teacher's accuracy is expected to be evenly spaced from `best`
+  down to `worst` (both included), read off a measured (lam, accuracy) ladder; duplicates
+  merge, so fewer may come back.
+
+  The ladder's accuracies are made non-increasing in lam (a running minimum: noise on a small
+  batch) and interpolated linearly in log lam between its rungs (lam = 0 sits one rung below
+  the smallest positive lam). A target above the ladder's first accuracy gets the smallest
+  positive lam; one below its last gets the largest lam (the ladder is too short: extend it)."""
+  ladder = sorted((float(lam), float(acc)) for lam, acc in ladder)
+  positive = [lam for lam, _ in ladder if lam > 0]
+  if len(positive) < 2:
+    raise errors.BadValue("a calibration ladder needs at least two positive lams "
+                          "(grid.calibrate.ladder).")
+  floor = math.log(positive[0]) - (math.log(positive[1]) - math.log(positive[0]))
+  xs = [math.log(lam) if lam > 0 else floor for lam, _ in ladder]
+  ys, low = [], math.inf
+  for _, acc in ladder:
+    low = min(low, acc)
+    ys.append(low)
+  targets = ([best + (worst - best) * k / (points - 1) for k in range(points)] if points > 1
+             else [(best + worst) / 2])
+  lams = []
+  for target in targets:
+    if target >= ys[0]:
+      x = xs[0] if ladder[0][0] > 0 else math.log(positive[0])
+    elif target <= ys[-1]:
+      x = xs[-1]
+    else:
+      k = next(i for i in range(1, len(ys)) if ys[i] <= target)
+      span = ys[k - 1] - ys[k]
+      x = xs[k] if span == 0 else xs[k - 1] + (xs[k] - xs[k - 1]) * (ys[k - 1] - target) / span
+    lams.append(float(f"{max(math.exp(x), positive[0]):.3g}"))
+  return sorted(set(lams))

@@ -1,0 +1,372 @@
+"""What the stages read: the config, the data splits, the models, and the keys.
+
+`Inputs` loads each split and model once, on first use, and computes every stage key without
+loading a model (`identity`). Keys hash what changes an output and nothing else: a sampling
+setting that a point does not use (the proxy's method and eps at lam = 0, eps for the exact
+JVP, the seed for greedy decoding) is left out (`sampling_key`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+from antidistill_jax import (attacks, distill, errors, files, models, monitoring, parallel,
+                             sampling, traces)
+from antidistill_jax import tokenizer as tok_lib
+from antidistill_jax.pipeline import identity
+from antidistill_jax.pipeline.grid import Point, grid, shard_points
+from antidistill_jax.pipeline.store import Store, key_of
+
+ROLES = ("teacher", "proxy", "student")
+
+
+def resolve_checkpoint(spec: str, cache_dir: str) -> str:
+  """A local directory for a model spec: a local path as it is; a gs:// folder copied to local
+  disk (`files.local_dir`); a hub id fetched with huggingface_hub.snapshot_download (config,
+  safetensors, tokenizer files) into cache_dir."""
+  if os.path.isdir(spec):
+    return spec
+  if not files.is_local(spec):
+    return files.local_dir(spec)
+  if spec.startswith("/") or spec.startswith(".") or not spec:
+    raise errors.MissingInput(f"model directory {spec!r} does not exist: pass a checkpoint "
+                              "folder or a hub id (--config.models.teacher=DIR, and likewise "
+                              "proxy and student).")
+  try:
+    import huggingface_hub
+    return huggingface_hub.snapshot_download(
+        spec, cache_dir=cache_dir,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+  except Exception as e:  # offline, unknown id, no access
+    raise errors.MissingInput(
+        f"could not fetch hub model {spec!r} ({type(e).__name__}: {e}). Offline, download it "
+        f"where there is network (huggingface-cli download {spec} --local-dir DIR) and pass the "
+        "local directory instead, e.g. --config.models.teacher=DIR.") from e
+
+
+@dataclasses.dataclass
+class Loaded:
+  path: str
+  model: Any
+  tokenizer: Any
+
+
+def sampling_key(params: sampling.SamplingParams) -> dict:
+  """The settings that change what a sampler writes: the proxy's (method, placement, eps)
+  only when lam != 0, eps only for the finite difference, the seed only when sampling."""
+  d = params.as_dict()
+  if not d["lam"]:
+    for k in ("method", "placement", "eps"):
+      d.pop(k)
+  elif d["method"] != "fd":
+    d.pop("eps")
+  if not d["tau"]:
+    d.pop("seed")
+  return d
+
+
+class Inputs:
+  """One config and one workdir: the splits, models, settings and keys the stages read."""
+
+  def __init__(self, config, workdir: str, *, shard: tuple[int, int] = (0, 1), mesh=None):
+    self.config, self.shard, self.mesh = config, shard, mesh
+    shard_points([], shard)  # a bad shard fails before any work
+    self.store = Store(workdir)
+    self.workdir = self.store.root
+    self.writer = parallel.is_writer()
+    self._splits: dict[str, list] = {}
+    self._hashes: dict[str, str] = {}
+    self._models: dict[str, Loaded] = {}
+    self._ids: dict[str, str] = {}
+    self._samplers: dict[bool, sampling.Sampler] = {}
+    self._grad = None
+    self._events = None
+
+  def _check_shared_workdir(self) -> None:
+    """Every process must see process 0's files: it writes a token, the others look for it."""
+    token = self.workdir / ".processes" / str(parallel.agree(int(time.time() * 1e6)))
+    if self.writer:
+      files.makedirs(token.parent)
+      token.write_text("written by process 0")
+    parallel.sync("workdir token")
+    seen = parallel.everywhere(token.exists())  # every process raises, or none
+    if self.writer:
+      token.unlink()
+    if not seen:
+      raise errors.BadWorkdir(
+          f"some processes cannot see files that process 0 wrote to the workdir "
+          f"{os.fspath(self.workdir)!r}: with several hosts the workdir must be one folder they "
+          "all see, a gs:// bucket path or a shared disk (--workdir=gs://BUCKET/run).")
+
+  @property
+  def events(self) -> monitoring.EventWriter:
+    """TensorBoard scalars under workdir/tensorboard (process 0)."""
+    if self._events is None:
+      self._events = monitoring.EventWriter(self.workdir / "tensorboard", enabled=self.writer)
+    return self._events
+
+  def out_dir(self, stage: str, key: str):
+    return self.store.out_dir(stage, key)
+
+  def output(self, stage: str, key: str, what: str):
+    """The output folder of a finished (stage, key); names the missing stage otherwise."""
+    if self.store.record(stage, key) is None:
+      raise errors.MissingInput(f"no {what} (stage {stage}, key {key}) in "
+                                f"{os.fspath(self.workdir)}: run the {stage} stage first "
+                                f"(--stages={stage},...).")
+    return self.store.out_dir(stage, key)
+
+  # -- data ------------------------------------------------------------------------------------
+
+  def split(self, which: str) -> list:
+    """The examples of data.<which> ("holdout", "train" or "test"), truncated to max_<which>."""
+    if which not in self._splits:
+      from antidistill_jax import data
+      d = self.config.data
+      name, split = getattr(d, which).split(":")
+      limit = int(getattr(d, f"max_{which}", 0) or 0)
+      if name == "synthetic":
+        examples = self.synthetic(split, limit)
+      else:
+        examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
+                                   data_dir=d.data_dir or None, seed=d.split_seed)
+      self._splits[which] = list(examples[:limit] if limit else examples)
+    return self._splits[which]
+
+  def synthetic(self, split: str, n: int, stream: int = 0, **overrides) -> list:
+    """n problems of data.task (chains, with its writing options; default the sums demo).
+    stream > 0 draws other problems of the same split (training data for the models stage)."""
+    from antidistill_jax.data import synthetic
+    d = self.config.data
+    task = dict(d.get("task") or {}, **overrides)
+    if task.pop("kind", "sums") == "sums":
+      return synthetic.sums(n, split=split, seed=d.seed + stream)
+    return synthetic.chains(n, split=split, seed=d.seed, stream=stream, **task)
+
+  def split_hash(self, which: str) -> str:
+    if which not in self._hashes:
+      self._hashes[which] = traces.examples_sha256(self.split(which))
+    return self._hashes[which]
+
+  # -- models ----------------------------------------------------------------------------------
+
+  @property
+  def model_source(self) -> str:
+    """"scratch" (trained by the models stage), "tiny" (random, built by the models stage) or
+    "checkpoints" (config.models: local folders, gs:// folders or hub ids)."""
+    c = self.config
+    if c.scratch.enabled:
+      return "scratch"
+    if c.tiny.enabled:
+      return "tiny"
+    return "checkpoints"
+
+  def model_path(self, role: str) -> str:
+    """A local folder holding the role's checkpoint."""
+    if self.model_source == "checkpoints":
+      spec = getattr(self.config.models, role)
+      return resolve_checkpoint(spec, os.fspath(files.cache_root() / "hub"))
+    out = self.output("models", self.models_key(), "trained or tiny models")
+    return files.local_dir(out / role)
+
+  def model_id(self, role: str) -> str:
+    """What a key knows of a model: the models stage's key for the ones it makes, a hash of
+    the checkpoint's files otherwise. Nothing is loaded."""
+    if role not in self._ids:
+      if self.model_source == "checkpoints":
+        self._ids[role] = identity.checkpoint_id(self.model_path(role))
+      else:
+        self._ids[role] = f"{self.models_key()}/{role}"
+    return self._ids[role]
+
+  def model(self, role: str) -> Loaded:
+    """teacher, proxy or student, loaded once."""
+    if role not in self._models:
+      c = self.config
+      path = self.model_path(role)
+      rules = None
+      if role == "teacher" and self.mesh is not None and c.mesh.fsdp_teacher:
+        rules = dict(models.DEFAULT_RULES, embed="data")  # FSDP over the batch axis
+      model = models.from_pretrained(path, dtype=jnp.dtype(c.models.dtype), mesh=self.mesh,
+                                     rules=rules)
+      self._models[role] = Loaded(path, model, tok_lib.load_tokenizer(path))
+    return self._models[role]
+
+  def gradient(self):
+    if self._grad is None:
+      from antidistill_jax import gradients
+      out = self.output("grad", self.grad_key(), "proxy gradient")
+      self._grad = gradients.load_gradient(out / "grad", self.model("proxy").model)[0]
+    return self._grad
+
+  def teacher_sampler(self, ads: bool) -> sampling.Sampler:
+    """The teacher's Sampler, with the proxy and g when ads (one of each per run)."""
+    if ads not in self._samplers:
+      t = self.model("teacher")
+      kw = dict(proxy=self.model("proxy").model, grad=self.gradient()) if ads else {}
+      self._samplers[ads] = sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw)
+    return self._samplers[ads]
+
+  # -- settings --------------------------------------------------------------------------------
+
+  def trace_settings(self) -> dict:
+    c = self.config
+    settings = dict(system=c.prompts.system or None,
+                    max_prompt_length=c.prompts.max_prompt_length, dataset=c.data.grader)
+    if not c.prompts.answer_forcing:  # the synthetic task has no "Final Answer"
+      settings["answer_forcing"] = False
+    return settings
+
+  def point_params(self, point: Point) -> sampling.SamplingParams:
+    s = self.config.sample
+    return sampling.SamplingParams(
+        max_new_tokens=s.max_new_tokens, tau=point.tau, lam=point.lam, eps=point.eps,
+        method=s.method, placement=s.placement, top_p=s.top_p if point.tau > 0 else None,
+        top_k=s.top_k if point.tau > 0 else None, max_length=s.max_length or None,
+        seed=s.seed)
+
+  def holdout_params(self) -> sampling.SamplingParams:
+    return sampling.SamplingParams(max_new_tokens=self.config.holdout.max_new_tokens, tau=0.0)
+
+  def eval_params(self) -> sampling.SamplingParams:
+    return sampling.SamplingParams(max_new_tokens=self.config.eval.max_new_tokens, tau=0.0)
+
+  def distill_config(self) -> distill.DistillConfig:
+    return distill.DistillConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in self.config.distill.items()})
+
+  def attack_names(self) -> tuple[str, ...]:
+    names = self.config.attacks.names
+    # --config.attacks.names=a,b arrives as one string: split on commas.
+    names = tuple(n.strip() for x in ([names] if isinstance(names, str) else names)
+                  for n in str(x).split(",") if n.strip())
+    unknown = [n for n in names if n not in attacks.NAMES]
+    if unknown:
+      raise errors.BadValue(f"--config.attacks.names: unknown attacks {unknown}; expected some "
+                            f"of {', '.join(attacks.NAMES)}.")
+    return names
+
+  # -- keys: what changes an output, and nothing else -------------------------------------------
+
+  def models_key(self) -> str:
+    c = self.config
+    if self.model_source == "scratch":
+      return key_of(stage="models", source="scratch", scratch=c.scratch.to_dict(),
+                    task=c.data.get("task") and c.data.task.to_dict(), seed=c.data.seed,
+                    served_tokens=c.sample.max_new_tokens, holdout=self.split_hash("holdout"))
+    return key_of(stage="models", source="tiny", tiny=c.tiny.to_dict(),
+                  texts=[self.split_hash(w) for w in ("holdout", "train", "test")])
+
+  def _model(self, role: str) -> dict:
+    return dict(id=self.model_id(role), dtype=self.config.models.dtype)
+
+  def holdout_key(self) -> str:
+    return key_of(stage="holdout", teacher=self._model("teacher"),
+                  examples=self.split_hash("holdout"),
+                  params=sampling_key(self.holdout_params()),
+                  batch=self.config.holdout.batch_size, **self.trace_settings())
+
+  def grad_key(self) -> str:
+    return key_of(stage="grad", holdout=self.holdout_key(), proxy=self._model("proxy"),
+                  micro_batch=self.config.grad.micro_batch_size)
+
+  def teacher_side(self, point: Point) -> dict:
+    """What a teacher-generated output at this point depends on besides its examples."""
+    ads = point.lam != 0.0
+    return dict(teacher=self._model("teacher"),
+                proxy=self._model("proxy") if ads else None, grad=self.grad_key() if ads else None,
+                params=sampling_key(self.point_params(point)), **self.trace_settings())
+
+  def calibrate_key(self) -> str:
+    c = self.config
+    return key_of(stage="calibrate", examples=self.split_hash("holdout"),
+                  calibrate=c.grid.calibrate.to_dict(), taus=list(c.grid.ads_taus),
+                  temperatures=list(c.grid.temperatures),
+                  **self.teacher_side(Point("ads", 1.0, 1.0, float(c.sample.eps))))
+
+  def sample_key(self, point: Point) -> str:
+    return key_of(stage="sample", examples=self.split_hash("train"),
+                  batch=self.config.sample.batch_size, **self.teacher_side(point))
+
+  def attack(self, point: Point, name: str) -> dict:
+    """An attacker's settings, with the key of the clean traces it reads."""
+    settings = attacks.settings(name, self.config.attacks)
+    if name in attacks.NEEDS_CLEAN:
+      settings["traces"] = self.sample_key(self.clean_point(point))
+    return settings
+
+  def distill_key(self, point: Point, attack: str | None = None) -> str:
+    extra = {} if attack is None else dict(attack=self.attack(point, attack))
+    return key_of(stage="distill", traces=self.sample_key(point), holdout=self.holdout_key(),
+                  student=self._model("student"),
+                  distill=dataclasses.asdict(self.distill_config()), **extra)
+
+  def _eval_parts(self) -> dict:
+    return dict(examples=self.split_hash("test"), params=sampling_key(self.eval_params()),
+                batch=self.config.eval.batch_size, **self.trace_settings())
+
+  def eval_student_key(self, point: Point, attack: str | None = None) -> str:
+    return key_of(stage="eval_student", student=self.distill_key(point, attack),
+                  dtype=self.config.models.dtype, **self._eval_parts())
+
+  def eval_teacher_key(self, point: Point) -> str:
+    return key_of(stage="eval_teacher", examples=self.split_hash("test"),
+                  batch=self.config.eval.batch_size, **self.teacher_side(point))
+
+  def eval_base_key(self) -> str:
+    return key_of(stage="eval_base", student=self._model("student"), **self._eval_parts())
+
+  # -- the grid --------------------------------------------------------------------------------
+
+  @property
+  def calibrates(self) -> bool:
+    """grid.calibrate.points > 0: the ADS lams come from the calibrate stage."""
+    return int(self.config.grid.calibrate.points) > 0
+
+  def calibrated_lams(self) -> list[float]:
+    out = self.store.record("calibrate", self.calibrate_key())
+    if out is None:
+      raise errors.MissingInput(f"no lambda calibration in {os.fspath(self.workdir)}: run the "
+                                "calibrate stage first (--stages=...,calibrate).")
+    return [float(x) for x in out["metrics"]["lams"]]
+
+  def all_points(self) -> list[Point]:
+    """Every shard's points; with grid.calibrate, at the lams the calibrate stage chose."""
+    return grid(self.config, self.calibrated_lams() if self.calibrates else None)
+
+  @property
+  def points(self) -> list[Point]:
+    """This shard's points."""
+    return shard_points(self.all_points(), self.shard)
+
+  def students(self, points: Sequence[Point] | None = None) -> list[tuple[Point, str | None]]:
+    """(point, attack) of every student: each point's own (attack None), then each attacker on
+    the points it applies to. The filters (keep_correct, reaimed) run on the temperature sets
+    too, so that a filtered ADS student is compared with students filtered the same way;
+    clean_mix only on the ADS sets."""
+    points = self.points if points is None else points
+    out = [(p, None) for p in points]
+    for name in self.attack_names():
+      out += [(p, name) for p in points if name != "clean_mix" or p.kind == "ads"]
+    return out
+
+  @staticmethod
+  def entry_name(point: Point, attack: str | None) -> str:
+    return point.name if attack is None else f"{point.name}+{attack}"
+
+  def clean_point(self, point: Point) -> Point:
+    """The clean traces clean_mix and reaimed use: the plain trace set at the first ADS tau
+    (the attacker's reference, the same for every point it attacks)."""
+    tau = float(self.config.grid.ads_taus[0]) if self.config.grid.ads_taus else point.tau
+    clean = Point("temperature", tau, 0.0, point.eps)
+    if clean not in grid(self.config):
+      raise errors.BadValue(f"attacks clean_mix and reaimed take clean traces from the plain "
+                            f"trace set at tau={tau}, which the grid lacks: add {tau} to "
+                            "grid.temperatures.")
+    return clean
+

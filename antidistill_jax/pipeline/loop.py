@@ -1,0 +1,112 @@
+"""A stage as data, and the one loop that runs every stage the same way.
+
+For each item of a stage (a grid point, a student, or the stage's single output):
+  1. key = stage.key(item): a hash of what decides the output (cheap: no model is built);
+  2. a record under that key means the output is finished: reuse it;
+  3. else claim the key (create-if-absent: one job across all shards wins), compute into
+     workdir/<stage>/<key>/ and publish the record, which is the one finished-marker;
+  4. a key another live job claimed is waited for (polling its record), up to
+     config.pipeline.wait_timeout_s, then an error names the key, the claimant and the fix.
+With several processes in one job (--distributed), process 0 decides each step
+(`parallel.agree`), every process computes (batches span them all), and process 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+from etils import epath
+
+from antidistill_jax import errors, files, monitoring, parallel
+from antidistill_jax.pipeline.store import Store
+
+_RECORDED, _MINE, _WAIT, _EXPIRED = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the experiment.
+
+  name: also the folder of its outputs and records.
+  items: what it runs over (grid points, (point, attack) students, or [None] for one output).
+  key: item -> the hash of everything its output depends on (None: a derived output, such as
+    the report, rewritten on every run and never recorded).
+  compute: (item, out_dir) -> metrics (JSON-able); writes the item's outputs into out_dir.
+  fields: item -> what the record says about the item besides its metrics (entry name, point).
+  """
+  name: str
+  items: Callable[[], Sequence[Any]]
+  key: Callable[[Any], str] | None
+  compute: Callable[[Any, epath.Path], dict]
+  fields: Callable[[Any], dict] = lambda item: {}
+
+
+@dataclasses.dataclass
+class Outcome:
+  record: dict
+  how: str  # "computed", "reused" or "waited"
+
+
+def obtain(store: Store, stage: Stage, item: Any, key: str, *, timeout_s: float = 7200.0,
+           poll_s: float = 2.0) -> Outcome:
+  """The record of (stage, key): found, computed by this run, or waited for."""
+  deadline, waited, owner = time.time() + timeout_s, False, {}
+  while True:
+    status = _RECORDED
+    if parallel.is_writer():
+      if store.record(stage.name, key) is None:
+        mine, owner = store.claim(stage.name, key)
+        status = _MINE if mine else _EXPIRED if time.time() > deadline else _WAIT
+    status = parallel.agree(status)  # process 0 decides: every process takes the same branch
+    if status == _RECORDED:
+      return Outcome(store.record(stage.name, key), "waited" if waited else "reused")
+    if status == _MINE:
+      out = store.out_dir(stage.name, key)
+      if parallel.is_writer():
+        files.makedirs(out)
+      start = time.time()
+      metrics = stage.compute(item, out)
+      record = dict(stage.fields(item), seconds=round(time.time() - start, 3), metrics=metrics)
+      if parallel.is_writer():
+        store.publish(stage.name, key, record)
+      parallel.sync(f"{stage.name} {key}")
+      return Outcome(dict(record, stage=stage.name, key=key), "computed")
+    if status == _EXPIRED:
+      owner = owner or {}
+      raise errors.UserError(
+          f"stage {stage.name}, key {key}: still not finished after {timeout_s:.0f} s; it is "
+          f"claimed by run {owner.get('run')} (host {owner.get('host')}, pid {owner.get('pid')})"
+          f" in {owner.get('path')}. If that job is gone, delete that claim file and rerun; if "
+          "it is only slow, raise --config.pipeline.wait_timeout_s.")
+    waited = True
+    time.sleep(poll_s)
+
+
+def run_stage(store: Store, stage: Stage, *, timeout_s: float = 7200.0, poll_s: float = 2.0,
+              on_record: Callable[[Stage, Any, Outcome], None] | None = None) -> dict:
+  """Runs every item of a stage; returns {computed, reused, waited, seconds} counts. One
+  progress bar per stage (the items), one summary line when it ends."""
+  start = time.time()
+  items = list(stage.items())
+  counts = dict(computed=0, reused=0, waited=0)
+  with monitoring.progress(len(items), stage.name, unit="item", log_summary=False,
+                           leave=False) as bar:
+    for item in items:
+      if stage.key is None:  # derived: always rewritten
+        stage.compute(item, store.root / stage.name)
+        counts["computed"] += 1
+      else:
+        outcome = obtain(store, stage, item, stage.key(item), timeout_s=timeout_s,
+                         poll_s=poll_s)
+        counts[outcome.how] += 1
+        if on_record is not None:
+          on_record(stage, item, outcome)
+      bar.update(1)
+  counts["seconds"] = round(time.time() - start, 3)
+  done = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "seconds" and v)
+  line = monitoring.stage_summary(stage.name, counts["seconds"], items=len(items))
+  if parallel.is_writer():  # the terminal's one line per stage (logs go to a file)
+    print(f"{line}{' (' + done + ')' if done else ''}", flush=True)
+  return counts

@@ -1,0 +1,174 @@
+"""The teacher's side of the experiment: its models, the holdout traces and g, the lambda
+calibration, the training traces of every grid point, and the teacher's own accuracy.
+
+Each function computes one stage output into `out` and returns its metrics; `x` is the
+`Experiment` (config, splits, models, keys).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from antidistill_jax import files, gradients, grading, models, parallel, sampling, traces
+from antidistill_jax.pipeline import evaluating
+from antidistill_jax.pipeline.grid import Point, calibrated_lams
+
+
+def save_model_dir(model, tokenizer, path) -> None:
+  """models.save_pretrained + the tokenizer into `path`, local or gs:// (written locally, then
+  uploaded). Every process calls it (weights spread over hosts are gathered); process 0
+  writes."""
+  local = files.is_local(path)
+  with tempfile.TemporaryDirectory() as tmp:
+    target = os.fspath(path) if local else tmp
+    models.save_pretrained(model, target)
+    if parallel.is_writer():
+      tokenizer.save_pretrained(target)
+      if not local:
+        files.upload_dir(tmp, path)
+
+
+def make_models(x, out) -> dict:
+  """The teacher, proxy and student checkpoints under out/<role>: tiny random ones
+  (config.tiny), or the synthetic task's models trained from scratch (config.scratch)."""
+  if x.model_source == "tiny":
+    return _tiny(x, out)
+  return _scratch(x, out)
+
+
+def _tiny(x, out) -> dict:
+  from antidistill_jax import random_checkpoints
+  t = x.config.tiny
+  texts = [e.problem + " " + e.solution for which in ("holdout", "train", "test")
+           for e in x.split(which)]
+  if parallel.is_writer():
+    tok = random_checkpoints.train_tokenizer(texts * 2, vocab_size=t.vocab_size)
+    specs = {"teacher": (t.seed, dict(t.teacher)), "proxy": (t.seed + 1, dict(t.proxy)),
+             "student": (t.seed + 2, dict(t.student))}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, (seed, cfg) in specs.items():
+        random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
+                                                seed=seed, **cfg)
+        files.upload_dir(os.path.join(tmp, name), out / name)
+  return dict(vocab_size=int(t.vocab_size))
+
+
+def _scratch(x, out) -> dict:
+  """Trains the synthetic task's models from scratch (`scratch`): the teacher on gold traces,
+  the proxy on the teacher's traces at tau=1, the student (another family) from random
+  weights, or pre-trained on an easier distribution (scratch.student.pretrain)."""
+  from antidistill_jax import task_models
+  import jax
+  c = x.config
+  if jax.process_count() > 1:
+    raise RuntimeError("the models stage trains tiny models on one process: run it alone "
+                       "first (--stages=models without --distributed), then the rest.")
+  sc, tok = c.scratch, task_models.task_tokenizer()
+  local = tempfile.mkdtemp(prefix="scratch_") if not files.is_local(out) else os.fspath(out)
+  step = lambda role: os.path.join(local, role)
+  held = task_models.example_rows(tok, x.split("holdout")[:sc.eval_rows])
+
+  def train(role, rows, spec, start_from=None, seed_offset=0):
+    cfg = task_models.scratch_config(**dict(spec.train))
+    path, history = task_models.train_from_scratch(
+        step(role), tokenizer=tok, rows=rows, holdout_rows=held, model_type=spec.model_type,
+        shape=dict(spec.shape), config=cfg, start_from=start_from, seed=sc.seed + seed_offset)
+    return path, history[-1]
+
+  gold = task_models.example_rows(tok, x.synthetic("train", sc.teacher.traces, 1))
+  teacher_path, t_last = train("teacher", gold, sc.teacher)
+  # The proxy learns from what the teacher serves: its traces at tau=1 on train problems.
+  sampler = sampling.Sampler(models.from_pretrained(teacher_path), tok, mesh=x.mesh)
+  served = traces.generate_traces(
+      sampler, x.synthetic("train", sc.proxy.traces, 2), os.path.join(local, "served.jsonl"),
+      dataset=c.data.grader, system=None, answer_forcing=False, batch_size=sc.batch_size,
+      params=sampling.SamplingParams(max_new_tokens=c.sample.max_new_tokens, tau=1.0,
+                                     seed=sc.seed))
+  _, p_last = train("proxy", traces.read_traces(os.path.join(local, "served.jsonl")),
+                    sc.proxy, seed_offset=1)
+  if sc.student.pretrain.traces:  # prior knowledge: the same task, easier problems
+    easy = x.synthetic("train", sc.student.pretrain.traces, 3, **dict(sc.student.pretrain.task))
+    train("student", task_models.example_rows(tok, easy), sc.student, seed_offset=2)
+  else:
+    save_model_dir(task_models.random_model(tok, model_type=sc.student.model_type,
+                                            seed=sc.seed + 2, **dict(sc.student.shape)),
+                   tok, step("student"))
+  if not files.is_local(out) and parallel.is_writer():
+    for role in ("teacher", "proxy", "student"):
+      files.upload_dir(step(role), out / role)
+  return dict(teacher_train_loss=t_last["train_loss"], proxy_train_loss=p_last["train_loss"],
+              served_accuracy=served["statistics"]["accuracy"])
+
+
+def write_traces(x, out, sampler, examples, params, batch_size: int, split: str) -> dict:
+  meta = traces.generate_traces(sampler, examples, out / "traces.jsonl", params=params,
+                                batch_size=batch_size, split=split, **x.trace_settings())
+  s = meta["statistics"]
+  return dict(accuracy=s["accuracy"], forced_accuracy=s["forced_accuracy"],
+              length_mean=s["length_mean"], rows=meta["counts"]["rows"])
+
+
+def holdout(x, out) -> dict:
+  """The teacher's greedy traces on the holdout split: the data g is computed on."""
+  return write_traces(x, out, x.teacher_sampler(False), x.split("holdout"), x.holdout_params(),
+                      x.config.holdout.batch_size, "holdout")
+
+
+def holdout_rows(x) -> list[dict]:
+  return traces.read_traces(x.output("holdout", x.holdout_key(), "holdout traces")
+                            / "traces.jsonl")
+
+
+def grad(x, out) -> dict:
+  """g: the gradient of the proxy's completion NLL on the holdout traces."""
+  rows = holdout_rows(x)
+  pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows if r["completion_ids"]]
+  g, meta = gradients.proxy_gradient(x.model("proxy").model, pairs,
+                                     micro_batch_size=x.config.grad.micro_batch_size,
+                                     mesh=x.mesh)
+  gradients.save_gradient(out / "grad", g, meta)
+  return dict(mean_loss=meta["mean_loss"], global_norm=meta["global_norm"],
+              sequences=meta["num_sequences"])
+
+
+def accuracy(x, point: Point, examples) -> float:
+  """The teacher's accuracy on `examples` at a point's settings, in memory (no files)."""
+  from antidistill_jax.data.prompts import build_prompts
+  sampler = x.teacher_sampler(point.lam != 0.0)
+  s = x.trace_settings()
+  prompts = build_prompts(sampler.tokenizer, examples, s["max_prompt_length"], system=s["system"])
+  gen = sampler(prompts.ids, x.point_params(point))
+  texts = [sampler.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+  return grading.accuracy(x.config.data.grader, [examples[i].solution for i in prompts.indices],
+                          texts)
+
+
+def calibrate(x, out) -> dict:
+  """Chooses the ADS lams so that the teacher's accuracy under them spans the temperature
+  sweep's: the teacher's accuracy on grid.calibrate.n holdout problems at each temperature
+  and along a ladder of lams (lam = b * eps for b in grid.calibrate.ladder, at the first ADS
+  tau), then grid.calibrate.points lams interpolated (in log lam) at accuracies evenly spaced
+  from the best temperature accuracy to the worst."""
+  c = x.config
+  cal, eps = c.grid.calibrate, float(c.sample.eps)
+  examples = x.split("holdout")[:cal.n]
+  temps = {float(t): accuracy(x, Point("temperature", float(t), 0.0, eps), examples)
+           for t in c.grid.temperatures}
+  tau = float(c.grid.ads_taus[0])
+  ladder = [(float(b) * eps, accuracy(x, Point("ads", tau, float(b) * eps, eps), examples))
+            for b in cal.ladder]
+  lams = calibrated_lams(ladder, max(temps.values()), min(temps.values()), int(cal.points))
+  return dict(lams=lams, temperature_accuracy=temps,
+              ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
+
+
+def sample(x, point: Point, out) -> dict:
+  """A grid point's training traces: the teacher at (tau, lam) on the train split."""
+  return write_traces(x, out, x.teacher_sampler(point.lam != 0.0), x.split("train"),
+                      x.point_params(point), x.config.sample.batch_size, "train")
+
+
+def evaluate(x, point: Point, out) -> dict:
+  """The teacher on the test split at a point's settings (what its users get)."""
+  return evaluating.evaluate_with(x, out, x.teacher_sampler(point.lam != 0.0), x.point_params(point))

@@ -1,0 +1,241 @@
+"""The antidistillation adjustment: Delta, and where lam * Delta enters the teacher's logits.
+
+Delta(v | x) is the directional derivative of the proxy's log p(v | x) along the gradient g of
+the proxy's distillation loss (see `gradients`):
+  method="jvp" (default): the exact jax.jvp of the cached proxy step, carrying the tangent of
+                the cache. Exact in any parameter dtype: in bfloat16 the tangent is computed in
+                bf16 arithmetic with fp32 accumulation, with no cancellation.
+  method="fd":  [log p(v | x; theta + eps g) - log p(v | x; theta - eps g)] / (2 eps), the
+                paper's central difference, two proxy copies with their own KV caches. In
+                bfloat16 most eps*g fall below half an ulp of their weight, so the difference is
+                rounding noise (bench/numerics.py: cosine 0.03 with the exact Delta at eps=1e-3,
+                0.94 at the paper's 1e-2); preparing fd measures how much of eps*g survived the
+                rounding and warns.
+  jvp is the default because it is exact at the same memory (theta + g against theta+ and
+  theta-, one cache and its tangent against two caches) and reads the same bytes per step; it
+  does more arithmetic (each matmul's tangent is two matmuls), which cost 0.99-1.26x fd's time
+  on a 2-core CPU (bench/RESULTS.md).
+
+Next-token distribution (z = the teacher's logits, log p = log_softmax(z)):
+  placement="paper":     softmax(log p / tau + lam * Delta)          (the paper's Algorithm 1)
+  placement="reference": softmax((z + lam * Delta) / tau)            (the authors' code;
+                         lam_reference = tau * lam_paper)
+then top-k / top-p (`filters`, no sort) on those logits; tau=0 is greedy on
+log p + lam * Delta. Delta is defined on the vocabulary both models have (arrays hold it on
+the proxy's W rows, cut or zero-extended to the teacher's V); ids past the tokenizer (padding
+rows of the embedding) are never sampled.
+
+The proxy side (theta +- eps g, or (theta, g)) is prepared once per (method, eps) by its own
+jitted function and reused by every batch; `_Proxies` runs it inside the decode program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from antidistill_jax import gradients
+from antidistill_jax.models.transformer import Transformer
+
+METHODS = ("jvp", "fd")
+PLACEMENTS = ("paper", "reference")
+
+# fd warns when the realised step (theta+ - theta-), rounded to the proxy's dtype, has a cosine
+# below this with g. bench/numerics.py (3M-parameter proxy): step cosines 0.96 (bf16, eps=0.1)
+# and 0.95 (fp16, eps=1e-2) still gave Delta cosines of 0.999 with the exact Delta, 0.64 (bf16,
+# eps=1e-2) gave 0.92 and 0.23 (bf16, eps=1e-3) gave 0.08: the small entries of g that round
+# away carry little of Delta, so the step's cosine, not the count of unmoved weights, decides.
+FD_MIN_COSINE = 0.9
+
+
+# -- the placements ---------------------------------------------------------------------------
+
+
+def adjusted_logits(teacher_logits_BV, delta_BV, *, lam, tau, placement: str, greedy: bool,
+                    vocab_size: int) -> jax.Array:
+  """Logits of the sampling distribution before top-k/top-p (see module docstring).
+
+  delta_BV: Delta on the teacher's V rows, or None (no proxy). lam, tau: scalars (traced in
+  the decode program). greedy: tau=0, the argmax is taken of log p + lam * Delta.
+  vocab_size: ids from it on are set to -inf.
+  """
+  teacher_logits_BV = teacher_logits_BV.astype(jnp.float32)
+  teacher_logp_BV = jax.nn.log_softmax(teacher_logits_BV, axis=-1)
+  lam_delta = 0.0 if delta_BV is None else lam * delta_BV
+  if greedy:
+    out = teacher_logp_BV + lam_delta
+  elif placement == "paper":
+    out = teacher_logp_BV / tau + lam_delta
+  else:
+    out = (teacher_logits_BV + lam_delta) / tau
+  if vocab_size < out.shape[-1]:
+    out = jnp.where(jnp.arange(out.shape[-1]) < vocab_size, out, -jnp.inf)
+  return out
+
+
+def _pad_delta(delta_BW, vocab):
+  """Delta on the proxy's W rows, cut or zero-extended to the teacher's V rows."""
+  w = delta_BW.shape[-1]
+  if w == vocab:
+    return delta_BW
+  if w > vocab:
+    return delta_BW[:, :vocab]
+  return jnp.pad(delta_BW, ((0, 0), (0, vocab - w)))
+
+
+# -- preparing the proxy side -----------------------------------------------------------------
+
+
+def perturbed_states(proxy_state, grad_state, eps):
+  """theta +- eps * g, formed in fp32 and rounded to each parameter's dtype."""
+  def shift(sign):
+    return jax.tree.map(
+        lambda p, g: (p.astype(jnp.float32) + sign * eps * g.astype(jnp.float32)).astype(p.dtype),
+        proxy_state, grad_state)
+  return shift(1.0), shift(-1.0)
+
+
+def _fd_rounding(theta, plus, minus, grad) -> dict[str, jax.Array]:
+  """How much of eps*g survived rounding to the parameter dtype: the fraction of weights with
+  g != 0 that did not move, and the cosine between (theta+ - theta-) and g."""
+  moving = unmoved = dot = norm_step = norm_g = 0.0
+  for p, a, b, g in zip(*(jax.tree.leaves(t) for t in (theta, plus, minus, grad))):
+    g = g.astype(jnp.float32)
+    step = a.astype(jnp.float32) - b.astype(jnp.float32)
+    nonzero = g != 0
+    moving += jnp.sum(nonzero)
+    unmoved += jnp.sum(nonzero & (a == p) & (b == p))
+    dot += jnp.sum(step * g)
+    norm_step += jnp.sum(step * step)
+    norm_g += jnp.sum(g * g)
+  return dict(unmoved_fraction=unmoved / jnp.maximum(moving, 1.0),
+              cosine=dot / jnp.maximum(jnp.sqrt(norm_step * norm_g), 1e-30))
+
+
+@functools.partial(jax.jit, static_argnames="stacked")
+def _prepare_fd(theta, grad, eps, *, stacked: bool):
+  plus, minus = perturbed_states(theta, grad, eps)
+  stats = _fd_rounding(theta, plus, minus, grad)
+  state = jax.tree.map(lambda a, b: jnp.stack([a, b]), plus, minus) if stacked else (plus, minus)
+  return state, stats
+
+
+@functools.partial(jax.jit, static_argnames="stacked", donate_argnames="previous")
+def _reprepare_fd(theta, grad, eps, previous, *, stacked: bool):
+  """_prepare_fd at a new eps, writing into the buffers of the previous eps's state: a sweep
+  over eps holds two proxy copies, not four."""
+  del previous
+  return _prepare_fd(theta, grad, eps, stacked=stacked)
+
+
+def warn_if_fd_rounds_away(stats: dict, eps: float, dtype) -> None:
+  """Warns when theta +- eps g, rounded to `dtype`, lost a material part of eps*g."""
+  unmoved, cosine = float(stats["unmoved_fraction"]), float(stats["cosine"])
+  if cosine < FD_MIN_COSINE:
+    message = (
+        f"method='fd' with a {jnp.dtype(dtype).name} proxy at eps={eps}: {unmoved:.1%} of the "
+        f"weights with a non-zero gradient did not move under theta + eps*g, and the realised "
+        f"step has cosine {cosine:.3f} with g: the finite difference is partly rounding noise. "
+        "Use method='jvp' (exact in any dtype; the default), raise eps, or load the proxy "
+        "in float32.")
+    logging.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _tangent(grad_state, proxy_state):
+  """g cast to each parameter's dtype: jax.jvp wants tangents of the primal's dtype."""
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grad_state, proxy_state)
+
+
+_prepare_jvp = jax.jit(lambda theta, grad: (theta, _tangent(grad, theta)))
+
+
+# -- Delta at each decode step ----------------------------------------------------------------
+
+
+def _fd_delta(plus_logits_BV, minus_logits_BV, eps):
+  # Logit differences: log-prob differences minus a per-row constant, which softmax ignores.
+  return (plus_logits_BV.astype(jnp.float32) - minus_logits_BV.astype(jnp.float32)) / (2.0 * eps)
+
+
+class _Proxies:
+  """Prefill/decode of the proxy side, returning Delta [B, W] at each step.
+
+  fd:  state = ((theta+, theta-) stacked on a leading axis of 2, for one vmapped call per
+       step, or a pair for two calls, eps); each copy has its own cache. The difference is
+       divided by the traced eps.
+  jvp: state = (theta, g); the cache carries its tangent.
+  """
+
+  def __init__(self, graphdef, method: str, fd_stacked: bool):
+    self.graphdef, self.method, self.fd_stacked = graphdef, method, fd_stacked
+
+  def _model(self, state) -> Transformer:
+    return nnx.merge(self.graphdef, state)
+
+  def _fd(self, run, state, *cache):
+    """Runs both perturbed copies: returns Delta and their caches."""
+    params, eps = state
+    if self.fd_stacked:
+      logits_2BW, cache = jax.vmap(run)(params, *cache)
+      return _fd_delta(logits_2BW[0], logits_2BW[1], eps), cache
+    (plus_logits, plus_cache), (minus_logits, minus_cache) = (
+        run(params[i], *(c[i] for c in cache)) for i in (0, 1))
+    return _fd_delta(plus_logits, minus_logits, eps), (plus_cache, minus_cache)
+
+  def prefill(self, state, ids_BP, mask_BP, max_len):
+    run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
+    if self.method == "fd":
+      return self._fd(run, state)
+    theta, g = state
+    (_, cache), (dlogits_BW, dcache) = jax.jvp(run, (theta,), (g,))
+    return dlogits_BW, (cache, (dcache.k, dcache.v))
+
+  def decode(self, state, token_B, cache):
+    if self.method == "fd":
+      return self._fd(lambda st, c: self._model(st).decode(token_B, c), state, cache)
+    theta, g = state
+    cache, (dk, dv) = cache
+
+    def run(st, kv):
+      k, v = kv
+      c = dataclasses.replace(cache, k=k, v=v)
+      logits_BW, c = self._model(st).decode(token_B, c)
+      return logits_BW, (c.k, c.v)
+
+    (_, (k, v)), (dlogits_BW, (dk, dv)) = jax.jvp(run, (theta, (cache.k, cache.v)), (g, (dk, dv)))
+    return dlogits_BW, (dataclasses.replace(cache, k=k, v=v, end=cache.end + 1), (dk, dv))
+
+
+# -- Delta for analysis -----------------------------------------------------------------------
+
+
+def delta(proxy: Transformer, grad, input_ids_BT, *, method: str = "jvp", eps: float = 1e-2,
+          pad_mask_BT=None) -> jax.Array:
+  """Delta [B, W] (fp32, W the proxy's rows) at the last position of each row, by a full
+  forward (no cache).
+
+  The analysis entry point: jvp gives the exact derivative of log p(.; theta) along g, fd
+  [log p(.; theta+eps g) - log p(.; theta-eps g)] / 2eps in the proxy's dtype (warning when
+  the rounding ate eps*g). Rows may be left-padded (pad_mask_BT).
+  """
+  gradients.check_compatible(proxy, grad)
+  graphdef, theta = nnx.split(proxy)
+  ids = jnp.asarray(input_ids_BT)
+
+  def logp_last(state):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(ids, pad_mask_BT)[:, -1], axis=-1)
+
+  if method == "fd":
+    plus, minus = perturbed_states(theta, grad, eps)
+    warn_if_fd_rounds_away(_fd_rounding(theta, plus, minus, grad), eps, proxy.dtype)
+    return (logp_last(plus) - logp_last(minus)) / (2.0 * eps)
+  if method == "jvp":
+    return jax.jvp(logp_last, (theta,), (_tangent(grad, theta),))[1].astype(jnp.float32)
+  raise ValueError(f"method={method!r}; expected one of {METHODS}.")

@@ -1,0 +1,165 @@
+"""The decode program: one jitted function per shape that prefills the teacher (and the proxy)
+on left-padded prompts, then decodes with a `lax.scan` whose step samples from the teacher's
+logits adjusted by lam * Delta (`adjustment`).
+
+Compilation. tau, lam, eps and top_p are traced values (`Knobs`): one compiled program serves
+a whole sweep for a given (batch, prompt bucket, max_new_tokens, method, placement, filter
+kind, greedy or not, proxy or not) (`_Static`). lam = 0 compiles the plain teacher program,
+with no proxy work.
+
+The loop is a `lax.while_loop` over chunks of `_Static.chunk` steps, each a `lax.scan`, so a
+batch stops after the chunk in which all its rows finished. Its carry (`DecodeState`) holds
+next-token logits [B, V], never [B, T, V]; its outputs (`DecodeOutputs`) are per-step token
+ids and log-probs [L, B].
+
+Randomness is per prompt: row r at step t draws with fold_in(row_key_r, t), where the Sampler
+makes row_key_r = fold_in(key(seed), r) from the global prompt index r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from antidistill_jax import filters
+from antidistill_jax.models.cache import KVCache
+from antidistill_jax.sampling.adjustment import _pad_delta, _Proxies, adjusted_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """What a compiled decode program depends on (hashable: a jit static argument)."""
+  num_steps: int  # max_new_tokens rounded up to whole chunks
+  chunk: int
+  greedy: bool
+  top_k: int | None
+  top_p: bool  # whether the nucleus filter runs (its value is traced)
+  uses_proxy: bool
+  method: str
+  placement: str
+  fd_stacked: bool
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  vocab_size: int  # ids >= vocab_size are never sampled
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Knobs:
+  """The traced settings of a decode program: a sweep changes these without recompiling."""
+  tau: jax.Array  # f32 []
+  lam: jax.Array  # f32 []
+  top_p: jax.Array  # f32 []; 1.0 keeps everything
+  limit: jax.Array  # i32 []: decode steps of this batch (<= num_steps)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """The carry of the decode scan: next-token inputs, caches and per-row flags."""
+  teacher_logits_BV: jax.Array  # teacher logits for the next token (fp32)
+  delta_BW: jax.Array | None  # Delta on the proxy's rows (None without a proxy)
+  teacher_cache: KVCache
+  proxy_cache: Any  # fd: the perturbed copies' caches; jvp: (cache, (dk, dv)); None without proxy
+  done_B: jax.Array  # bool: the row has emitted an EOS
+  first_bad: jax.Array  # i32 []: first step with non-finite sampling logits, -1 if none
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutputs:
+  """Per-step outputs, [L, B] each, L = num_steps (steps never run: pad, 0, True)."""
+  tokens_LB: jax.Array
+  logp_LB: jax.Array  # teacher log-prob of the token, temperature 1, unperturbed
+  stopped_LB: jax.Array  # row had finished (EOS or limit) before this step
+
+
+def sample_tokens(keys_B, logits_BV, knobs: Knobs, s: _Static) -> jax.Array:
+  if s.greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  filtered_BV = filters.filter_logits(logits_BV, s.top_k, knobs.top_p if s.top_p else None)
+  return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("teacher_def", "proxy_def", "s"))
+def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, mask_BP,
+                    row_keys_B, knobs: Knobs, *, s: _Static):
+  """Prefill, then a while_loop over chunks of `s.chunk` decode steps, each a lax.scan; the loop
+  ends once every row has finished or after knobs.limit steps. Returns the DecodeOutputs, the
+  final done flags [B], the first step with non-finite adjusted logits (-1 if none) and the
+  number of steps run."""
+  b, p = ids_BP.shape
+  max_len = p + s.num_steps
+  teacher = nnx.merge(teacher_def, teacher_state)
+  teacher_logits_BV, teacher_cache = teacher.prefill(ids_BP, mask_BP, max_len)
+  vocab = teacher_logits_BV.shape[-1]
+  proxies = _Proxies(proxy_def, s.method, s.fd_stacked) if s.uses_proxy else None
+  delta_BW = proxy_cache = None
+  if proxies is not None:
+    delta_BW, proxy_cache = proxies.prefill(proxy_state, ids_BP, mask_BP, max_len)
+  eos = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
+  valid_V = jnp.arange(vocab) < s.vocab_size
+
+  def step(st: DecodeState, t):
+    stopped_B = st.done_B | (t >= knobs.limit)
+    delta_BV = None if st.delta_BW is None else _pad_delta(st.delta_BW, vocab)
+    logits_BV = adjusted_logits(st.teacher_logits_BV, delta_BV, lam=knobs.lam, tau=knobs.tau,
+                                placement=s.placement, greedy=s.greedy, vocab_size=s.vocab_size)
+    bad = jnp.any(~jnp.isfinite(logits_BV) & valid_V & ~stopped_B[:, None])
+    first_bad = jnp.where((st.first_bad < 0) & bad, t, st.first_bad)
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+    token_B = sample_tokens(keys_B, logits_BV, knobs, s)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(st.teacher_logits_BV.astype(jnp.float32)),
+                                 token_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(stopped_B, s.pad_id, token_B)
+    out = (token_B, jnp.where(stopped_B, 0.0, logp_B), stopped_B)
+    done_B = st.done_B | (~stopped_B & jnp.isin(token_B, eos))
+    teacher_logits_BV, teacher_cache = teacher.decode(token_B, st.teacher_cache)
+    delta_BW, proxy_cache = st.delta_BW, st.proxy_cache
+    if proxies is not None:
+      delta_BW, proxy_cache = proxies.decode(proxy_state, token_B, proxy_cache)
+    return DecodeState(teacher_logits_BV, delta_BW, teacher_cache, proxy_cache, done_B,
+                       first_bad), out
+
+  def run_chunk(loop):
+    c, st, outs = loop
+    first = c * s.chunk
+    st, (tokens_CB, logp_CB, stopped_CB) = jax.lax.scan(
+        step, st, first + jnp.arange(s.chunk, dtype=jnp.int32))
+    at = (first, jnp.zeros((), jnp.int32))
+    outs = DecodeOutputs(jax.lax.dynamic_update_slice(outs.tokens_LB, tokens_CB, at),
+                         jax.lax.dynamic_update_slice(outs.logp_LB, logp_CB, at),
+                         jax.lax.dynamic_update_slice(outs.stopped_LB, stopped_CB, at))
+    return c + 1, st, outs
+
+  def more(loop):
+    c, st, _ = loop
+    return (c * s.chunk < knobs.limit) & ~jnp.all(st.done_B)
+
+  n = s.num_steps
+  st = DecodeState(teacher_logits_BV, delta_BW, teacher_cache, proxy_cache,
+                   jnp.zeros((b,), bool), jnp.array(-1, jnp.int32))
+  outs = DecodeOutputs(jnp.full((n, b), s.pad_id, jnp.int32), jnp.zeros((n, b), jnp.float32),
+                       jnp.ones((n, b), bool))
+  c, st, outs = jax.lax.while_loop(more, run_chunk, (jnp.zeros((), jnp.int32), st, outs))
+  return outs, st.done_B, st.first_bad, jnp.minimum(c * s.chunk, knobs.limit)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads ragged id lists to [rows, length]; extra rows repeat the first prompt."""
+  length = length or max(len(p) for p in prompts)
+  rows = rows or len(prompts)
+  ids = np.full((rows, length), pad_id, np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for i in range(rows):
+    p = prompts[i] if i < len(prompts) else prompts[0]
+    ids[i, length - len(p):] = p
+    mask[i, length - len(p):] = 1
+  return ids, mask

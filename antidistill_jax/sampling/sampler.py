@@ -1,0 +1,324 @@
+"""The Sampler: antidistillation sampling of a teacher as one call per setting.
+
+  sampler = Sampler(teacher, tokenizer, proxy=proxy, grad=g)          # once per run
+  out = sampler(prompts, SamplingParams(max_new_tokens=1024, tau=0.9, top_p=0.95, lam=0.08))
+
+`SamplingParams` is the settings object; `Sampler` keeps the split models, the proxy side
+prepared for the last (method, eps) (`adjustment`), places left-padded batches on the mesh with
+one random key per prompt, runs the decode program (`decode`) and returns a `Generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from antidistill_jax import gradients, parallel
+from antidistill_jax import tokenizer as tok_lib
+from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.sampling.adjustment import (METHODS, PLACEMENTS, _prepare_fd, _prepare_jvp,
+                                                 _reprepare_fd, warn_if_fd_rounds_away)
+from antidistill_jax.sampling.decode import Knobs, _decode_program, _Static, left_pad
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample: the one settings object of `Sampler`, `traces` and the pipeline.
+
+  max_new_tokens: decode steps at most (a compile-time shape).
+  tau: temperature; 0 is greedy. lam: weight of Delta (0: plain sampling, no proxy work).
+  eps: finite-difference step (method="fd" only). method: "jvp" (exact) or "fd".
+  placement: "paper" or "reference" (`adjustment`).
+  top_p, top_k: nucleus / top-k filters after the adjustment (None: off).
+  max_length: cap on the LEFT-PADDED prompt plus new tokens, as Hugging Face `generate`'s
+    max_length counts it (the authors' script: 1024); a batch then decodes at most
+    max_length - (its longest prompt) tokens. None: max_new_tokens for every batch.
+  seed: randomness (per global prompt index, see `decode`).
+  """
+  max_new_tokens: int
+  tau: float = 1.0
+  lam: float = 0.0
+  eps: float = 1e-2
+  method: str = "jvp"
+  placement: str = "paper"
+  top_p: float | None = None
+  top_k: int | None = None
+  max_length: int | None = None
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}; expected one of {METHODS}.")
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"placement={self.placement!r}; expected one of {PLACEMENTS}.")
+    if self.tau < 0:
+      raise ValueError(f"tau={self.tau} must be >= 0 (0 is greedy).")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k={self.top_k} must be >= 1.")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+    if self.method == "fd" and self.lam != 0.0 and not self.eps > 0:
+      raise ValueError(f"eps={self.eps} must be > 0 for method='fd'.")
+
+  @classmethod
+  def reference(cls, *, tau: float, lam: float = 0.0, eps: float = 1e-2, method: str = "fd",
+                max_length: int = 1024, seed: int = 0) -> "SamplingParams":
+    """The authors' sampler: Delta added to the raw teacher logits before the temperature
+    (lam here = tau * lam_paper), then Hugging Face's default top_k=50 and top_p=0.95 (greedy
+    when tau=0), and max_length=1024 counting the left-padded prompt. fd at eps as theirs;
+    `method="jvp"` gives the exact derivative their eps approximates."""
+    sampled = tau > 0
+    return cls(max_new_tokens=max_length, tau=tau, lam=lam, eps=eps, method=method,
+               placement="reference", top_p=0.95 if sampled else None,
+               top_k=50 if sampled else None, max_length=max_length, seed=seed)
+
+  @property
+  def uses_proxy(self) -> bool:
+    return self.lam != 0.0
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Generation:
+  """Per prompt: the generated ids (EOS included, padding excluded) and the teacher's log-prob
+  (at temperature 1, unperturbed) of each of them."""
+  tokens: list[list[int]]
+  logprobs: list[np.ndarray]
+  finished: np.ndarray  # [num_prompts] bool: ended with an EOS id
+  decode_steps: int = 0  # decode steps run, summed over batches (stops early once all finish)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(t) for t in self.tokens], np.int32)
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _is_abstract(tree) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+class Sampler:
+  """Samples from a teacher, antidistilled by a proxy along g when params.lam != 0.
+
+  Built once per (teacher, proxy, g) and called with `SamplingParams` for each setting of a
+  sweep; it keeps the split models, the proxy side prepared for the last (method, eps), and
+  the jit cache keyed by shapes and the static part of the settings.
+
+  tokenizer: gives the EOS ids, the pad id and the number of real tokens; rows of the
+    embedding past it are padding and are never sampled. Without a tokenizer, pass
+    vocab_size (and eos_ids / pad_id).
+  vocab_size: ids that may be sampled (default: len(tokenizer), and at most the rows both
+    teacher and proxy have).
+  batch_size: prompts per compiled call (default: all prompts of a call).
+  prompt_multiple: padded prompt lengths are multiples of it, so few shapes compile.
+  mesh: batches are sharded over its `data` axis (rows padded to a multiple of its size).
+  scan_chunk: decode steps per lax.scan chunk; a batch stops after the chunk in which all its
+    rows finished (outputs do not depend on it).
+  fd_stacked: fd runs its two proxy copies as one vmapped call (default; bench/sampling.py).
+  """
+
+  def __init__(self, teacher: Transformer, tokenizer=None, *, proxy: Transformer | None = None,
+               grad: Any = None, vocab_size: int | None = None,
+               eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+               batch_size: int | None = None, prompt_multiple: int = 16,
+               mesh: Mesh | None = None, scan_chunk: int = 32, fd_stacked: bool = True):
+    if tokenizer is None and vocab_size is None:
+      raise ValueError(
+          "Sampler needs the tokenizer (or vocab_size=): rows of the embedding table past the "
+          "tokenizer are padding, and sampling them gives ids that cannot be decoded.")
+    if (proxy is None) != (grad is None):
+      raise ValueError("pass the proxy and its gradient together (proxy=..., grad=...).")
+    if scan_chunk < 1:
+      raise ValueError(f"scan_chunk={scan_chunk} must be >= 1.")
+    self.teacher = teacher
+    self.tokenizer = tokenizer
+    self.config = teacher.config
+    limit = teacher.config.vocab_size
+    if tokenizer is not None:
+      limit = min(limit, len(tokenizer))
+    if proxy is not None:
+      gradients.check_compatible(proxy, grad)
+      limit = min(limit, tok_lib.shared_vocab_size(teacher.config, proxy.config, tokenizer))
+    self.vocab_size = min(limit, vocab_size) if vocab_size is not None else limit
+    if eos_ids is None:
+      eos_ids = tok_lib.eos_ids(tokenizer, teacher.config) if tokenizer is not None else ()
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    if pad_id is None:
+      pad_id = getattr(tokenizer, "pad_token_id", None)
+    self.pad_id = int(pad_id or 0)
+    self.batch_size, self.prompt_multiple, self.mesh = batch_size, prompt_multiple, mesh
+    self.scan_chunk, self.fd_stacked = scan_chunk, fd_stacked
+    self.teacher_def, self.teacher_state = nnx.split(teacher)
+    self.proxy = proxy
+    self.proxy_def = self._theta = None
+    if proxy is not None:
+      self.proxy_def, self._theta = nnx.split(proxy)
+    self.grad = grad
+    self._prepared_key, self._prepared = None, None
+
+  # -- pieces ------------------------------------------------------------------------------
+
+  def _static(self, params: SamplingParams) -> _Static:
+    if params.uses_proxy and self.proxy is None:
+      raise ValueError(f"lam={params.lam} needs a proxy and its gradient: "
+                       "Sampler(teacher, tokenizer, proxy=..., grad=...).")
+    chunk = min(self.scan_chunk, params.max_new_tokens)
+    return _Static(
+        num_steps=_round_up(params.max_new_tokens, chunk), chunk=chunk,
+        greedy=params.tau == 0.0, top_k=params.top_k,
+        top_p=params.top_p is not None and params.top_p < 1.0,
+        uses_proxy=params.uses_proxy,
+        # Without a proxy the method does not matter: every method shares the plain program.
+        method=params.method if params.uses_proxy else "",
+        placement=params.placement,
+        fd_stacked=self.fd_stacked and params.uses_proxy, eos_ids=self.eos_ids, pad_id=self.pad_id,
+        vocab_size=self.vocab_size)
+
+  def proxy_state(self, params: SamplingParams):
+    """The prepared proxy side for params (None at lam=0): cached per (method, eps)."""
+    if not params.uses_proxy:
+      return None
+    key = (params.method, params.eps if params.method == "fd" else None)
+    if key == self._prepared_key:
+      return self._prepared
+    theta, grad = self._theta, self.grad
+    eps = jnp.float32(params.eps)
+    if _is_abstract(theta):  # abstract weights (memory analysis): shapes only
+      if params.method == "jvp":
+        state = jax.eval_shape(_prepare_jvp, theta, grad)
+      else:
+        state = (jax.eval_shape(functools.partial(_prepare_fd, stacked=self.fd_stacked),
+                                theta, grad, eps)[0], eps)
+    elif params.method == "jvp":
+      self._prepared = None
+      state = _prepare_jvp(theta, grad)
+    else:
+      previous = self._prepared
+      self._prepared = None
+      if previous is not None and self._prepared_key[0] == "fd":
+        params_state, stats = _reprepare_fd(theta, grad, eps, previous[0],
+                                            stacked=self.fd_stacked)
+      else:
+        params_state, stats = _prepare_fd(theta, grad, eps, stacked=self.fd_stacked)
+      warn_if_fd_rounds_away(jax.device_get(stats), params.eps, self.proxy.dtype)
+      state = (params_state, eps)
+    self._prepared_key, self._prepared = key, state
+    return state
+
+  def knobs(self, params: SamplingParams, prompt_len: int) -> Knobs:
+    """The traced settings for a batch whose longest prompt has `prompt_len` tokens."""
+    limit = params.max_new_tokens
+    if params.max_length is not None:
+      limit = min(limit, params.max_length - prompt_len)
+      if limit < 1:
+        raise ValueError(f"a prompt of {prompt_len} tokens leaves no room under "
+                         f"max_length={params.max_length}; drop it or raise max_length.")
+    return Knobs(tau=jnp.float32(params.tau if params.tau > 0 else 1.0),
+                 lam=jnp.float32(params.lam), top_p=jnp.float32(params.top_p or 1.0),
+                 limit=jnp.int32(limit))
+
+  def batch_inputs(self, prompts: Sequence[Sequence[int]], rows: int, seed: int,
+                   first_row: int = 0):
+    """Left-padded ids and mask [rows, P] and per-row keys [rows], placed on the mesh."""
+    length = _round_up(max(len(p) for p in prompts), self.prompt_multiple)
+    ids, mask = left_pad(prompts, self.pad_id, length, rows)
+    row_idx = jnp.asarray(first_row + np.arange(rows), jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_idx)
+    return parallel.shard_batch((jnp.asarray(ids), jnp.asarray(mask), keys), self.mesh)
+
+  def _args(self, batch, params: SamplingParams, prompt_len: int):
+    return ((self.teacher_def, self.teacher_state, self.proxy_def if params.uses_proxy else None,
+             self.proxy_state(params), *batch, self.knobs(params, prompt_len)),
+            dict(s=self._static(params)))
+
+  def run_batch(self, batch, params: SamplingParams, prompt_len: int):
+    """The jitted program on one placed batch (ids, mask, keys): (DecodeOutputs, done [B],
+    first bad step, steps run), on device."""
+    args, kw = self._args(batch, params, prompt_len)
+    return _decode_program(*args, **kw)
+
+  def lower(self, batch, params: SamplingParams, prompt_len: int | None = None):
+    """The lowered program for one batch (HLO text, compile().memory_analysis()); batch may
+    hold jax.ShapeDtypeStructs, and so may the models' states."""
+    prompt_len = batch[0].shape[1] if prompt_len is None else prompt_len
+    args, kw = self._args(batch, params, prompt_len)
+    return _decode_program.lower(*args, **kw)
+
+  # -- the call ------------------------------------------------------------------------------
+
+  def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+               first_row: int = 0) -> Generation:
+    """Samples a continuation of each prompt (token-id lists of any lengths).
+
+    first_row: global index of prompts[0]; rows draw randomness by global index, so a resumed
+      run (first_row > 0) reproduces an uninterrupted one.
+    """
+    if not prompts:
+      return Generation([], [], np.zeros((0,), bool), 0)
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("empty prompt: every prompt needs at least one token.")
+    rows = self.config.vocab_size
+    bad = [i for i, p in enumerate(prompts) if min(p) < 0 or max(p) >= rows]
+    if bad:
+      raise ValueError(f"prompts {bad[:10]} hold token ids outside [0, {rows}), the teacher's "
+                       "embedding rows; tokenize them with the teacher's tokenizer.")
+    longest = max(len(p) for p in prompts)
+    limit = self.config.max_position_embeddings
+    if longest + params.max_new_tokens > limit and params.max_length is None:
+      raise ValueError(
+          f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+          f"teacher's max_position_embeddings={limit}; drop or truncate long prompts "
+          "(data.prompts does it with max_prompt_length).")
+    batch_size = self.batch_size or len(prompts)
+    rows = parallel.round_rows(min(batch_size, len(prompts)), self.mesh)
+    out_tokens, out_logp, out_done = [], [], []
+    t0, n_tokens, decode_steps = time.time(), 0, 0
+    for start in range(0, len(prompts), batch_size):
+      chunk = prompts[start:start + batch_size]
+      batch = self.batch_inputs(chunk, rows, params.seed, first_row + start)
+      outs, done_B, first_bad, steps = parallel.to_host(
+          self.run_batch(batch, params, max(len(p) for p in chunk)))
+      decode_steps += int(steps)
+      if first_bad >= 0:
+        where = (f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
+                 f"{start + len(chunk) - 1}) with tau={params.tau}, teacher dtype "
+                 f"{self.teacher.dtype.name}")
+        if not params.uses_proxy:
+          raise FloatingPointError(f"{where}, no proxy: the teacher's own logits are not finite; "
+                                   "check its weights, or run it in float32/bfloat16.")
+        raise FloatingPointError(
+            f"{where}, lam={params.lam}, eps={params.eps}, method={params.method}, proxy dtype "
+            f"{self.proxy.dtype.name}. Lower lam, use method='jvp' or a larger eps, or run the "
+            "proxy in float32/bfloat16 instead of float16.")
+      for i in range(len(chunk)):
+        n = int(np.sum(~outs.stopped_LB[:, i]))
+        out_tokens.append(outs.tokens_LB[:n, i].tolist())
+        out_logp.append(outs.logp_LB[:n, i].astype(np.float32))
+        out_done.append(bool(done_B[i]))
+        n_tokens += n
+      logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)", start + len(chunk),
+                   len(prompts), n_tokens, n_tokens / max(time.time() - t0, 1e-9))
+    return Generation(out_tokens, out_logp, np.array(out_done, bool), decode_steps)
+
+
+def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+             tokenizer=None, *, first_row: int = 0, **sampler_kwargs) -> Generation:
+  """One-shot `Sampler(teacher, tokenizer, **sampler_kwargs)(prompts, params)`; keep a Sampler
+  to sample several settings (the proxy side is then prepared once per (method, eps))."""
+  return Sampler(teacher, tokenizer, **sampler_kwargs)(prompts, params, first_row=first_row)
