@@ -337,8 +337,12 @@ class Progress:
       self._bar.update(n)
     elif self._outer is not None and self._outer._bar is not None:
       done = f"{_num(self.n)}/{_num(self.total)}" if self.total else _num(self.n)
-      self._outer._bar.set_postfix_str(
-          f"{self.desc} {done} {self.unit} ({_num(self.rate)} {self.unit}/s)", refresh=True)
+      outer = self._outer._bar
+      outer.set_postfix_str(f"{self.desc} {done} {self.unit} ({_num(self.rate)} {self.unit}/s)",
+                            refresh=False)
+      if time.time() - outer.last_print_t >= outer.mininterval:  # tqdm's own pace (30 s in logs)
+        outer.refresh()
+        outer.last_print_t = time.time()
 
   def close(self) -> str:
     """Closes the bar and returns (and, on process 0, logs) the summary line. Idempotent."""

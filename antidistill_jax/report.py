@@ -3,9 +3,9 @@ table of every point.
 
   write_report(workdir)   # workdir/report/{figure3.png, figure5.png, results.md, results.json}
 
-It reads workdir/index/<point>.json, which the pipeline's stages fill as they finish (a point
-may lack some fields: a partial grid still reports what it has) and index/base.json (the
-undistilled student).
+It reads workdir/index/<point>.json, which the pipeline's report stage derives from the
+records of the current keys (`pipeline.reporting`; a point may lack some fields: a partial grid
+still reports what it has), and index/base.json (the undistilled student).
   Figure 3: teacher accuracy against distilled-student accuracy, one marker per trace set,
             ADS points and the temperature sweep as two series labelled with lam / tau, the
             undistilled student as a dashed line.

@@ -191,3 +191,23 @@ def test_stage_summary(caplog):
                                   model="tiny")
   assert line == "sample: 12.35 s, rows=128, tokens_per_s=5432, ok=True, model=tiny"
   assert line in [r.getMessage() for r in caplog.records]
+
+
+def test_a_bar_inside_another_shows_on_the_outer_one():
+  """A stage's bar is the one drawn: a bar opened inside it (a trace file's rows) draws nothing
+  of its own and shows its count and rate on the stage's bar."""
+  import io
+  out = io.StringIO()
+  with monitoring.Progress(2, "sample", unit="item", enabled=True, file=out,
+                           mininterval=0) as stage:
+    with monitoring.Progress(10, "traces.jsonl", unit="row", enabled=True) as rows:
+      rows.update(4)
+      assert rows._bar is None
+    stage.update(1)
+    with monitoring.Progress(10, "traces.jsonl", unit="row", enabled=True) as rows:
+      rows.update(7)
+  text = out.getvalue()
+  assert "traces.jsonl 4/10 row" in text and "traces.jsonl 7/10 row" in text
+  assert text.count("sample") >= 2 and "rows/s" not in text
+  with monitoring.Progress(1, "next", enabled=True, file=out) as alone:  # drawn again
+    assert alone._bar is not None
