@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from antidistill_jax import files, gradients, grading, models, parallel, sampling, traces
+from antidistill_jax import files, gradients, models, parallel, sampling, traces
 from antidistill_jax.pipeline import evaluating
 from antidistill_jax.pipeline.grid import Point, calibrated_lams
 
@@ -132,16 +132,13 @@ def grad(x, out) -> dict:
               sequences=meta["num_sequences"])
 
 
-def accuracy(x, point: Point, examples) -> float:
-  """The teacher's accuracy on `examples` at a point's settings, in memory (no files)."""
-  from antidistill_jax.data.prompts import build_prompts
-  sampler = x.teacher_sampler(point.lam != 0.0)
-  s = x.trace_settings()
-  prompts = build_prompts(sampler.tokenizer, examples, s["max_prompt_length"], system=s["system"])
-  gen = sampler(prompts.ids, x.point_params(point))
-  texts = [sampler.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
-  return grading.accuracy(x.config.data.grader, [examples[i].solution for i in prompts.indices],
-                          texts)
+def accuracy(x, point: Point, examples, path) -> float:
+  """The teacher's raw accuracy on `examples` at a point's settings: the same trace path as
+  every other accuracy (traces.generate_traces, resumable), without answer forcing."""
+  meta = traces.generate_traces(x.teacher_sampler(point.lam != 0.0), examples, path,
+                                params=x.point_params(point), batch_size=x.config.sample.batch_size,
+                                split="holdout", **dict(x.trace_settings(), answer_forcing=False))
+  return meta["statistics"]["accuracy"]
 
 
 def calibrate(x, out) -> dict:
@@ -153,11 +150,13 @@ def calibrate(x, out) -> dict:
   c = x.config
   cal, eps = c.grid.calibrate, float(c.sample.eps)
   examples = x.split("holdout")[:cal.n]
-  temps = {float(t): accuracy(x, Point("temperature", float(t), 0.0, eps), examples)
-           for t in c.grid.temperatures}
+  temps = {float(t): accuracy(x, Point("temperature", float(t), 0.0, eps), examples,
+                              out / f"temperature_{k}.jsonl")
+           for k, t in enumerate(c.grid.temperatures)}
   tau = float(c.grid.ads_taus[0])
-  ladder = [(float(b) * eps, accuracy(x, Point("ads", tau, float(b) * eps, eps), examples))
-            for b in cal.ladder]
+  ladder = [(float(b) * eps, accuracy(x, Point("ads", tau, float(b) * eps, eps), examples,
+                                      out / f"ladder_{k}.jsonl"))
+            for k, b in enumerate(cal.ladder)]
   lams = calibrated_lams(ladder, max(temps.values()), min(temps.values()), int(cal.points))
   return dict(lams=lams, temperature_accuracy=temps,
               ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
