@@ -91,18 +91,6 @@ def parse_stages(names, stages) -> tuple[str, ...]:
   return tuple(names)
 
 
-def check_workdir(workdir: str) -> None:
-  """errors.BadWorkdir when a local --workdir cannot be a folder (it, or a parent, is a file)."""
-  if not files.is_local(workdir):
-    return
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise errors.BadWorkdir(f"--workdir={workdir}: {path} is a file; pass a folder (a new one, "
-                            "or an earlier run's to resume it).")
-
-
 # -- logs: everything to a file in the workdir, warnings to the terminal ----------------------
 
 
@@ -261,7 +249,7 @@ def main(argv):
     if not workdir:
       config_file = config_flags.get_config_filename(flags.FLAGS["config"])
       workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
-    check_workdir(workdir)
+    pipeline.check_workdir(workdir)
     print(f"workdir {workdir}, log {route_logs(workdir)}", file=sys.stderr, flush=True)
   if _DISTRIBUTED.value:
     import jax

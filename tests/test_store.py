@@ -136,7 +136,7 @@ def test_an_old_workdir_or_a_file_is_refused(tmp_path):
   assert sorted(os.listdir(old)) == ["runs.jsonl", "sample"]  # nothing written there
   afile = tmp_path / "afile"
   afile.write_text("x")
-  with pytest.raises(errors.BadWorkdir, match="is a file: pass a folder"):
+  with pytest.raises(errors.BadWorkdir, match="is a file; pass a folder"):
     Store(str(afile)).open()
   fresh = tmp_path / "fresh"
   Store(str(fresh)).open()

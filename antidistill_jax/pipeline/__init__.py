@@ -28,7 +28,7 @@ grid.temperatures with lam = 0. `shard=(i, n)` runs the points whose index is i 
 from antidistill_jax.pipeline.experiment import PER_POINT, STAGES, Experiment
 from antidistill_jax.pipeline.inputs import Inputs, Loaded, resolve_checkpoint, sampling_key
 from antidistill_jax.pipeline.grid import Point, calibrated_lams, grid, parse_shard, shard_points
-from antidistill_jax.pipeline.store import Store, key_of
+from antidistill_jax.pipeline.store import Store, check_workdir, key_of
 
-__all__ = ["Experiment", "Inputs", "Loaded", "PER_POINT", "Point", "STAGES", "Store", "calibrated_lams",
-           "grid", "key_of", "parse_shard", "resolve_checkpoint", "sampling_key", "shard_points"]
+__all__ = ["Experiment", "Inputs", "Loaded", "PER_POINT", "Point", "STAGES", "Store",
+           "calibrated_lams", "check_workdir", "grid", "key_of", "parse_shard", "resolve_checkpoint", "sampling_key", "shard_points"]

@@ -40,6 +40,19 @@ def key_of(**parts) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def check_workdir(workdir: str) -> None:
+  """errors.BadWorkdir when a local workdir cannot be a folder (it, or a folder above it, is a
+  file). Nothing is created."""
+  if not files.is_local(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.BadWorkdir(f"--workdir={workdir}: {path} is a file; pass a folder (a new one, "
+                            "or an earlier run's to resume it).")
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -65,9 +78,7 @@ class Store:
   def open(self) -> None:
     """Checks that the workdir is a folder of this layout (or empty), and marks it."""
     path = os.fspath(self.root)
-    if self.root.exists() and not self.root.is_dir():
-      raise errors.BadWorkdir(f"--workdir={path} is a file: pass a folder (it is created if "
-                              "missing).")
+    check_workdir(path)
     marker = self.root / "layout.json"
     if marker.exists():
       version = files.read_json(marker).get("layout")
