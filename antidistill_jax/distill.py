@@ -187,8 +187,9 @@ def num_steps(n: int, config: DistillConfig) -> int:
 
 
 def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, keep=None):
-  """Fixed-shape right-padded micro-batches (ids, pad, loss) of the given examples; with a keep
-  mask [len(examples)], the loss mask of the examples it drops is zero (same shapes)."""
+  """Fixed-shape right-padded micro-batches ((ids, pad, loss), completion tokens) of the given
+  examples; with a keep mask [len(examples)], the loss mask of the examples it drops is zero
+  (same shapes). The token count (the loss mask's, targets only) is read off the host copy."""
   for start in range(0, len(indices), config.micro_batch_size):
     picked = indices[start:start + config.micro_batch_size]
     chunk = [examples[i] for i in picked]
@@ -198,7 +199,8 @@ def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, ke
     ids, pad, loss = gradients.pack_examples(chunk, rows, length, config.pad_id)
     if keep is not None:
       loss[:len(chunk)] *= np.asarray(keep, np.int32)[picked][:, None]
-    yield parallel.shard_batch([jnp.asarray(a) for a in (ids, pad, loss)], mesh)
+    yield (parallel.shard_batch([jnp.asarray(a) for a in (ids, pad, loss)], mesh),
+           int(loss[:, 1:].sum()))
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -222,32 +224,73 @@ def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTra
                                  mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params)))
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="acc")
-def _grad_step(graphdef, params, rngs, frozen, acc, ids_BT, pad_BT, loss_BT):
-  """acc + grad of the summed completion NLL of one micro-batch; also that sum, the number
-  of completion tokens, and the dropout RNG state after the call."""
-  def total(p, r):  # the RNG state is an argument: dropout advances it inside this trace
-    model = nnx.merge(graphdef, p, r, frozen, copy=True)  # fresh Variables of this trace
+@functools.lru_cache(maxsize=16)
+def _optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+  """make_optimizer, one object per (config, total_steps): `_apply` takes it as a static
+  argument, so students trained alike (the pipeline's) share one compiled update."""
+  return make_optimizer(config, total_steps)
+
+
+def _template(treedef):
+  """An nnx State of treedef's structure holding no arrays: `unflatten_like` fills it."""
+  return jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(graphdef: nnx.GraphDef, params_def, rngs_def, frozen_def
+              ) -> tuple[Callable, Callable]:
+  """(grad_step, eval_step) of one model structure.
+
+  The graphdef and the states' structures (pytree defs of split_student's trainable, rngs and
+  frozen) are closed over, and the programs take flat {name: array} dicts (the checkpointed
+  form) that they rebuild into nnx States inside the trace. A call then costs only its arrays:
+  a GraphDef as a static argument is hashed on every call (~0.4 ms at 3 layers) and nnx
+  Variables are pytree nodes to flatten and rebuild (~1 ms per step). Students of one
+  structure share the programs and their compilations.
+  """
+  params_t, rngs_t, frozen_t = map(_template, (params_def, rngs_def, frozen_def))
+
+  def model_of(params, rngs, frozen):  # fresh Variables of this trace
+    return nnx.merge(graphdef, unflatten_like(params_t, params), unflatten_like(rngs_t, rngs),
+                     unflatten_like(frozen_t, frozen), copy=True)
+
+  def accumulate(params, rngs, frozen, acc, ids_BT, pad_BT, loss_BT):
+    """acc + grad of the summed completion NLL of one micro-batch (acc None: a step's first
+    micro-batch, nothing to add); also that sum and the dropout RNG state after the call."""
+    def total(p, r):  # the RNG state is an argument: dropout advances it inside this trace
+      model = model_of(p, r, frozen)
+      nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
+      return jnp.sum(nll_BT * mask_BT), flatten(nnx.state(model, nnx.RngState))
+    (value, new_rngs), grad = jax.value_and_grad(total, has_aux=True)(params, rngs)
+    if acc is not None:
+      grad = jax.tree.map(jnp.add, acc, grad)
+    return grad, value, new_rngs
+
+  grad_step = jax.jit(accumulate, donate_argnames="acc")
+
+  @jax.jit
+  def eval_step(params, rngs, frozen, ids_BT, pad_BT, loss_BT):
+    model = model_of(params, rngs, frozen)
+    model.eval()  # dropout off
     nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
-    return jnp.sum(nll_BT * mask_BT), nnx.state(model, nnx.RngState)
-  (value, new_rngs), grad = jax.value_and_grad(total, has_aux=True)(params, rngs)
-  return jax.tree.map(jnp.add, acc, grad), value, jnp.sum(loss_BT[:, 1:]), new_rngs
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+  return grad_step, eval_step
+
+
+def _programs_of(graphdef, params, rngs, frozen):
+  return _programs(graphdef, *(jax.tree.structure(s) for s in (params, rngs, frozen)))
 
 
 @functools.partial(jax.jit, static_argnames="tx", donate_argnames=("params", "opt_state"))
 def _apply(tx, params, opt_state, grad_sum, n_tokens):
-  """One AdamW step on the token-mean gradient."""
+  """One AdamW step on the token-mean gradient.
+
+  A program of its own: fused into the gradient's program it would save a launch (a few ms on
+  a CPU) but XLA then fuses across the two and the weights change in the last bits."""
   grad = jax.tree.map(lambda g: g / jnp.maximum(n_tokens, 1.0), grad_sum)
   updates, opt_state = tx.update(grad, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grad)
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _eval_step(graphdef, params, rngs, frozen, ids_BT, pad_BT, loss_BT):
-  model = nnx.merge(graphdef, params, rngs, frozen)
-  model.eval()  # dropout off
-  nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
-  return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
 def split_student(model: Transformer, config: DistillConfig):
@@ -256,15 +299,22 @@ def split_student(model: Transformer, config: DistillConfig):
   return nnx.split(model, nnx.LoRAParam if config.lora_rank else nnx.Param, nnx.RngState, ...)
 
 
+def _holdout_loss(eval_step, flat_parts, examples, config, rows, mesh) -> float:
+  # Every micro-batch is dispatched before the first sum is read: one wait, not one per batch.
+  sums = [eval_step(*flat_parts, *batch)
+          for batch, _ in _micro_batches(examples, np.arange(len(examples)), config, rows, mesh)]
+  total, count = 0.0, 0.0
+  for s, c in sums:
+    total, count = total + float(s), count + float(c)
+  return total / max(count, 1.0)
+
+
 def evaluate_loss(parts, examples: Sequence[TokenPair], config: DistillConfig, *, rows: int,
                   mesh: Mesh | None = None) -> float:
   """Token-mean completion NLL of the student `parts` (from split_student) on examples."""
-  graphdef, params, rngs, frozen = parts
-  total, count = 0.0, 0.0
-  for batch in _micro_batches(examples, np.arange(len(examples)), config, rows, mesh):
-    s, c = _eval_step(graphdef, params, rngs, frozen, *batch)
-    total, count = total + float(s), count + float(c)
-  return total / max(count, 1.0)
+  graphdef, *states = parts
+  _, eval_step = _programs_of(graphdef, *states)
+  return _holdout_loss(eval_step, [flatten(s) for s in states], examples, config, rows, mesh)
 
 
 def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[TokenPair],
@@ -280,7 +330,8 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   models.save_pretrained) and the loss history, also written to workdir/curves.{json,png}.
   max_steps stops early (the schedule still spans the whole run): a later call resumes.
   on_step: called with each step's record (step, train_loss, grad_norm, holdout_loss at
-    evaluations), e.g. to write TensorBoard scalars while training runs.
+    evaluations), e.g. to write TensorBoard scalars while training runs. A record is written
+    while the next step computes (at evaluations, checkpoints and epoch starts, at once).
   select: called at the start of each epoch with the student at its current weights and the
     epoch; returns a keep mask [len(train)]: the examples it drops add no loss that epoch (the
     batches and the schedule are unchanged). The mask is checkpointed, so a run resumed
@@ -292,10 +343,13 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     add_lora(student, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
              targets=config.lora_targets, seed=config.seed)
   graphdef, trainable, rngs, frozen = split_student(student, config)
+  grad_step, eval_step = _programs_of(graphdef, trainable, rngs, frozen)
+  frozen_flat = flatten(frozen)
   total = num_steps(len(train), config)
   end = total if max_steps is None else min(total, max_steps)
-  tx = make_optimizer(config, total)
-  # Checkpointed state: flat string-keyed dicts, which orbax stores and optax updates as is.
+  tx = _optimizer(config, total)
+  # Checkpointed state: flat string-keyed dicts, which orbax stores and optax updates as is;
+  # the loop holds the same dicts (what the programs take).
   state = {"params": flatten(trainable), "rngs": flatten(rngs)}
   state["opt_state"] = tx.init(state["params"])
   if select is not None:
@@ -318,29 +372,18 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
   t0, tokens = time.time(), 0
   bar = monitoring.progress(end - start, epath.Path(workdir).name or "distill",
                             unit="step")
-  per_epoch = -(-len(train) // config.batch_size)
-  for step in range(start, end):
-    params = unflatten_like(trainable, state["params"])
-    step_rngs = unflatten_like(rngs, state["rngs"])
-    if select is not None and step % per_epoch == 0:
-      current = nnx.merge(graphdef, params, step_rngs, frozen, copy=True)
-      state["keep"] = np.asarray(select(current, step // per_epoch), np.int32)
-    keep = None if select is None else np.asarray(state["keep"])
-    acc = jax.tree.map(jnp.zeros_like, params)
-    loss_sum, n_tok = 0.0, 0.0
-    for batch in _micro_batches(train, batch_indices(len(train), config, step), config, rows,
-                                mesh, keep):
-      acc, s, c, step_rngs = _grad_step(graphdef, params, step_rngs, frozen, acc, *batch)
-      loss_sum, n_tok = loss_sum + float(s), n_tok + float(c)
-    new_params, opt_state, grad_norm = _apply(tx, state["params"], state["opt_state"],
-                                              flatten(acc), jnp.float32(n_tok))
-    state = {**state, "params": new_params, "rngs": flatten(step_rngs), "opt_state": opt_state}
+
+  def write(step, loss_sums, n_tok, grad_norm, holdout_loss=None):
+    """Appends (and reports) the record of a dispatched step; reading its sums waits for it."""
+    nonlocal tokens
+    loss_sum = 0.0
+    for s in loss_sums:  # float64 sum of the float32 micro-batch sums, in order
+      loss_sum = loss_sum + float(s)
     tokens += int(n_tok)
     record = {"step": step + 1, "train_loss": loss_sum / max(n_tok, 1.0),
               "grad_norm": float(grad_norm)}
-    if holdout and ((step + 1) % config.eval_every == 0 or step + 1 == total):
-      parts = (graphdef, unflatten_like(trainable, state["params"]), step_rngs, frozen)
-      record["holdout_loss"] = evaluate_loss(parts, holdout, config, rows=rows, mesh=mesh)
+    if holdout_loss is not None:
+      record["holdout_loss"] = holdout_loss
     history.append(record)
     bar.update(1, loss=record["train_loss"], tokens_per_s=tokens / max(time.time() - t0, 1e-9))
     if "holdout_loss" in record:
@@ -348,9 +391,46 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
                    {k: round(v, 4) for k, v in record.items() if k != "step"})
     if on_step is not None:
       on_step(record)
-    if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+
+  per_epoch = -(-len(train) // config.batch_size)
+  pending = None  # (step, loss sums, tokens, grad norm) of a step whose record is unwritten
+  for step in range(start, end):
+    if select is not None and step % per_epoch == 0:
+      if pending is not None:
+        write(*pending)
+        pending = None
+      current = nnx.merge(graphdef, unflatten_like(trainable, state["params"]),
+                          unflatten_like(rngs, state["rngs"]), frozen, copy=True)
+      state["keep"] = np.asarray(select(current, step // per_epoch), np.int32)
+    keep = None if select is None else np.asarray(state["keep"])
+    acc, loss_sums, n_tok, step_rngs = None, [], 0, state["rngs"]
+    for batch, count in _micro_batches(train, batch_indices(len(train), config, step), config,
+                                       rows, mesh, keep):
+      acc, s, step_rngs = grad_step(state["params"], step_rngs, frozen_flat, acc, *batch)
+      loss_sums.append(s)
+      n_tok += count
+    n_tok = float(n_tok)
+    new_params, opt_state, grad_norm = _apply(tx, state["params"], state["opt_state"], acc,
+                                              jnp.float32(n_tok))
+    state = {**state, "params": new_params, "rngs": step_rngs, "opt_state": opt_state}
+    # No wait for this step: the host writes the previous step's record while it computes.
+    if pending is not None:
+      write(*pending)
+    pending = (step, loss_sums, n_tok, grad_norm)
+    evaluate = holdout and ((step + 1) % config.eval_every == 0 or step + 1 == total)
+    save = (step + 1) % config.checkpoint_every == 0 or step + 1 == end
+    if evaluate or save:
+      holdout_loss = None
+      if evaluate:
+        holdout_loss = _holdout_loss(eval_step, (state["params"], state["rngs"], frozen_flat),
+                                     holdout, config, rows, mesh)
+      write(*pending, holdout_loss=holdout_loss)
+      pending = None
+    if save:
       manager.save(step + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"history": history})))
+  if pending is not None:
+    write(*pending)
   bar.close()
   manager.wait_until_finished()
   manager.close()

@@ -86,6 +86,41 @@ def test_killed_then_resumed_run_equals_uninterrupted(student_dir, tmp_path, dro
   assert (tmp_path / "cut" / "curves.png").stat().st_size > 0
 
 
+def test_every_record_reaches_on_step_and_students_share_programs(student_dir, tmp_path):
+  """A step's record is written while the next step computes, and at once at evaluations and
+  checkpoints: on_step still sees every record, in order, as the history and the checkpoints
+  hold it. A second student of the same structure and config compiles nothing."""
+  config = dataclasses.replace(SMALL, eval_every=3, checkpoint_every=4)  # 2 micro-batches
+  train, holdout = random_examples(12, seed=6), random_examples(3, seed=7)
+  seen = []
+  _, history = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                               str(tmp_path / "a"), config, on_step=seen.append)
+  assert seen == history
+  assert [r["step"] for r in history] == list(range(1, distill.num_steps(12, config) + 1))
+  assert [r["step"] for r in history if "holdout_loss" in r] == [3, 6]
+  # Stopped after step 5 (checkpointed, as the last step of every call): records go on at 6.
+  distill.distill(models.from_pretrained(student_dir), train, holdout, str(tmp_path / "b"),
+                  config, max_steps=5)
+  resumed = []
+  _, resumed_history = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                       str(tmp_path / "b"), config, on_step=resumed.append)
+  assert resumed_history == history and resumed == history[5:]
+
+  student, compiles = models.from_pretrained(student_dir), []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    _, again = distill.distill(student, train, holdout, str(tmp_path / "c"), config)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert again == history
+  assert compiles == []
+
+
 @pytest.mark.parametrize("model_axis", [1, 4])
 def test_sharded_batch_equals_single_device(student_dir, tmp_path, model_axis):
   """Data parallel (data=2), and with the student's weights tensor-parallel over model=4."""
