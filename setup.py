@@ -30,6 +30,7 @@ setuptools.setup(
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "scipy>=1.11",  # stats: t quantiles (jax depends on it too)
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],

@@ -238,8 +238,8 @@ def _template(treedef):
 
 @functools.lru_cache(maxsize=16)
 def _programs(graphdef: nnx.GraphDef, params_def, rngs_def, frozen_def
-              ) -> tuple[Callable, Callable]:
-  """(grad_step, eval_step) of one model structure.
+              ) -> tuple[Callable, Callable, Callable]:
+  """(grad_step, eval_step, token_step) of one model structure.
 
   The graphdef and the states' structures (pytree defs of split_student's trainable, rngs and
   frozen) are closed over, and the programs take flat {name: array} dicts (the checkpointed
@@ -275,7 +275,13 @@ def _programs(graphdef: nnx.GraphDef, params_def, rngs_def, frozen_def
     nll_BT, mask_BT = gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
-  return grad_step, eval_step
+  @jax.jit
+  def token_step(params, rngs, frozen, ids_BT, pad_BT, loss_BT):
+    model = model_of(params, rngs, frozen)
+    model.eval()
+    return gradients.token_nll(model, ids_BT, pad_BT, loss_BT)
+
+  return grad_step, eval_step, token_step
 
 
 def _programs_of(graphdef, params, rngs, frozen):
@@ -313,8 +319,24 @@ def evaluate_loss(parts, examples: Sequence[TokenPair], config: DistillConfig, *
                   mesh: Mesh | None = None) -> float:
   """Token-mean completion NLL of the student `parts` (from split_student) on examples."""
   graphdef, *states = parts
-  _, eval_step = _programs_of(graphdef, *states)
+  _, eval_step, _ = _programs_of(graphdef, *states)
   return _holdout_loss(eval_step, [flatten(s) for s in states], examples, config, rows, mesh)
+
+
+def completion_nlls(model: Transformer, examples: Sequence[TokenPair], config: DistillConfig,
+                    *, rows: int, mesh: Mesh | None = None) -> list[np.ndarray]:
+  """Per example, the NLL (nats) of each of its completion tokens under `model`, in order."""
+  graphdef, *states = split_student(model, dataclasses.replace(config, lora_rank=None))
+  _, _, token_step = _programs_of(graphdef, *states)
+  flat = [flatten(s) for s in states]
+  out = []
+  indices = np.arange(len(examples))
+  for start, (batch, _) in zip(range(0, len(examples), config.micro_batch_size),
+                               _micro_batches(examples, indices, config, rows, mesh)):
+    nll_BT, mask_BT = (np.asarray(a) for a in token_step(*flat, *batch))
+    for j in range(min(config.micro_batch_size, len(examples) - start)):
+      out.append(nll_BT[j][mask_BT[j] > 0])
+  return out
 
 
 def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[TokenPair],
@@ -343,7 +365,7 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     add_lora(student, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
              targets=config.lora_targets, seed=config.seed)
   graphdef, trainable, rngs, frozen = split_student(student, config)
-  grad_step, eval_step = _programs_of(graphdef, trainable, rngs, frozen)
+  grad_step, eval_step, _ = _programs_of(graphdef, trainable, rngs, frozen)
   frozen_flat = flatten(frozen)
   total = num_steps(len(train), config)
   end = total if max_steps is None else min(total, max_steps)

@@ -270,6 +270,13 @@ def main(argv):
   # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
   # `model`. One device needs no mesh.
   mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
+  if config.job == "study":  # experiments over arms and seeds (configs/synthetic_study.py)
+    from antidistill_jax import study
+    config_flag = flags.FLAGS["config"]
+    load = study.file_loader(config_flags.get_config_filename(config_flag),
+                             config_flags.get_override_values(config_flag))
+    study.run_study(config, load, workdir, shard=shard, mesh=mesh, stages=stages)
+    return
   experiment = pipeline.Experiment(config, workdir, shard=shard, mesh=mesh)
   if _MIGRATE.value:
     moved = experiment.migrate_keys()

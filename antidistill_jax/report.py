@@ -22,6 +22,9 @@ from etils import epath
 from antidistill_jax import files
 
 
+DEFENCES = ("ads", "control")  # point kinds matched against the temperature sweep
+
+
 def _read(path) -> Any:
   return files.read_json(path)
 
@@ -73,12 +76,12 @@ def attack_rows(workdir) -> list[dict]:
   to them (the filters keep_correct and reaimed), else the plain ones (clean_mix). Also the
   unattacked ADS student of the point."""
   entries, _ = collect(workdir)
-  plain_ads = {e["name"]: e for e in entries if e["point"]["kind"] == "ads"}
+  plain_ads = {e["name"]: e for e in entries if e["point"]["kind"] in DEFENCES}
   temps = [e for e in entries if e["point"]["kind"] == "temperature"]
   rows = []
   for attack, attacked in collect_attacks(workdir).items():
     attacked_temps = [e for e in attacked if e["point"]["kind"] == "temperature"]
-    ads = {e["name"]: e for e in attacked if e["point"]["kind"] == "ads"}
+    ads = {e["name"]: e for e in attacked if e["point"]["kind"] in DEFENCES}
     for r in matched(list(ads.values()) + (attacked_temps or temps)):
       e = ads[r["name"]]
       rows.append(dict(r, attack=attack, against="attacked" if attacked_temps else "plain",
@@ -137,25 +140,38 @@ def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
 
 
 def matched(entries: list[dict]) -> list[dict]:
-  """Each ADS point against the temperature sweep at the same teacher accuracy: the sweep's
-  student accuracy and student holdout loss (NLL on clean teacher traces) interpolated
-  linearly in teacher accuracy; None where the point lies outside the sweep's range. The gap
-  is ADS minus temperature: negative student accuracy means ADS students learned less."""
-  temps = sorted((_acc(e, "teacher_eval"), _acc(e, "student_eval"),
-                  (e.get("distill") or {}).get("holdout_loss")) for e in entries
-                 if e["point"]["kind"] == "temperature" and _acc(e, "teacher_eval") is not None
-                 and _acc(e, "student_eval") is not None)
+  """Each ADS point (and each A/A control point, analysed the same way) against the
+  temperature sweep at the same teacher accuracy: the sweep's student accuracy and student
+  holdout loss (NLL on clean teacher traces) interpolated linearly in teacher accuracy; None
+  where the point lies outside the sweep's range. The gap is ADS minus temperature: negative
+  student accuracy means ADS students learned less. Accuracies are the means over a point's
+  students (replicates)."""
+  temp_entries = sorted((e for e in entries if e["point"]["kind"] == "temperature"
+                         and _acc(e, "teacher_eval") is not None
+                         and _acc(e, "student_eval") is not None),
+                        key=lambda e: _acc(e, "teacher_eval"))
+  temps = [(_acc(e, "teacher_eval"), _acc(e, "student_eval"),
+            (e.get("distill") or {}).get("holdout_loss")) for e in temp_entries]
   xs = [t for t, _, _ in temps]
   rows = []
   for e in entries:
     teacher, student = _acc(e, "teacher_eval"), _acc(e, "student_eval")
-    if e["point"]["kind"] != "ads" or teacher is None or student is None:
+    if e["point"]["kind"] not in DEFENCES or teacher is None or student is None:
       continue
     loss = (e.get("distill") or {}).get("holdout_loss")
     temp_student = _interpolate(xs, [s for _, s, _ in temps], teacher)
     temp_loss = (_interpolate(xs, [l for _, _, l in temps], teacher)
                  if all(l is not None for _, _, l in temps) else None)
-    rows.append(dict(name=e.get("name"), lam=e["point"]["lam"], teacher=teacher,
+    role_gaps = {}
+    roles = (e.get("distill") or {}).get("nll_by_role") or {}
+    for role, value in roles.items():
+      curve = [((t.get("distill") or {}).get("nll_by_role") or {}).get(role) for t in temp_entries]
+      if value is not None and all(v is not None for v in curve):
+        ref = _interpolate(xs, curve, teacher)
+        role_gaps[role] = None if ref is None else value - ref
+    rows.append(dict(name=e.get("name"), kind=e["point"]["kind"], tau=e["point"]["tau"],
+                     role_loss_gaps=role_gaps,
+                     lam=e["point"]["lam"], teacher=teacher,
                      ads_student=student,
                      temperature_student=temp_student,
                      gap=None if temp_student is None else student - temp_student,
@@ -166,13 +182,13 @@ def matched(entries: list[dict]) -> list[dict]:
 
 def matched_table(rows: list[dict]) -> str:
   fmt = lambda x: "-" if x is None else f"{x:.3f}"
-  lines = ["| lam | teacher acc | ADS student | temperature student (same teacher acc) | "
-           "ADS minus temperature | ADS student NLL | temperature student NLL |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| point | lam | teacher acc | student | temperature student (same teacher acc) | "
+           "minus temperature | student NLL | temperature student NLL |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['lam']:.4g} | {fmt(r['teacher'])} | {fmt(r['ads_student'])} | "
-                 f"{fmt(r['temperature_student'])} | {fmt(r['gap'])} | {fmt(r['ads_loss'])} | "
-                 f"{fmt(r['temperature_loss'])} |")
+    lines.append(f"| {r['name']} | {r['lam']:.4g} | {fmt(r['teacher'])} | "
+                 f"{fmt(r['ads_student'])} | {fmt(r['temperature_student'])} | {fmt(r['gap'])} | "
+                 f"{fmt(r['ads_loss'])} | {fmt(r['temperature_loss'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -181,7 +197,7 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  series = {"ads": ([], [], []), "temperature": ([], [], [])}
+  series = {"ads": ([], [], []), "temperature": ([], [], []), "control": ([], [], [])}
   for e in entries:
     t, s = _acc(e, "teacher_eval", forced), _acc(e, "student_eval", forced)
     if t is None or s is None:
@@ -195,7 +211,8 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
     return False
   fig, ax = plt.subplots(figsize=(5.5, 4.5))
   styles = {"ads": dict(marker="o", color="tab:red", label="antidistillation"),
-            "temperature": dict(marker="s", color="tab:blue", label="temperature")}
+            "temperature": dict(marker="s", color="tab:blue", label="temperature"),
+            "control": dict(marker="^", color="tab:gray", label="temperature, A/A control")}
   for kind, (xs, ys, labels) in series.items():
     if xs:
       ax.scatter(xs, ys, **styles[kind])
@@ -226,7 +243,8 @@ def figure5(entries: list[dict], path: str) -> bool:
   fig, (train_ax, held_ax) = plt.subplots(1, 2, figsize=(10, 4))
   for e, history in curves:
     p = e["point"]
-    label = (f"ADS λ={p['lam']:.3g}" if p["kind"] == "ads" else f"temp τ={p['tau']:.3g}")
+    label = (f"ADS λ={p['lam']:.3g}" if p["kind"] == "ads" else
+             f"{'control' if p['kind'] == 'control' else 'temp'} τ={p['tau']:.3g}")
     style = "-" if p["kind"] == "ads" else ":"
     train_ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], style,
                   label=label)
@@ -256,8 +274,10 @@ def write_report(workdir) -> dict:
   rows = matched(entries)
   text = table(entries, base)
   if rows:
-    text += ("\nADS against the temperature sweep at the same teacher accuracy (interpolated; "
-             "NLL: student holdout loss on clean teacher traces):\n\n" + matched_table(rows))
+    text += ("\nADS (and the A/A control, if any) against the temperature sweep at the same "
+             "teacher accuracy (interpolated; student accuracies are means over a point's "
+             "students; NLL: student holdout loss on clean teacher traces):\n\n"
+             + matched_table(rows))
   attacked = attack_rows(workdir)
   if attacked:
     text += ("\nAttackers distilling from the same traces (antidistill_jax/attacks.py), against "
@@ -280,7 +300,6 @@ def write_report(workdir) -> dict:
 
 def _mean_sd(xs: list[float]) -> str:
   import statistics
-  xs = [x for x in xs if x is not None]
   if not xs:
     return "-"
   sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -288,39 +307,66 @@ def _mean_sd(xs: list[float]) -> str:
   return f"{statistics.fmean(xs):{sign}.3f} ± {sd:.3f}"
 
 
+def complete(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], int]:
+  """(the rows that have every key's value, how many were left out): a table row's seed count
+  is then the count behind each of its values, never a mix."""
+  kept = [r for r in rows if all(r.get(k) is not None for k in keys)]
+  return kept, len(rows) - len(kept)
+
+
+_SEED_KEYS = ("lam", "teacher", "ads_student", "temperature_student", "gap")
+
+
+def _left_out(n: int) -> str:
+  return f" ({n} left out: outside the temperature sweep, or unfinished)" if n else ""
+
+
 def seeds_table(runs: dict[str, list[dict]]) -> str:
-  """Mean ± sd over runs (seeds) of the matched rows, grouped by the ADS point's rank in lam
-  (a calibrated grid aims every seed's k-th point at the same teacher accuracy)."""
+  """Mean ± sd over runs (seeds) of the matched ADS rows, grouped by the ADS point's rank in
+  lam (a calibrated grid aims every seed's k-th point at the same teacher accuracy). A row
+  counts only the seeds that have all its values (the NLL column: those of them with NLLs)."""
+  runs = {k: [r for r in rows if r.get("kind", "ads") == "ads"] for k, rows in runs.items()}
   ranks = max((len(rows) for rows in runs.values()), default=0)
   lines = ["| ADS point (by lam) | seeds | lam | teacher acc | ADS student | temperature student "
            "| ADS minus temperature | NLL: ADS minus temperature |",
-           "|---:|---:|---|---|---|---|---|---|"]
+           "|---:|---|---|---|---|---|---|---|"]
   for k in range(ranks):
-    rows = [sorted(r, key=lambda x: x["lam"])[k] for r in runs.values() if len(r) > k]
+    rows, dropped = complete([sorted(r, key=lambda x: x["lam"])[k] for r in runs.values()
+                              if len(r) > k], _SEED_KEYS)
     col = lambda key: [r[key] for r in rows]
-    lines.append(f"| {k + 1} | {len(rows)} | {_mean_sd(col('lam'))} | {_mean_sd(col('teacher'))} | "
-                 f"{_mean_sd(col('ads_student'))} | {_mean_sd(col('temperature_student'))} | "
-                 f"{_mean_sd(col('gap'))} | {_mean_sd(col('loss_gap'))} |")
+    losses = [r["loss_gap"] for r in rows if r.get("loss_gap") is not None]
+    lines.append(f"| {k + 1} | {len(rows)}{_left_out(dropped)} | {_mean_sd(col('lam'))} | "
+                 f"{_mean_sd(col('teacher'))} | {_mean_sd(col('ads_student'))} | "
+                 f"{_mean_sd(col('temperature_student'))} | {_mean_sd(col('gap'))} | "
+                 f"{_mean_sd(losses)}{'' if len(losses) == len(rows) else f' ({len(losses)})'} |")
   return "\n".join(lines) + "\n"
 
 
 def attack_seeds_table(runs: dict[str, list[dict]]) -> str:
-  """Mean ± sd over runs (seeds) of attack_rows, by attacker and ADS rank in lam."""
+  """Mean ± sd over runs (seeds) of attack_rows, by attacker and ADS rank in lam; like
+  seeds_table, a row counts only the seeds that have all its values."""
   attacks = sorted({r["attack"] for rows in runs.values() for r in rows})
   lines = ["| attacker | ADS point (by lam) | seeds | teacher acc | ADS student, unattacked | "
            "ADS student, attacked | temperature student | attacked ADS minus temperature | "
            "NLL: attacked ADS minus temperature |",
-           "|---|---:|---:|---|---|---|---|---|---|"]
+           "|---|---:|---|---|---|---|---|---|---|"]
   for attack in attacks:
-    per_run = [sorted((r for r in rows if r["attack"] == attack), key=lambda x: x["lam"])
-               for rows in runs.values()]
+    per_run = [sorted((r for r in rows if r["attack"] == attack and r.get("kind", "ads") == "ads"),
+                      key=lambda x: x["lam"]) for rows in runs.values()]
     for k in range(max((len(r) for r in per_run), default=0)):
-      rows = [r[k] for r in per_run if len(r) > k]
+      rows, dropped = complete([r[k] for r in per_run if len(r) > k],
+                               ("teacher", "unattacked_ads_student", "ads_student",
+                                "temperature_student", "gap"))
+      if not rows:
+        continue
       col = lambda key: [r[key] for r in rows]
-      lines.append(f"| {attack} | {k + 1} | {len(rows)} | {_mean_sd(col('teacher'))} | "
-                   f"{_mean_sd(col('unattacked_ads_student'))} | {_mean_sd(col('ads_student'))} | "
+      losses = [r["loss_gap"] for r in rows if r.get("loss_gap") is not None]
+      lines.append(f"| {attack} | {k + 1} | {len(rows)}{_left_out(dropped)} | "
+                   f"{_mean_sd(col('teacher'))} | {_mean_sd(col('unattacked_ads_student'))} | "
+                   f"{_mean_sd(col('ads_student'))} | "
                    f"{_mean_sd(col('temperature_student'))} ({rows[0]['against']}) | "
-                   f"{_mean_sd(col('gap'))} | {_mean_sd(col('loss_gap'))} |")
+                   f"{_mean_sd(col('gap'))} | "
+                   f"{_mean_sd(losses)}{'' if len(losses) == len(rows) else f' ({len(losses)})'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -359,9 +405,9 @@ def style_rows(workdir) -> list[dict]:
   from antidistill_jax.data import synthetic
   rows = []
   for e in collect(workdir)[0]:
-    path = epath.Path(workdir) / "sample" / str(e.get("sample_key")) / "traces.jsonl"
-    if not e.get("sample_key") or not path.exists():
+    if not e.get("traces_path") or not epath.Path(e["traces_path"]).exists():
       continue
+    path = epath.Path(e["traces_path"])
     if traces.read_meta(path)["config"]["dataset"] != "synthetic":
       return []
     got = traces.read_traces(path)

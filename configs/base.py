@@ -63,7 +63,8 @@ def _scratch_model(model_type: str, traces: int | None) -> dict:
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What main runs: "experiment" (the pipeline's stages, antidistill_jax.pipeline, in
-  # --workdir) or "generate" (the sampling demo, main.run_generate: section `generate`).
+  # --workdir), "study" (experiments over arms and seeds: section `study`) or "generate" (the
+  # sampling demo, main.run_generate: section `generate`).
   c.job = "experiment"
   # One seed, linked into data.seed, tiny.seed, scratch.seed, sample.seed, distill.seed and
   # attacks.seed: --config.seed=S (or setting any one of them) sets all six.
@@ -135,7 +136,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.holdout = dict(
       max_new_tokens=1024,  # greedy teacher trace length on the holdout split (tokens)
       batch_size=64)  # prompts per generation batch
-  c.grad = dict(micro_batch_size=8)  # holdout traces per proxy forward/backward for g
+  c.grad = dict(
+      micro_batch_size=8,  # holdout traces per proxy forward/backward for g
+      # Holdout problems g is computed on: the first `rows` (0: all). The greedy traces of the
+      # rest are the clean traces, never seen by g, that each student's holdout NLL is measured
+      # on (rows 0: on g's own traces).
+      rows=0,
+      # Temperature of the teacher's traces g is computed on (0: the greedy holdout traces, the
+      # paper's choice; > 0: the grad stage samples its own on those problems).
+      tau=0.0)
 
   c.sample = dict(
       max_new_tokens=1024,  # trace length cap (tokens)
@@ -152,11 +161,17 @@ def get_config() -> ml_collections.ConfigDict:
       ads_taus=(),  # temperatures of the ADS sweep
       ads_lam_over_eps=(),  # ADS lams as b = lam / eps (unitless); lam 0 is plain sampling
       temperatures=(),  # temperatures of the baseline sweep (lam = 0)
+      # The A/A control: plain sampling at these taus from another sampling stream (seed),
+      # analysed exactly as a defence; its gap to the baseline sweep must be consistent with 0.
+      controls=(),
+      students=1,  # students per trace set (replicates: distillation seeds; R >= 2 for a CI)
       # Lambda calibration (the `calibrate` stage): ADS lams chosen so that the teacher's
       # accuracy under them spans the temperature sweep's; they replace ads_lam_over_eps.
       calibrate=dict(
           n=256,  # holdout problems the teacher's accuracy is measured on (examples)
           points=0,  # ADS lams to choose (count; 0: no calibration)
+          # aim the lams between the accuracies of these taus of the sweep (): all of it)
+          between=(),
           ladder=(0.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)))  # b = lam / eps to measure
 
   # Distillation (distill.DistillConfig: its fields, its defaults = the reference's settings).
@@ -203,7 +218,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Jobs sharing one workdir (--shard, several hosts): a stage another job claimed is waited for.
   c.pipeline = dict(
       wait_timeout_s=7200.0,  # how long to wait for it before failing (seconds)
-      poll_s=2.0)  # how often to look (seconds)
+      poll_s=2.0,  # how often to look (seconds)
+      # This config's folder under index/ and report/ ("": none); a study names one per arm
+      # and seed, so that the chains of a study share one workdir and its finished stages.
+      name="")
+
+  # A study (job "study", antidistill_jax/study.py): the experiment once per arm and seed, in
+  # one workdir, then the study's report (CIs over seeds, the A/A row, a forest plot). An
+  # arm is a config file's argument (--config=configs/synthetic_study.py:ARM).
+  c.study = dict(
+      arm="",  # the arm this config is ("": not a study)
+      arms=(),  # the arms the study runs (each loaded as the config file with :ARM)
+      seeds=(),  # the seeds of every arm (each a whole chain: models, g, traces, students)
+      # ("a", "b") pairs: arm a's primary value minus arm b's, paired by seed (the effect of
+      # what a changes)
+      contrasts=(),
+      out="")  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)
 
   # The sampling demo (job "generate"): models.teacher/proxy/dtype, prompts.system and
   # sample.max_new_tokens/top_p/seed/eps/method apply to it as they do to the experiment.

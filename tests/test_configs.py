@@ -21,6 +21,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
                for p in glob.glob(os.path.join(CONFIGS, "*.py")) if not p.endswith("__init__.py"))
 EXPERIMENTS = ("tiny", "synthetic", "gsm8k_paper", "math_paper", "mmlu_paper")
+STUDIES = ("synthetic_study",)
 PAPER = ("gsm8k_paper", "math_paper", "mmlu_paper")
 NONE_ALLOWED = {"sample.top_p", "sample.top_k", "distill.lora_rank"}
 SEEDS = ("seed", "data.seed", "tiny.seed", "scratch.seed", "sample.seed", "distill.seed",
@@ -58,7 +59,7 @@ def get(config, path: str):
 
 
 def test_every_config_file_is_listed():
-  assert set(EXPERIMENTS) | {"base", "generate"} == set(NAMES)
+  assert set(EXPERIMENTS) | set(STUDIES) | {"base", "generate"} == set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -88,13 +89,26 @@ def test_the_system_prompt_is_the_authors():
   assert base["SYSTEM_PROMPT"] == prompts.SYSTEM_PROMPT == AUTHORS_SYSTEM_PROMPT
   for name in PAPER + ("generate",):
     assert load(name).prompts.system == AUTHORS_SYSTEM_PROMPT, name
-  for name in ("tiny", "synthetic"):  # departures, each saying why in its config
+  for name in ("tiny", "synthetic") + STUDIES:  # departures, each saying why in its config
     assert load(name).prompts.system == "", name
 
 
 def test_the_job_dispatch():
   assert load("generate").job == "generate"
   assert all(load(name).job == "experiment" for name in EXPERIMENTS)
+  assert all(load(name).job == "study" for name in STUDIES)
+
+
+def test_every_arm_of_a_study_has_the_base_tree_and_names_itself():
+  base = leaves(load("base").to_dict())
+  for name in STUDIES:
+    get_config = runpy.run_path(config_path(name))["get_config"]
+    for arm in get_config().study.arms:
+      config = get_config(arm)
+      assert set(leaves(config.to_dict())) == set(base), (name, arm)
+      assert config.study.arm == arm and config.job == "study"
+    with pytest.raises(ValueError, match="unknown arm"):
+      get_config("no_such_arm")
 
 
 # -- the command line --------------------------------------------------------------------------

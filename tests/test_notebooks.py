@@ -50,7 +50,7 @@ def test_quickstart_runs_the_experiment_and_shows_its_results(tmp_path, monkeypa
   for name in ("results.md", "figure3.png", "figure5.png"):
     assert os.path.getsize(workdir / "report" / name) > 0, name
   assert "| undistilled student |" in namespace["results_md"]
-  assert "ADS against the temperature sweep at the same teacher accuracy" in namespace["results_md"]
+  assert "against the temperature sweep at the same teacher accuracy" in namespace["results_md"]
   # The trace comparison: the same test problems under an ADS point and a temperature point.
   comparison = namespace["comparison"]
   assert len(comparison) == 3

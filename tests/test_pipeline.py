@@ -160,7 +160,8 @@ def test_keys_hold_only_what_changes_an_output(finished):
   for point in base.points:
     same = point.kind == "temperature"
     for key in ("sample_key", "distill_key", "eval_student_key", "eval_teacher_key"):
-      assert (getattr(base, key)(point) == getattr(other, key)(point)) == same, (key, point)
+      item = pipeline.Student(point) if key in ("distill_key", "eval_student_key") else point
+      assert (getattr(base, key)(item) == getattr(other, key)(item)) == same, (key, point)
   ads = next(p for p in base.points if p.kind == "ads")
   moved = pipeline.Point("ads", ads.tau, ads.lam, ads.eps * 2)  # the same lam, another eps
   assert base.sample_key(moved) == base.sample_key(ads)
@@ -401,7 +402,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   attacked = report.collect_attacks(str(tmp_path))
   assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed"]
   assert len(attacked["keep_correct"]) == len(experiment.points)
-  assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces")
+  assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces", n_students=1)
              and "student_eval" not in e for e in attacked["keep_correct"])
   assert [e["base"] for e in attacked["clean_mix"]] == [p.name for p in ads]
   assert sorted(e["base"] for e in attacked["reaimed"]) == sorted(
@@ -411,7 +412,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   assert all(e["distill"]["train_rows"] == 32 + 4 for e in attacked["clean_mix"])
   assert all([r["dropped"] for r in e["distill"]["reaimed"]] == [8]
              for e in attacked["reaimed"])  # 25% of 32, re-aimed once per epoch
-  keys = {experiment.distill_key(p, a) for p, a in experiment.students()}
+  keys = {experiment.distill_key(s) for s in experiment.students()}
   assert len(keys) == len(experiment.students()) == len(experiment.points) * 3 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text

@@ -146,3 +146,14 @@ def test_a_stream_draws_other_problems_of_the_same_split():
   assert all(synthetic.split_of(e.problem, 0) == "train" for e in other)
   assert [e.problem for e in synthetic.chains(200, split="train", seed=0, stream=1)] == \
       [e.problem for e in other]
+
+
+def test_token_roles_mark_the_answer_and_the_writing_choices():
+  trace = "3+5=8;2+8=10#10"
+  roles = synthetic.token_roles(trace)
+  assert len(roles) == len(trace)
+  assert "".join(c for c, r in zip(trace, roles) if r == "answer") == "#10"
+  assert "".join(c for c, r in zip(trace, roles) if r == "writing") == "3;2"
+  assert "".join(c for c, r in zip(trace, roles) if r == "reasoning") == "+5=8+8=10"
+  assert synthetic.token_roles("12+3=15,15+4=19#19")[:3] == ["writing", "reasoning", "reasoning"]
+  assert set(synthetic.token_roles("no steps")) == {"writing", "reasoning"}

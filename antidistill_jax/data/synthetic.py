@@ -180,6 +180,30 @@ def style(completion: str, problem: str | None = None) -> dict:
               accumulator_first=float(np.mean(flags)) if flags else None)
 
 
+ROLES = ("answer", "writing", "reasoning")
+
+
+def token_roles(completion: str) -> list[str]:
+  """The role of each character of a `chains` trace, for splitting a student's NLL:
+  "answer": the last "#" and the answer after it;
+  "writing": where a writing choice is made: the separators between steps and the first
+    character of each step (which operand comes first);
+  "reasoning": the rest (operands after their first character, "+", "=", the results).
+  A character that is none of these in an ill-formed trace is "reasoning"."""
+  cut = completion.rfind("#")
+  body = completion if cut < 0 else completion[:cut]
+  roles = ["reasoning"] * len(body) + ["answer"] * (len(completion) - len(body))
+  step_start = True
+  for i, ch in enumerate(body):
+    if ch in ";,":
+      roles[i] = "writing"
+      step_start = True
+    elif step_start:
+      roles[i] = "writing"
+      step_start = False
+  return roles
+
+
 def style_summary(completions: Sequence[str], problems: Sequence[str] | None = None) -> dict:
   """Shares over traces: semicolon (of traces with a separator, those joined by ";"), right
   (of traces with a known direction, right to left), accumulator_first (mean of the traces'

@@ -36,8 +36,8 @@ class Experiment(Inputs):
     """The experiment, in order (each reads only what the ones before it wrote)."""
     one = lambda: [None]
     point = lambda p: dict(entry=p.name, point=dataclasses.asdict(p))
-    student_fields = lambda s: dict(entry=self.entry_name(*s), point=dataclasses.asdict(s[0]),
-                                    attack=s[1])
+    student_fields = lambda s: dict(entry=s.name, point=dataclasses.asdict(s.point),
+                                    attack=s.attack, replicate=s.replicate)
     return [
         loop.Stage("models", lambda: [None] if self.model_source != "checkpoints" else [],
                    lambda _: self.models_key(), lambda _, out: teacher.make_models(self, out)),
@@ -49,11 +49,11 @@ class Experiment(Inputs):
                    lambda _: self.calibrate_key(), lambda _, out: teacher.calibrate(self, out)),
         loop.Stage("sample", lambda: self.points, self.sample_key,
                    lambda p, out: teacher.sample(self, p, out), point),
-        loop.Stage("distill", self.students, lambda s: self.distill_key(*s),
-                   lambda s, out: student.distill_one(self, *s, out), student_fields),
+        loop.Stage("distill", self.students, self.distill_key,
+                   lambda s, out: student.distill_one(self, s, out), student_fields),
         loop.Stage("eval_student", lambda: student.trained(self, self.students()),
-                   lambda s: self.eval_student_key(*s),
-                   lambda s, out: student.evaluate_student(self, *s, out), student_fields),
+                   self.eval_student_key,
+                   lambda s, out: student.evaluate_student(self, s, out), student_fields),
         loop.Stage("eval_teacher", lambda: self.points, self.eval_teacher_key,
                    lambda p, out: teacher.evaluate(self, p, out), point),
         loop.Stage("eval_base", one, lambda _: self.eval_base_key(),

@@ -1,8 +1,12 @@
-"""The experiment's grid: one Point per trace set, split over independent jobs by --shard.
+"""The experiment's grid: one Point per trace set, one Student per model distilled from it,
+split over independent jobs by --shard.
 
 ADS at each tau in grid.ads_taus with lam = b * eps for b in grid.ads_lam_over_eps (or the lams
-the calibrate stage chose), and the temperature baseline at each tau in grid.temperatures with
-lam = 0. `shard=(i, n)` runs the points whose index is i mod n.
+the calibrate stage chose), the temperature baseline at each tau in grid.temperatures with
+lam = 0, and the A/A control at each tau in grid.controls: plain sampling again, from another
+sampling stream, analysed exactly as a defence would be (its gap must be consistent with
+zero). Each trace set gets grid.students students (replicates: distillation seeds). `shard=(i,
+n)` runs the points whose index is i mod n.
 """
 
 from __future__ import annotations
@@ -14,17 +18,42 @@ from typing import Sequence
 from antidistill_jax import errors
 
 
+# A sampling stream's seed is sample.seed + stream * STREAM_STRIDE (stream 0: the grid's own);
+# a replicate student's distillation seed is distill.seed + replicate * REPLICATE_STRIDE.
+STREAM_STRIDE = 1_000_003
+REPLICATE_STRIDE = 7_919
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One trace set: its sampling settings and a readable, unique name."""
-  kind: str  # "ads" or "temperature"
+  kind: str  # "ads", "temperature" or "control" (the A/A control: temperature, stream 1)
   tau: float
   lam: float
   eps: float
+  stream: int = 0  # sampling stream (seed offset): 0 for the grid, 1 for the control sweep
 
   @property
   def name(self) -> str:
     return f"{self.kind}_tau{self.tau:.4g}_lam{self.lam:.4g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """One distilled student: a point's traces, what an attacker makes of them (None: the
+  traces as they are), and its replicate (distillation seed; 0 is the first)."""
+  point: Point
+  attack: str | None = None
+  replicate: int = 0
+
+  @property
+  def entry(self) -> str:
+    """The (point, attacker) it belongs to in the report: replicates share it."""
+    return self.point.name if self.attack is None else f"{self.point.name}+{self.attack}"
+
+  @property
+  def name(self) -> str:
+    return self.entry + (f"_r{self.replicate}" if self.replicate else "")
 
 
 def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
@@ -39,6 +68,7 @@ def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
   points = [Point(kind(float(lam)), float(t), float(lam), eps) for t in g.ads_taus
             for lam in lams]
   points += [Point("temperature", float(t), 0.0, eps) for t in g.temperatures]
+  points += [Point("control", float(t), 0.0, eps, stream=1) for t in g.controls]
   return list(dict.fromkeys(points))  # the same settings twice are one trace set
 
 
@@ -59,6 +89,17 @@ def parse_shard(text: str) -> tuple[int, int]:
                           "e.g. --shard=0/4.") from None
   shard_points([], (i, n))
   return i, n
+
+
+def calibration_span(temperature_accuracy: dict[float, float], between: Sequence[float]
+                     ) -> tuple[float, float]:
+  """(best, worst) teacher accuracy the ADS lams are aimed between: over the whole
+  temperature sweep, or over the taus in `between` (grid.calibrate.between), which keeps the
+  ADS points inside a wider sweep so that none falls off the end of the curve it is matched
+  against."""
+  accs = ([temperature_accuracy[float(t)] for t in between] if between
+          else list(temperature_accuracy.values()))
+  return max(accs), min(accs)
 
 
 def calibrated_lams(ladder: Sequence[tuple[float, float]], best: float, worst: float,

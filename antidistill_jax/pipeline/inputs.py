@@ -19,7 +19,8 @@ from antidistill_jax import (attacks, distill, errors, files, models, monitoring
                              sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.pipeline import identity
-from antidistill_jax.pipeline.grid import Point, grid, shard_points
+from antidistill_jax.pipeline.grid import (REPLICATE_STRIDE, STREAM_STRIDE, Point, Student,
+                                           grid, shard_points)
 from antidistill_jax.pipeline.store import Store, key_of
 
 ROLES = ("teacher", "proxy", "student")
@@ -109,6 +110,13 @@ class Inputs:
     if self._events is None:
       self._events = monitoring.EventWriter(self.workdir / "tensorboard", enabled=self.writer)
     return self._events
+
+  @property
+  def results_root(self):
+    """Where this config's index/ and report/ go: the workdir, or workdir/results/<name> with
+    pipeline.name (the chains of a study, which share a workdir)."""
+    name = str(self.config.pipeline.name)
+    return self.workdir / "results" / name if name else self.workdir
 
   def out_dir(self, stage: str, key: str):
     return self.store.out_dir(stage, key)
@@ -228,17 +236,31 @@ class Inputs:
         max_new_tokens=s.max_new_tokens, tau=point.tau, lam=point.lam, eps=point.eps,
         method=s.method, placement=s.placement, top_p=s.top_p if point.tau > 0 else None,
         top_k=s.top_k if point.tau > 0 else None, max_length=s.max_length or None,
-        seed=s.seed)
+        seed=s.seed + point.stream * STREAM_STRIDE)
 
   def holdout_params(self) -> sampling.SamplingParams:
     return sampling.SamplingParams(max_new_tokens=self.config.holdout.max_new_tokens, tau=0.0)
 
+  def grad_trace_params(self) -> sampling.SamplingParams:
+    """The traces g is computed on when grad.tau > 0: sampled like the holdout's, at grad.tau."""
+    return sampling.SamplingParams(max_new_tokens=self.config.holdout.max_new_tokens,
+                                   tau=float(self.config.grad.tau), seed=self.config.sample.seed)
+
   def eval_params(self) -> sampling.SamplingParams:
     return sampling.SamplingParams(max_new_tokens=self.config.eval.max_new_tokens, tau=0.0)
 
-  def distill_config(self) -> distill.DistillConfig:
-    return distill.DistillConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in self.config.distill.items()})
+  def distill_config(self, replicate: int = 0) -> distill.DistillConfig:
+    """distill.* as a DistillConfig; replicate r > 0 trains with seed distill.seed + r * stride
+    (its own data order and initialisation). Every trace set's r-th student gets the same seed:
+    common random numbers between the sets of one chain."""
+    cfg = distill.DistillConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in self.config.distill.items()})
+    return dataclasses.replace(cfg, seed=cfg.seed + replicate * REPLICATE_STRIDE)
+
+  @property
+  def grad_rows(self) -> int:
+    """Holdout traces g is computed on (the first ones; 0: all)."""
+    return int(self.config.grad.rows)
 
   def attack_names(self) -> tuple[str, ...]:
     names = self.config.attacks.names
@@ -272,8 +294,13 @@ class Inputs:
                   batch=self.config.holdout.batch_size, **self.trace_settings())
 
   def grad_key(self) -> str:
+    extra = dict(rows=self.grad_rows) if self.grad_rows else {}
+    if float(self.config.grad.tau):  # g's own traces: the teacher, the problems, the settings
+      extra["traces"] = dict(teacher=self._model("teacher"), examples=self.split_hash("holdout"),
+                             params=sampling_key(self.grad_trace_params()),
+                             batch=self.config.holdout.batch_size, **self.trace_settings())
     return key_of(stage="grad", holdout=self.holdout_key(), proxy=self._model("proxy"),
-                  micro_batch=self.config.grad.micro_batch_size)
+                  micro_batch=self.config.grad.micro_batch_size, **extra)
 
   def teacher_side(self, point: Point) -> dict:
     """What a teacher-generated output at this point depends on besides its examples."""
@@ -300,18 +327,20 @@ class Inputs:
       settings["traces"] = self.sample_key(self.clean_point(point))
     return settings
 
-  def distill_key(self, point: Point, attack: str | None = None) -> str:
-    extra = {} if attack is None else dict(attack=self.attack(point, attack))
-    return key_of(stage="distill", traces=self.sample_key(point), holdout=self.holdout_key(),
+  def distill_key(self, s: Student) -> str:
+    extra = {} if s.attack is None else dict(attack=self.attack(s.point, s.attack))
+    if self.grad_rows:  # the NLL is measured on the holdout traces after g's
+      extra["nll_rows"] = f"{self.grad_rows}:"
+    return key_of(stage="distill", traces=self.sample_key(s.point), holdout=self.holdout_key(),
                   student=self._model("student"),
-                  distill=dataclasses.asdict(self.distill_config()), **extra)
+                  distill=dataclasses.asdict(self.distill_config(s.replicate)), **extra)
 
   def _eval_parts(self) -> dict:
     return dict(examples=self.split_hash("test"), params=sampling_key(self.eval_params()),
                 batch=self.config.eval.batch_size, **self.trace_settings())
 
-  def eval_student_key(self, point: Point, attack: str | None = None) -> str:
-    return key_of(stage="eval_student", student=self.distill_key(point, attack),
+  def eval_student_key(self, s: Student) -> str:
+    return key_of(stage="eval_student", student=self.distill_key(s),
                   dtype=self.config.models.dtype, **self._eval_parts())
 
   def eval_teacher_key(self, point: Point) -> str:
@@ -344,20 +373,17 @@ class Inputs:
     """This shard's points."""
     return shard_points(self.all_points(), self.shard)
 
-  def students(self, points: Sequence[Point] | None = None) -> list[tuple[Point, str | None]]:
-    """(point, attack) of every student: each point's own (attack None), then each attacker on
-    the points it applies to. The filters (keep_correct, reaimed) run on the temperature sets
+  def students(self, points: Sequence[Point] | None = None) -> list[Student]:
+    """Every student: each point's own (attack None), then each attacker on the points it
+    applies to, each grid.students times (replicates, replicate-major: a partial run has
+    whole first replicates). The filters (keep_correct, reaimed) run on the temperature sets
     too, so that a filtered ADS student is compared with students filtered the same way;
-    clean_mix only on the ADS sets."""
+    clean_mix only on the ADS sets (and the control's, which stands in for a defence)."""
     points = self.points if points is None else points
-    out = [(p, None) for p in points]
+    kinds = [(p, None) for p in points]
     for name in self.attack_names():
-      out += [(p, name) for p in points if name != "clean_mix" or p.kind == "ads"]
-    return out
-
-  @staticmethod
-  def entry_name(point: Point, attack: str | None) -> str:
-    return point.name if attack is None else f"{point.name}+{attack}"
+      kinds += [(p, name) for p in points if name != "clean_mix" or p.kind != "temperature"]
+    return [Student(p, a, r) for r in range(int(self.config.grid.students)) for p, a in kinds]
 
   def clean_point(self, point: Point) -> Point:
     """The clean traces clean_mix and reaimed use: the plain trace set at the first ADS tau

@@ -158,7 +158,8 @@ def migrate(x) -> dict[str, int]:
   old_key = dict(
       holdout=lambda _: legacy.holdout(), grad=lambda _: legacy.grad(),
       calibrate=lambda _: legacy.calibrate(), sample=legacy.sample,
-      distill=lambda s: legacy.distill(*s), eval_student=lambda s: legacy.eval_student(*s),
+      distill=lambda s: legacy.distill(s.point, s.attack),
+      eval_student=lambda s: legacy.eval_student(s.point, s.attack),
       eval_teacher=legacy.eval_teacher, eval_base=lambda _: legacy.eval_base())
   for stage in x.stages():  # in order: the calibrated lams and the students come from records
     if stage.name in old_key:

@@ -12,8 +12,8 @@ from absl import logging
 
 from antidistill_jax import attacks, distill, files, models, sampling, traces
 from antidistill_jax.pipeline import evaluating
-from antidistill_jax.pipeline.grid import Point
-from antidistill_jax.pipeline.teacher import holdout_rows, save_model_dir
+from antidistill_jax.pipeline.grid import Point, Student
+from antidistill_jax.pipeline.teacher import nll_rows, save_model_dir
 
 
 def trace_rows(x, point: Point) -> list[dict]:
@@ -21,11 +21,13 @@ def trace_rows(x, point: Point) -> list[dict]:
                             / "traces.jsonl")
 
 
-def distill_one(x, point: Point, attack: str | None, out) -> dict:
+def distill_one(x, s: Student, out) -> dict:
   """A student fine-tuned on a point's traces (LoRA SFT or full), exported merged to
-  out/student; with an attacker, on what that attacker makes of the traces."""
+  out/student; with an attacker, on what that attacker makes of the traces. Its holdout NLL
+  is measured on clean teacher traces (those g never saw, with grad.rows)."""
+  point, attack = s.point, s.attack
   student = x.model("student")
-  cfg = x.distill_config()
+  cfg = x.distill_config(s.replicate)
   system = x.config.prompts.system or None
   to_examples = lambda rows: distill.sft_examples(student.tokenizer, rows, system=system,
                                                   max_length=cfg.max_length)
@@ -41,10 +43,11 @@ def distill_one(x, point: Point, attack: str | None, out) -> dict:
       logging.warning("%s: nothing of %s to train on; no student.", attack, point.name)
       return dict(train_rows=0, skipped="no correct traces")  # keep_correct's only way out
     examples, select = plan
-  held = to_examples(holdout_rows(x))
+  held_rows = nll_rows(x)
+  held = to_examples(held_rows)
   fresh = models.from_pretrained(student.path, dtype=jnp.dtype(x.config.models.dtype),
                                  mesh=x.mesh)
-  name = x.entry_name(point, attack)
+  name = s.name
 
   def on_step(record):
     x.events.scalars({f"distill/{name}/{k}": v for k, v in record.items() if k != "step"},
@@ -57,6 +60,8 @@ def distill_one(x, point: Point, attack: str | None, out) -> dict:
   evals = [h for h in history if "holdout_loss" in h]
   metrics = dict(train_loss=float(last["train_loss"]), steps=int(last["step"]),
                  holdout_loss=float(evals[-1]["holdout_loss"]) if evals else None)
+  if x.config.data.grader == "synthetic":
+    metrics["nll_by_role"] = nll_by_role(trained, held_rows, held, cfg, x.mesh)
   if attack:  # traces it trained on (re-aimed: per epoch, after its filter)
     metrics["train_rows"] = len(examples) - (log[-1]["dropped"] if log else 0)
     if log:
@@ -64,20 +69,45 @@ def distill_one(x, point: Point, attack: str | None, out) -> dict:
   return metrics
 
 
-def trained(x, students) -> list:
+def nll_by_role(model, rows: list[dict], examples, cfg, mesh) -> dict | None:
+  """The student's mean NLL (nats/token) on the clean traces' answer, writing-choice and
+  reasoning tokens (`synthetic.token_roles`; the EOS token counts as answer). The task's
+  tokenizer has one token per UTF-8 byte, so a character's role goes to each of its bytes; None
+  when the token counts say otherwise (another tokenizer)."""
+  from antidistill_jax import parallel
+  from antidistill_jax.data import synthetic
+  nlls = distill.completion_nlls(model, examples, cfg, mesh=mesh,
+                                 rows=parallel.round_rows(cfg.micro_batch_size, mesh))
+  sums = {r: 0.0 for r in synthetic.ROLES}
+  counts = {r: 0 for r in synthetic.ROLES}
+  for row, nll in zip(rows, nlls):
+    text = row["completion"]
+    roles = [r for ch, r in zip(text, synthetic.token_roles(text)) for _ in ch.encode()]
+    roles += ["answer"]  # EOS
+    roles = roles[:len(nll)] if len(nll) in (len(roles), len(roles) - 1) else None
+    if roles is None:
+      logging.warning("nll_by_role: %d tokens for %d characters; not one token per character.",
+                      len(nll), len(row["completion"]))
+      return None
+    for role, value in zip(roles, nll):
+      sums[role] += float(value)
+      counts[role] += 1
+  return {r: sums[r] / counts[r] for r in synthetic.ROLES if counts[r]}
+
+
+def trained(x, students: list[Student]) -> list[Student]:
   """The students that exist: an attacker may have left nothing to train on."""
   out = []
-  for point, attack in students:
-    record = x.store.record("distill", x.distill_key(point, attack))
+  for s in students:
+    record = x.store.record("distill", x.distill_key(s))
     if record is None or not record["metrics"].get("skipped"):
-      out.append((point, attack))
+      out.append(s)
   return out
 
 
-def evaluate_student(x, point: Point, attack: str | None, out) -> dict:
+def evaluate_student(x, s: Student, out) -> dict:
   """A distilled student, greedily, on the test split."""
-  path = x.output("distill", x.distill_key(point, attack),
-                  f"distilled student {x.entry_name(point, attack)}") / "student"
+  path = x.output("distill", x.distill_key(s), f"distilled student {s.name}") / "student"
   model = models.from_pretrained(files.local_dir(path), dtype=jnp.dtype(x.config.models.dtype),
                                  mesh=x.mesh)
   return evaluating.evaluate_with(x, out, sampling.Sampler(model, x.model("student").tokenizer,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from antidistill_jax import files, gradients, models, parallel, sampling, traces
+from antidistill_jax import errors, files, gradients, models, parallel, sampling, traces
 from antidistill_jax.pipeline import evaluating
-from antidistill_jax.pipeline.grid import Point, calibrated_lams
+from antidistill_jax.pipeline.grid import Point, calibrated_lams, calibration_span
 
 
 def save_model_dir(model, tokenizer, path) -> None:
@@ -110,7 +110,8 @@ def write_traces(x, out, sampler, examples, params, batch_size: int, split: str)
 
 
 def holdout(x, out) -> dict:
-  """The teacher's greedy traces on the holdout split: the data g is computed on."""
+  """The teacher's greedy traces on the holdout split: the data g is computed on (its first
+  grad.rows, unless grad.tau), and the clean traces students' NLL is measured on."""
   return write_traces(x, out, x.teacher_sampler(False), x.split("holdout"), x.holdout_params(),
                       x.config.holdout.batch_size, "holdout")
 
@@ -120,9 +121,36 @@ def holdout_rows(x) -> list[dict]:
                             / "traces.jsonl")
 
 
+def _split_holdout(x) -> tuple[list[dict], list[dict]]:
+  """(the traces g is computed on, the traces students' NLL is measured on): with grad.rows,
+  the first rows and the rest; otherwise all of them, twice."""
+  rows, n = holdout_rows(x), x.grad_rows
+  if not n:
+    return rows, rows
+  if n >= len(rows):
+    raise errors.BadValue(f"grad.rows={n} leaves none of the {len(rows)} holdout traces for "
+                          "the students' NLL: lower grad.rows or raise data.max_holdout.")
+  return rows[:n], rows[n:]
+
+
+def grad_rows(x) -> list[dict]:
+  return _split_holdout(x)[0]
+
+
+def nll_rows(x) -> list[dict]:
+  return _split_holdout(x)[1]
+
+
 def grad(x, out) -> dict:
-  """g: the gradient of the proxy's completion NLL on the holdout traces."""
-  rows = holdout_rows(x)
+  """g: the gradient of the proxy's completion NLL on the holdout traces (the first
+  grad.rows), or with grad.tau > 0 on the teacher's traces sampled at grad.tau on those
+  problems (out/traces.jsonl)."""
+  rows = grad_rows(x)
+  if float(x.config.grad.tau):
+    problems = x.split("holdout")[:len(rows)]
+    write_traces(x, out, x.teacher_sampler(False), problems, x.grad_trace_params(),
+                 x.config.holdout.batch_size, "holdout")
+    rows = traces.read_traces(out / "traces.jsonl")
   pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows if r["completion_ids"]]
   g, meta = gradients.proxy_gradient(x.model("proxy").model, pairs,
                                      micro_batch_size=x.config.grad.micro_batch_size,
@@ -146,9 +174,15 @@ def calibrate(x, out) -> dict:
   sweep's: the teacher's accuracy on grid.calibrate.n holdout problems at each temperature
   and along a ladder of lams (lam = b * eps for b in grid.calibrate.ladder, at the first ADS
   tau), then grid.calibrate.points lams interpolated (in log lam) at accuracies evenly spaced
-  from the best temperature accuracy to the worst."""
+  from the best temperature accuracy to the worst (of the taus in grid.calibrate.between, when
+  it names some)."""
   c = x.config
   cal, eps = c.grid.calibrate, float(c.sample.eps)
+  outside = [t for t in cal.between if float(t) not in [float(u) for u in c.grid.temperatures]]
+  if outside:
+    raise errors.BadValue(f"grid.calibrate.between={tuple(cal.between)}: {outside} not in "
+                          f"grid.temperatures={tuple(c.grid.temperatures)}; name taus of the "
+                          "temperature sweep.")
   examples = x.split("holdout")[:cal.n]
   temps = {float(t): accuracy(x, Point("temperature", float(t), 0.0, eps), examples,
                               out / f"temperature_{k}.jsonl")
@@ -157,7 +191,8 @@ def calibrate(x, out) -> dict:
   ladder = [(float(b) * eps, accuracy(x, Point("ads", tau, float(b) * eps, eps), examples,
                                       out / f"ladder_{k}.jsonl"))
             for k, b in enumerate(cal.ladder)]
-  lams = calibrated_lams(ladder, max(temps.values()), min(temps.values()), int(cal.points))
+  best, worst = calibration_span(temps, cal.between)
+  lams = calibrated_lams(ladder, best, worst, int(cal.points))
   return dict(lams=lams, temperature_accuracy=temps,
               ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
 

@@ -1,0 +1,330 @@
+"""A study: the experiment once per arm and seed (a chain: models, g, traces, students), all in
+one workdir, then the study's report.
+
+  python -m antidistill_jax.main --config=configs/synthetic_study.py --workdir=runs/study
+  python -m antidistill_jax.main --config=configs/synthetic_study.py --workdir=runs/study \
+      --shard=i/n          # n processes or hosts: chain k runs in the job with k % n == i
+
+An arm is the config file's argument (`--config=FILE:ARM`); `study.arms` lists the arms a
+study runs and `study.seeds` the seeds of each. Chain (arm, seed) is the arm's config with
+`seed` set and `pipeline.name = "ARM/seedS"`, so its index and report go to
+workdir/results/ARM/seedS/ while its stages share the workdir's records: two arms that differ
+only in g reuse each other's models, temperature and control students. A rerun (or another
+job) skips what is finished.
+
+The report (`write_study_report`, into study.out): per arm, the primary metric per seed (the
+ADS students' accuracy minus the temperature students' at the same teacher accuracy, averaged
+over the ADS points; each point's accuracy is the mean of its R students), its mean over
+seeds with a 95% t interval, a bootstrap interval, the paired test's p and the minimal
+detectable effect at 80% power; the same for each ADS point, for the A/A control (a second
+temperature sweep analysed as if it were a defence) and for the students' NLL on clean traces
+g never saw. Also a forest plot and the per-seed table of every student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from antidistill_jax import errors, files, report, stats
+from antidistill_jax.data.synthetic import ROLES
+
+Loader = Callable[[str], ml_collections.ConfigDict]  # arm -> that arm's config
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  arm: str
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.arm}/seed{self.seed}"
+
+
+def chains(config) -> list[Chain]:
+  """Every (arm, seed) of the study, seed-major: a partial study has whole seeds of every
+  arm."""
+  arms = tuple(config.study.arms)
+  if not arms or not tuple(config.study.seeds):
+    raise errors.BadValue("a study needs study.arms and study.seeds (e.g. "
+                          "--config=configs/synthetic_study.py).")
+  return [Chain(arm, int(s)) for s in config.study.seeds for arm in arms]
+
+
+def file_loader(path: str, overrides: dict | None = None) -> Loader:
+  """Loads arm ARM as `--config=path:ARM` would, with the command line's --config.* overrides
+  (except study.arm) applied to every arm."""
+  import runpy
+  path = path.partition(":")[0]
+  overrides = {k: v for k, v in (overrides or {}).items() if k != "study.arm"}
+
+  def load(arm: str) -> ml_collections.ConfigDict:
+    c = runpy.run_path(path)["get_config"](arm)
+    c.update_from_flattened_dict(overrides)
+    return c
+  return load
+
+
+def chain_config(load: Loader, chain: Chain) -> ml_collections.ConfigDict:
+  """The arm's config with the chain's seed and results folder."""
+  c = load(chain.arm)
+  if str(c.study.arm) != chain.arm:
+    raise errors.BadValue(f"loading arm {chain.arm!r} gave a config of arm {c.study.arm!r}: "
+                          "the config file's get_config(arm) must set study.arm = arm.")
+  c.seed = chain.seed  # linked into data, models, sampling and distillation seeds
+  c.pipeline.name = chain.name
+  c.job = "experiment"
+  return c
+
+
+def out_dir(config, workdir) -> epath.Path:
+  return epath.Path(config.study.out) if config.study.out else epath.Path(workdir) / "study"
+
+
+def run_study(config, load: Loader, workdir: str, *, shard: tuple[int, int] = (0, 1),
+              mesh=None, stages: Sequence[str] | None = None) -> dict:
+  """Runs this job's chains (k % n == i), writing the study's report from every chain finished
+  so far after each; returns {chain name: {stage: counts}}."""
+  from antidistill_jax import parallel, pipeline
+  from antidistill_jax.pipeline import shard_points
+  mine = shard_points(chains(config), shard)
+  done = {}
+  for k, chain in enumerate(mine):
+    logging.info("study chain %d/%d: %s", k + 1, len(mine), chain.name)
+    if parallel.is_writer():
+      print(f"== {chain.name} ({k + 1}/{len(mine)} of this job)", flush=True)
+    x = pipeline.Experiment(chain_config(load, chain), workdir, mesh=mesh)
+    done[chain.name] = x.run(stages or pipeline.STAGES)
+    if parallel.is_writer():  # after every chain: a long study shows what it has so far
+      written = write_study_report(config, workdir)
+  if parallel.is_writer() and mine:
+    print(f"Study report: {written['table']}", flush=True)
+  return done
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _results(workdir, chain: Chain) -> dict | None:
+  path = epath.Path(workdir) / "results" / chain.arm / f"seed{chain.seed}" / "report" / \
+      "results.json"
+  return files.read_json(path) if path.exists() else None
+
+
+def seed_rows(config, workdir) -> list[dict]:
+  """One row per finished chain: its matched rows (ADS and control, by rank), its primary
+  values (mean gap over the ADS points, over the control points; None unless every point of
+  that kind has a gap) and the mean NLL gaps."""
+  rows = []
+  for chain in chains(config):
+    res = _results(workdir, chain)
+    if res is None:
+      continue
+    matched = res.get("matched") or []
+    ads = sorted((r for r in matched if r.get("kind", "ads") == "ads"), key=lambda r: r["lam"])
+    control = sorted((r for r in matched if r.get("kind") == "control"), key=lambda r: r["tau"])
+    row = dict(arm=chain.arm, seed=chain.seed, ads=ads, control=control)
+    for kind, rs in (("ads", ads), ("control", control)):
+      gaps = [r["gap"] for r in rs]
+      losses = [r.get("loss_gap") for r in rs]
+      row[f"{kind}_gap"] = (sum(gaps) / len(gaps) if rs and None not in gaps else None)
+      row[f"{kind}_loss_gap"] = (sum(losses) / len(losses) if rs and None not in losses
+                                 else None)
+      for role in ROLES:
+        gaps = [(r.get("role_loss_gaps") or {}).get(role) for r in rs]
+        row[f"{kind}_{role}_gap"] = sum(gaps) / len(gaps) if rs and None not in gaps else None
+    row["points"] = res.get("points") or []
+    rows.append(row)
+  return rows
+
+
+def _summary_row(label: str, values: list[float | None], nll: list[float | None],
+                 teacher: list[float | None], n_chains: int) -> dict:
+  s = stats.summarize(values)
+  return dict(label=label, n=s["n"], left_out=n_chains - s["n"], summary=s,
+              teacher=stats.summarize(teacher)["mean"], nll=stats.summarize(nll))
+
+
+def results_rows(config, rows: list[dict]) -> list[dict]:
+  """Per arm: the primary row (ADS, all points), one row per ADS point, the A/A control row and
+  one per control point. Each summarizes per-seed values over the seeds that have them."""
+  out = []
+  for arm in config.study.arms:
+    mine = [r for r in rows if r["arm"] == arm]
+    if not mine:
+      continue
+    for kind, title in (("ads", "ADS"), ("control", "A/A control")):
+      ranks = max((len(r[kind]) for r in mine), default=0)
+      if not ranks:
+        continue
+      teacher = [sum(p["teacher"] for p in r[kind]) / len(r[kind]) if r[kind] else None
+                 for r in mine]
+      out.append(dict(_summary_row(f"{title}, mean over its {ranks} points",
+                                   [r[f"{kind}_gap"] for r in mine],
+                                   [r[f"{kind}_loss_gap"] for r in mine], teacher, len(mine)),
+                      arm=arm, kind=kind, rank=0))
+      for k in range(ranks):
+        at = [r[kind][k] if len(r[kind]) > k else {} for r in mine]
+        what = "lam rank" if kind == "ads" else "tau"
+        label = f"{title} point {k + 1} ({what} {k + 1})"
+        out.append(dict(_summary_row(label, [a.get("gap") for a in at],
+                                     [a.get("loss_gap") for a in at],
+                                     [a.get("teacher") for a in at], len(mine)),
+                        arm=arm, kind=kind, rank=k + 1))
+  return out
+
+
+def contrast_rows(config, rows: list[dict]) -> list[dict]:
+  """Per study.contrasts pair (a, b) and kind: arm a's primary value minus arm b's, paired by
+  seed (the seeds where both have one)."""
+  out = []
+  for a, b in config.study.contrasts:
+    by_seed = {(r["arm"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    for kind, title in (("ads", "ADS"), ("control", "A/A control")):
+      diffs = []
+      for s in seeds:
+        ra, rb = by_seed.get((a, s)), by_seed.get((b, s))
+        if ra and rb and ra[f"{kind}_gap"] is not None and rb[f"{kind}_gap"] is not None:
+          diffs.append(ra[f"{kind}_gap"] - rb[f"{kind}_gap"])
+      if diffs:
+        out.append(dict(arm=f"{a} minus {b}", kind=kind, rank=0,
+                        label=f"{title}: student gap difference",
+                        n=len(diffs), left_out=len(seeds) - len(diffs), teacher=None,
+                        summary=stats.summarize(diffs), nll=stats.summarize([])))
+  return out
+
+
+def results_table(rows: list[dict]) -> str:
+  pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
+  ci = lambda c: "-" if c is None else f"[{100 * c[0]:+.1f}, {100 * c[1]:+.1f}]"
+  lines = ["| arm | what | seeds | teacher acc | student gap, points | 95% CI (t) | 95% CI "
+           "(bootstrap) | p (paired t) | detectable at 80% power | NLL gap, nats/token "
+           "[95% CI] |",
+           "|---|---|---|---:|---:|---|---|---:|---:|---|"]
+  for r in rows:
+    s = r["summary"]
+    seeds = f"{r['n']}" + (f" ({r['left_out']} left out)" if r["left_out"] else "")
+    nll = stats.fmt_summary(r["nll"], points=False)
+    p = "-" if s["p"] is None else f"{s['p']:.3f}"
+    mde = "-" if s["mde"] is None else f"{100 * s['mde']:.1f}"
+    teacher = "-" if r["teacher"] is None else f"{r['teacher']:.3f}"
+    lines.append(f"| {r['arm']} | {r['label']} | {seeds} | {teacher} | {pts(s['mean'])} | "
+                 f"{ci(s['ci'])} | {ci(s['bootstrap_ci'])} | {p} | {mde} | {nll} |")
+  return "\n".join(lines) + "\n"
+
+
+def role_table(config, rows: list[dict]) -> str:
+  """Where the poison lives: per arm, the NLL gap (a point's students minus the temperature
+  students at the same teacher accuracy, on clean traces g never saw) on answer,
+  writing-choice and reasoning tokens, mean over points, 95% t CI over seeds."""
+  lines = ["| arm | what | seeds | " + " | ".join(f"NLL gap, {r} tokens" for r in ROLES) + " |",
+           "|---|---|---|" + "---|" * len(ROLES)]
+  found = False
+  for arm in config.study.arms:
+    mine = [r for r in rows if r["arm"] == arm]
+    for kind, title in (("ads", "ADS"), ("control", "A/A control")):
+      cells = [stats.summarize([r.get(f"{kind}_{role}_gap") for r in mine]) for role in ROLES]
+      if not any(c["n"] for c in cells):
+        continue
+      found = True
+      n = ", ".join(sorted({str(c["n"]) for c in cells}))
+      lines.append(f"| {arm} | {title} | {n} | "
+                   + " | ".join(stats.fmt_summary(c, points=False) for c in cells) + " |")
+  return "\n".join(lines) + "\n" if found else ""
+
+
+def student_rows(rows: list[dict]) -> list[dict]:
+  """Every student of every finished chain: its point, replicate, accuracy and NLL."""
+  out = []
+  for r in rows:
+    for e in r["points"]:
+      for s in e.get("students", []):
+        out.append(dict(arm=r["arm"], seed=r["seed"], point=e["name"], kind=e["point"]["kind"],
+                        tau=e["point"]["tau"], lam=e["point"]["lam"],
+                        teacher=report._acc(e, "teacher_eval"), replicate=s["replicate"],
+                        student=(s.get("student_eval") or {}).get("accuracy"),
+                        nll=(s.get("distill") or {}).get("holdout_loss")))
+  return out
+
+
+def student_table(students: list[dict]) -> str:
+  fmt = lambda x, f: "-" if x is None else format(x, f)
+  lines = ["| arm | seed | point | replicate | teacher acc | student acc | student NLL |",
+           "|---|---:|---|---:|---:|---:|---:|"]
+  lines += [f"| {s['arm']} | {s['seed']} | {s['point']} | {s['replicate']} | "
+            f"{fmt(s['teacher'], '.3f')} | {fmt(s['student'], '.3f')} | {fmt(s['nll'], '.4f')} |"
+            for s in students]
+  return "\n".join(lines) + "\n"
+
+
+def forest_plot(rows: list[dict], path) -> bool:
+  """Gap and 95% CI per arm and point, the A/A rows among them; False when nothing to draw."""
+  drawn = [r for r in rows if r["summary"]["ci"] is not None]
+  if not drawn:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 0.35 * len(drawn) + 1.2))
+  for i, r in enumerate(reversed(drawn)):
+    s = r["summary"]
+    color = "tab:red" if r["kind"] == "ads" else "tab:gray"
+    ax.errorbar(100 * s["mean"], i, xerr=[[100 * (s["mean"] - s["ci"][0])],
+                                          [100 * (s["ci"][1] - s["mean"])]],
+                fmt="D" if r["rank"] == 0 else "o", color=color, capsize=3)
+  ax.axvline(0, color="black", linewidth=0.8)
+  ax.set_yticks(range(len(drawn)))
+  ax.set_yticklabels([f"{r['arm']}: {r['label']} (n={r['n']})" for r in reversed(drawn)],
+                     fontsize=7)
+  ax.set_xlabel("student accuracy minus temperature students' at the same teacher accuracy "
+                "(points; 95% t CI over seeds)", fontsize=8)
+  ax.set_title("ADS and the A/A control against temperature sampling", fontsize=9)
+  fig.tight_layout()
+  report._save_png(fig, path)
+  plt.close(fig)
+  return True
+
+
+def write_study_report(config, workdir) -> dict:
+  """study.out/results.md (the results table, then every student), results.json and
+  forest.png, from the chains finished so far."""
+  out = out_dir(config, workdir)
+  files.makedirs(out)
+  rows = seed_rows(config, workdir)
+  summary = results_rows(config, rows)
+  students = student_rows(rows)
+  n_chains = len(chains(config))
+  text = [f"# Study: {', '.join(config.study.arms)}; seeds {list(config.study.seeds)}\n\n",
+          f"{len(rows)} of {n_chains} chains finished; {len(students)} students.\n\n",
+          "Student gap: a point's students' mean accuracy minus the temperature students' "
+          "interpolated at the point's teacher accuracy, per seed; negative means its students "
+          "learned less. The A/A control is a second temperature sweep (other sampling "
+          "seeds) analysed the same way: it should be consistent with 0. NLL gap: the same "
+          "for the students' NLL on clean teacher traces.\n\n",
+          results_table(summary)]
+  contrasts = contrast_rows(config, rows)
+  if contrasts:
+    text += ["\n## Arms against each other\n\nOne arm's per-seed student gap minus "
+             "another's, on the seeds both have (paired by seed):\n\n",
+             results_table(contrasts)]
+  roles = role_table(config, rows)
+  if roles:
+    text += ["\n## Where the poison lives\n\nNLL gap (nats/token) by token role "
+             "(`data.synthetic.token_roles`: answer = the last '#' and the answer, writing = "
+             "separators and each step's first character, reasoning = the rest), mean over "
+             "the points, 95% t CI over seeds:\n\n", roles]
+  text += ["\n## Every student\n\n", student_table(students)]
+  files.write_atomic(out / "results.md", "".join(text).encode("utf-8"))
+  files.write_json(out / "results.json", dict(summary=summary, contrasts=contrasts, seeds=[
+      {k: v for k, v in r.items() if k != "points"} for r in rows], students=students))
+  written = dict(table=os.fspath(out / "results.md"))
+  if forest_plot(summary, out / "forest.png"):
+    written["forest"] = os.fspath(out / "forest.png")
+  return written

@@ -1,0 +1,249 @@
+"""The study's instrument: replicate students with common random numbers, the A/A control
+sweep, g's traces apart from the NLL traces, the index's means over replicates, and the
+study's report (per-seed gaps, CIs, the A/A row, seeds counted per value). The run itself at
+reduced size is test_a_study_runs_its_chains_and_shares_what_arms_share."""
+
+import json
+import os
+
+import pytest
+
+from antidistill_jax import distill, errors, pipeline, study
+from antidistill_jax.pipeline import reporting, teacher
+from configs import tiny as tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**grid):
+  c = tiny_config.get_config()
+  c.grid.update(grid)
+  return c
+
+
+def test_the_control_sweep_is_plain_sampling_from_another_stream(tmp_path):
+  x = pipeline.Experiment(tiny(controls=(1.0,)), str(tmp_path))
+  points = pipeline.grid(x.config)
+  control = [p for p in points if p.kind == "control"]
+  plain = next(p for p in points if p.kind == "temperature" and p.tau == 1.0)
+  assert len(control) == 1 and control[0].lam == 0.0 and control[0].stream == 1
+  assert len({p.name for p in points}) == len(points)
+  assert x.point_params(control[0]).seed != x.point_params(plain).seed
+  assert x.sample_key(control[0]) != x.sample_key(plain)  # other traces
+  # every other setting is the temperature point's
+  assert (dict(x.point_params(control[0]).as_dict(), seed=0)
+          == dict(x.point_params(plain).as_dict(), seed=0))
+
+
+def test_replicates_are_keyed_apart_and_share_seeds_across_trace_sets(tmp_path):
+  one = pipeline.Experiment(tiny(), str(tmp_path))
+  two = pipeline.Experiment(tiny(students=2), str(tmp_path))
+  points = pipeline.grid(one.config)
+  students = two.students(points)
+  assert [s.replicate for s in students] == [0] * len(points) + [1] * len(points)
+  assert [s.point for s in students] == points * 2
+  # replicate 0 is the student of a single-student config: finished workdirs keep theirs
+  assert [one.distill_key(s) for s in one.students(points)] == [
+      two.distill_key(s) for s in students[:len(points)]]
+  assert len({two.distill_key(s) for s in students}) == len(students)
+  assert len({two.eval_student_key(s) for s in students}) == len(students)
+  # common random numbers: replicate r has one seed, so one data order, on every trace set
+  seeds = {two.distill_config(s.replicate).seed for s in students if s.replicate == 1}
+  assert len(seeds) == 1 and seeds != {two.distill_config(0).seed}
+  cfg = two.distill_config(1)
+  assert all((distill.batch_indices(300, cfg, step) ==
+              distill.batch_indices(300, two.distill_config(1), step)).all() for step in range(5))
+  assert students[len(points)].name == points[0].name + "_r1"
+  assert students[len(points)].entry == points[0].name
+
+
+def test_g_and_the_students_nll_read_disjoint_holdout_traces(tmp_path, monkeypatch):
+  rows = [dict(problem=str(i)) for i in range(10)]
+  monkeypatch.setattr(teacher, "holdout_rows", lambda x: rows)
+  config = tiny()
+  x = pipeline.Experiment(config, str(tmp_path))
+  assert teacher.grad_rows(x) == rows and teacher.nll_rows(x) == rows  # grad.rows 0: all, twice
+  key = x.grad_key()
+  config.grad.rows = 6
+  x = pipeline.Experiment(config, str(tmp_path))
+  assert teacher.grad_rows(x) == rows[:6] and teacher.nll_rows(x) == rows[6:]
+  assert x.grad_key() != key
+  config.grad.rows = 10
+  with pytest.raises(errors.BadValue, match="grad.rows=10 leaves none"):
+    teacher.nll_rows(pipeline.Experiment(config, str(tmp_path)))
+
+
+def test_g_from_sampled_traces_changes_g_and_the_ads_sets_only(tmp_path):
+  greedy = pipeline.Experiment(tiny(), str(tmp_path))
+  config = tiny()
+  config.grad.tau = 1.0
+  sampled = pipeline.Experiment(config, str(tmp_path))
+  assert sampled.grad_key() != greedy.grad_key()
+  assert sampled.holdout_key() == greedy.holdout_key()  # the NLL's traces stay greedy
+  for p in pipeline.grid(config):
+    same = p.kind != "ads"
+    assert (sampled.sample_key(p) == greedy.sample_key(p)) == same
+    s = pipeline.Student(p)
+    assert (sampled.distill_key(s) == greedy.distill_key(s)) == same
+
+
+def _publish(x, stage, key, metrics):
+  x.store.publish(stage, key, dict(seconds=0.0, metrics=metrics))
+
+
+def test_the_index_holds_each_points_students_and_their_mean(tmp_path):
+  x = pipeline.Experiment(tiny(students=2, controls=(1.5,)), str(tmp_path))
+  x.store.open()
+  points = pipeline.grid(x.config)
+  accuracy = {}
+  for i, s in enumerate(x.students(points)):
+    if s.point.kind == "ads" and s.replicate == 1:
+      continue  # unfinished: the ADS point has one student so far
+    accuracy[s.name] = 0.1 * (i + 1)
+    _publish(x, "distill", x.distill_key(s), dict(holdout_loss=float(i), train_loss=1.0))
+    _publish(x, "eval_student", x.eval_student_key(s), dict(accuracy=accuracy[s.name], n=16))
+  entries = reporting.entries(x)
+  assert sorted(entries) == sorted(p.name for p in points)
+  for p in points:
+    e = entries[p.name]
+    reps = [accuracy[n] for n in (p.name, p.name + "_r1") if n in accuracy]
+    assert e["student_eval"]["n_students"] == len(reps) == len(e["students"]) - (p.kind == "ads")
+    assert e["student_eval"]["accuracy"] == pytest.approx(sum(reps) / len(reps))
+    assert e["distill"]["n_students"] == len(reps)
+  assert entries[points[0].name]["student_eval"]["n_students"] == 1  # ads, replicate 0 only
+
+
+def chain_results(root, arm, seed, ads_gaps, control_gaps, teacher=0.7):
+  """A finished chain's report/results.json as the report stage writes it."""
+  row = lambda kind, k, gap: dict(name=f"{kind}{k}", kind=kind, tau=1.0 + k, lam=0.1 * (k + 1)
+                                  if kind == "ads" else 0.0, teacher=teacher, ads_student=0.5,
+                                  temperature_student=None if gap is None else 0.5 - gap,
+                                  gap=gap, loss_gap=None if gap is None else 0.01,
+                                  role_loss_gaps=dict(answer=0.02, writing=-0.01, reasoning=0.0))
+  points = [dict(name=f"ads{k}", point=dict(kind="ads", tau=1.0, lam=0.1, eps=0.01),
+                 teacher_eval=dict(accuracy=teacher),
+                 students=[dict(replicate=r, student_eval=dict(accuracy=0.5 + r / 100),
+                                distill=dict(holdout_loss=0.2)) for r in range(2)])
+            for k in range(len(ads_gaps))]
+  out = os.path.join(root, "results", arm, f"seed{seed}", "report")
+  os.makedirs(out)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(dict(points=points, matched=[row("ads", k, g) for k, g in enumerate(ads_gaps)]
+                   + [row("control", k, g) for k, g in enumerate(control_gaps)]), f)
+
+
+def test_the_study_report_counts_the_seeds_behind_every_value(tmp_path):
+  config = tiny()
+  config.study.update(dict(arms=("a",), seeds=(0, 1, 2, 3)))
+  chain_results(tmp_path, "a", 0, [-0.10, -0.20], [0.01])
+  chain_results(tmp_path, "a", 1, [-0.05, -0.15], [-0.02])
+  chain_results(tmp_path, "a", 2, [-0.10, None], [0.00])  # point 2 fell outside the sweep
+  # seed 3 unfinished: no results
+  rows = study.seed_rows(config, str(tmp_path))
+  assert [r["seed"] for r in rows] == [0, 1, 2]
+  assert rows[0]["ads_gap"] == pytest.approx(-0.15) and rows[2]["ads_gap"] is None
+  summary = {(r["kind"], r["rank"]): r for r in study.results_rows(config, rows)}
+  primary = summary[("ads", 0)]
+  assert primary["n"] == 2 and primary["left_out"] == 1  # seed 2 lacks point 2
+  assert primary["summary"]["mean"] == pytest.approx((-0.15 - 0.10) / 2)
+  assert summary[("ads", 1)]["n"] == 3 and summary[("ads", 2)]["n"] == 2
+  assert summary[("control", 0)]["n"] == 3
+  assert summary[("control", 0)]["summary"]["mean"] == pytest.approx(-0.01 / 3)
+  written = study.write_study_report(config, str(tmp_path))
+  text = open(written["table"]).read()
+  assert "3 of 4 chains finished; 12 students." in text
+  assert "| a | ADS, mean over its 2 points | 2 (1 left out) |" in text
+  assert "| a | A/A control, mean over its 1 points | 3 |" in text
+  assert "| a | ADS | 3 | +0.020 [+0.020, +0.020] | -0.010 [-0.010, -0.010] |" in text
+  assert os.path.getsize(written["forest"]) > 0
+
+
+def test_an_arm_is_its_config_files_argument():
+  load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"),
+                           {"study.seeds": (5,), "study.arm": "ignored", "grid.students": 3})
+  c = study.chain_config(load, study.Chain("fixed_writing", 5))
+  assert c.study.arm == "fixed_writing" and c.data.task.separators == (",",)
+  assert c.seed == c.data.seed == c.sample.seed == c.distill.seed == 5
+  assert c.pipeline.name == "fixed_writing/seed5" and c.job == "experiment"
+  assert c.grid.students == 3  # the command line's overrides reach every arm
+  free = study.chain_config(load, study.Chain("free_writing_g_tau1", 5))
+  assert free.grad.tau == 1.0 and free.scratch.student.pretrain.task.order == "free"
+  assert [ch.name for ch in study.chains(load("free_writing"))][:3] == [
+      "fixed_writing/seed5", "free_writing/seed5", "free_writing_g_tau1/seed5"]
+
+
+REDUCED = {  # configs/synthetic_study.py at a size that checks it runs, not what it finds
+    "data.max_holdout": 16, "grad.rows": 8, "data.max_train": 32, "data.max_test": 16,
+    "scratch.eval_rows": 8, "scratch.teacher.traces": 64, "scratch.proxy.traces": 32,
+    "scratch.student.pretrain.traces": 32, "scratch.batch_size": 32,
+    "scratch.teacher.train.epochs": 1, "scratch.proxy.train.epochs": 1,
+    "grid.temperatures": (1.0, 2.0), "grid.controls": (1.5,), "grid.calibrate.between": (),
+    "grid.calibrate.n": 16, "grid.calibrate.points": 1,
+    "grid.calibrate.ladder": (0.0, 10.0, 100.0), "distill.epochs": 1, "distill.eval_every": 1,
+    "study.seeds": (0,), "study.arms": ("free_writing", "free_writing_g_tau1")}
+
+
+def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
+  """Two arms that differ only in g's traces: the second chain trains only its ADS students
+  (2 replicates) and reuses the models, the temperature and control students of the first."""
+  load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"), REDUCED)
+  config = load("free_writing")
+  done = study.run_study(config, load, str(tmp_path))
+  first, second = done["free_writing/seed0"], done["free_writing_g_tau1/seed0"]
+  assert first["distill"]["computed"] == 8  # (2 temperatures + 1 control + 1 ADS) x 2
+  assert second["models"]["reused"] == second["holdout"]["reused"] == 1
+  assert second["grad"]["computed"] == 1 and second["distill"]["computed"] == 2
+  assert second["distill"]["reused"] == 6 and second["eval_student"]["reused"] == 6
+  records = pipeline.Store(str(tmp_path)).records()
+  distilled = [r for r in records if r["stage"] == "distill"]
+  assert sorted({r["replicate"] for r in distilled}) == [0, 1]
+  assert all(r["metrics"]["nll_by_role"] and set(r["metrics"]["nll_by_role"]) <= {
+      "answer", "writing", "reasoning"} for r in distilled)  # an untrained teacher's traces
+  for chain in ("free_writing/seed0", "free_writing_g_tau1/seed0"):
+    assert (tmp_path / "results" / chain / "report" / "results.json").exists()
+  text = (tmp_path / "study" / "results.md").read_text()
+  assert "2 of 2 chains finished; 16 students." in text
+  assert "| free_writing_g_tau1 | A/A control, mean over its 1 points | 1 |" in text
+
+
+def test_the_nll_by_role_splits_the_holdout_loss(tmp_path):
+  """On gold chains, with the task's byte tokenizer: every role is present, and the roles'
+  token-weighted mean is the holdout loss distill reports (one NLL, split, nothing lost)."""
+  from antidistill_jax import task_models
+  from antidistill_jax.data import synthetic
+  from antidistill_jax.pipeline import student as student_stage
+  tok = task_models.task_tokenizer()
+  model = task_models.random_model(tok, model_type="llama", seed=0, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+  rows = [dict(problem=e.problem, completion=e.solution, finished=True)
+          for e in synthetic.chains(12, split="holdout")]
+  rows[0]["completion"] += "é"  # two bytes, two tokens, one character
+  examples = distill.sft_examples(tok, rows, system=None, max_length=128)
+  cfg = distill.DistillConfig(lora_rank=None, micro_batch_size=5, batch_size=5,
+                              length_multiple=16, pad_id=tok.pad_token_id or 0)
+  roles = student_stage.nll_by_role(model, rows, examples, cfg, None)
+  assert set(roles) == {"answer", "writing", "reasoning"}
+  counts = {r: 0 for r in roles}
+  for row in rows:
+    for ch, r in zip(row["completion"], synthetic.token_roles(row["completion"])):
+      counts[r] += len(ch.encode())
+    counts["answer"] += 1  # EOS
+  mean = sum(roles[r] * counts[r] for r in roles) / sum(counts.values())
+  graphdef, *states = distill.split_student(model, cfg)
+  loss = distill.evaluate_loss((graphdef, *states), examples, cfg, rows=5)
+  assert mean == pytest.approx(loss, rel=1e-5)
+
+
+def test_arm_contrasts_are_paired_by_seed(tmp_path):
+  config = tiny()
+  config.study.update(dict(arms=("a", "b"), seeds=(0, 1, 2), contrasts=(("a", "b"),)))
+  for seed, (ga, gb) in enumerate([(-0.10, 0.00), (-0.20, -0.05), (-0.15, None)]):
+    chain_results(tmp_path, "a", seed, [ga], [0.0])
+    chain_results(tmp_path, "b", seed, [gb], [0.0])
+  (row, control), = [study.contrast_rows(config, study.seed_rows(config, str(tmp_path)))]
+  assert row["n"] == 2 and row["left_out"] == 1  # seed 2: b has no gap
+  assert row["summary"]["mean"] == pytest.approx((-0.10 - 0.15) / 2)
+  assert control["summary"]["mean"] == 0.0
+  assert "## Arms against each other" in open(
+      study.write_study_report(config, str(tmp_path))["table"]).read()
