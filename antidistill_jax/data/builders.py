@@ -128,7 +128,8 @@ def locate(sources: Mapping[str, Source], folder) -> dict[str, tuple[str, str]]:
 
 def _missing_message(name: str, sources: Mapping[str, Source], folder, reason: str) -> str:
   lines = [f"{name}: {reason}, and the source files are not in {folder}. Put them there "
-           "(or pass manual_dir=FOLDER holding them):"]
+           "(or give the folder that holds them: manual_dir=FOLDER, on the command line "
+           "--config.data.manual_dir=FOLDER):"]
   for src in sources.values():
     optional = " (optional)" if src.optional else ""
     lines.append(f"  {os.path.join(folder, src.file)}{optional}  <- {src.url}")

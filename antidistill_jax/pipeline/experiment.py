@@ -91,6 +91,7 @@ class Experiment(Inputs):
       self.store.open()  # a file, or an older layout: refused before any work
     if jax.process_count() > 1:
       self._check_shared_workdir()
+    self.preflight(stages)  # inputs that need no work: checked before any stage runs
     start = time.time()
     timeout = float(self.config.pipeline.wait_timeout_s)
     poll = float(self.config.pipeline.poll_s)

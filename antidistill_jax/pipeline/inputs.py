@@ -25,6 +25,14 @@ from antidistill_jax.pipeline.store import Store, key_of
 
 ROLES = ("teacher", "proxy", "student")
 
+# What each stage reads that exists before any stage runs: data splits and checkpoints.
+SPLITS_READ = dict(models=("holdout",), holdout=("holdout",), grad=("holdout",),
+                   calibrate=("holdout",), sample=("train",), eval_student=("test",),
+                   eval_teacher=("test",), eval_base=("test",))
+ROLES_READ = dict(holdout=("teacher",), grad=("proxy",), calibrate=("teacher", "proxy"),
+                  sample=("teacher", "proxy"), distill=("student",), eval_student=("student",),
+                  eval_teacher=("teacher", "proxy"), eval_base=("student",))
+
 
 def resolve_checkpoint(spec: str, cache_dir: str) -> str:
   """A local directory for a model spec: a local path as it is; a gs:// folder copied to local
@@ -160,6 +168,59 @@ class Inputs:
     if which not in self._hashes:
       self._hashes[which] = traces.examples_sha256(self.split(which))
     return self._hashes[which]
+
+  def preflight(self, stages: Sequence[str]) -> None:
+    """Checks, before any stage runs, what needs no work: every split the stages read loads
+    (and is cached for them), every checkpoint they read exists, the teacher and the proxy
+    share a vocabulary, and the tokenizers have the chat template and EOS the prompts need.
+    Each failure is a UserError naming the flag and the fix, raised in seconds instead of
+    hours into a run."""
+    c = self.config
+    splits = {w for s in stages for w in SPLITS_READ.get(s, ())}
+    if "models" in stages and self.model_source == "tiny":
+      splits |= {"holdout", "train", "test"}  # its tokenizer is trained on all three
+    for which in ("holdout", "train", "test"):
+      if which not in splits:
+        continue
+      spec = getattr(c.data, which)
+      if not spec or ":" not in spec:
+        raise errors.BadValue(f"--config.data.{which}={spec!r}: expected DATASET:SPLIT, e.g. "
+                              f"--config.data.{which}=gsm8k:{'test' if which == 'test' else which}.")
+      try:
+        self.split(which)
+      except errors.UserError:
+        raise
+      except (ValueError, FileNotFoundError) as e:
+        hint = (f" Name a split it has (e.g. --config.data.{which}=gsm8k:test), or put its "
+                "source files in --config.data.manual_dir." if "has no split" in str(e) else
+                " Put the source files in --config.data.manual_dir=FOLDER, or run where the "
+                "dataset can be downloaded.")
+        raise errors.MissingInput(f"--config.data.{which}={spec}: {e}{hint}") from e
+      if not self._splits[which]:
+        raise errors.BadValue(f"--config.data.{which}={spec}: no examples (max_{which}="
+                              f"{getattr(c.data, f'max_{which}', 0)}).")
+    if self.model_source != "checkpoints":
+      return  # the models stage makes them
+    roles = [r for r in ROLES if any(r in ROLES_READ.get(s, ()) for s in stages)]
+    paths = {r: self.model_path(r) for r in roles}  # a missing one names its flag
+    toks = {r: tok_lib.load_tokenizer(p) for r, p in paths.items()}
+    if "teacher" in toks and "proxy" in toks and toks["teacher"].get_vocab() != \
+        toks["proxy"].get_vocab():
+      raise errors.BadValue(
+          f"the teacher ({c.models.teacher}) and the proxy ({c.models.proxy}) have different "
+          "vocabularies: Delta adds the proxy's log-probs to the teacher's token by token, so "
+          "they must share a tokenizer. Pick a proxy of the teacher's family "
+          "(--config.models.proxy=...).")
+    for role, tok in toks.items():
+      if role == "proxy":
+        continue  # the proxy reads the teacher's prompts
+      if not getattr(tok, "chat_template", None):
+        raise errors.BadValue(f"the {role} tokenizer ({paths[role]}) has no chat template: "
+                              "prompts are chat turns. Use an instruct/chat checkpoint, or add "
+                              "a chat_template to its tokenizer_config.json.")
+      if tok.eos_token_id is None:
+        raise errors.BadValue(f"the {role} tokenizer ({paths[role]}) has no EOS token: traces "
+                              "could not end. Set eos_token in its tokenizer_config.json.")
 
   # -- models ----------------------------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""Inputs that need no work are checked before any stage runs (`Inputs.preflight`): a missing
+split, a missing checkpoint, a proxy of another vocabulary, a tokenizer without a chat template
+each fail in seconds, naming the flag and the fix, with no stage output written."""
+
+import json
+import os
+import time
+
+import pytest
+
+from antidistill_jax import errors, pipeline, random_checkpoints
+from configs import gsm8k_paper, tiny as tiny_config
+
+
+def gsm8k_manual_dir(root, n_train=12, n_test=4):
+  """GSM8K's two source files (question / answer "... #### N"), a few rows each; no
+  platinum_test file."""
+  os.makedirs(root)
+  for name, n in (("train.jsonl", n_train), ("test.jsonl", n_test)):
+    with open(os.path.join(root, name), "w") as f:
+      for i in range(n):
+        f.write(json.dumps(dict(question=f"What is {i} + 1?", answer=f"{i} + 1 = {i + 1}\n"
+                                f"#### {i + 1}")) + "\n")
+  return root
+
+
+def stage_outputs(workdir):
+  return sorted(p for p in os.listdir(workdir) if p in pipeline.STAGES or p == "records")
+
+
+def test_the_paper_config_without_its_test_split_fails_at_once(tmp_path):
+  c = gsm8k_paper.get_config()
+  c.data.manual_dir = gsm8k_manual_dir(str(tmp_path / "manual"))
+  c.data.data_dir = str(tmp_path / "tfds")
+  workdir = tmp_path / "run"
+  start = time.time()
+  with pytest.raises(errors.MissingInput) as e:
+    pipeline.Experiment(c, str(workdir)).run()
+  assert time.time() - start < 60
+  message = str(e.value)
+  assert "--config.data.test=gsm8k:platinum" in message and "has no split 'platinum'" in message
+  assert "--config.data.test=gsm8k:test" in message  # the fix
+  assert stage_outputs(workdir) == []
+  # the same run with the split the fix names gets past the data to the checkpoints
+  c.data.test = "gsm8k:test"
+  with pytest.raises(errors.MissingInput, match="--config.models.teacher"):
+    pipeline.Experiment(c, str(workdir)).run()
+  assert stage_outputs(workdir) == []
+
+
+def checkpoints(tmp_path, proxy_vocab=None, template=True):
+  c = tiny_config.get_config()
+  c.tiny.enabled = False
+  paths = {}
+  tok = None
+  for i, role in enumerate(("teacher", "proxy", "student")):
+    path = str(tmp_path / role)
+    kw = dict(seed=i, hidden_size=32, intermediate_size=64)
+    if role == "proxy" and proxy_vocab:  # a tokenizer of its own: another vocabulary
+      kw["tokenizer"] = random_checkpoints.train_tokenizer(vocab_size=proxy_vocab)
+    elif tok is not None:
+      kw["tokenizer"] = tok
+    random_checkpoints.make_tiny_checkpoint(path, **kw)
+    if tok is None:
+      from antidistill_jax import tokenizer as tok_lib
+      tok = tok_lib.load_tokenizer(path)
+    paths[role] = path
+  if not template:
+    config_path = os.path.join(paths["student"], "tokenizer_config.json")
+    cfg = json.load(open(config_path))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(config_path, "w"))
+    template_file = os.path.join(paths["student"], "chat_template.jinja")
+    if os.path.exists(template_file):
+      os.remove(template_file)
+  c.models.update(paths)
+  return c
+
+
+def test_a_proxy_of_another_vocabulary_fails_before_any_stage(tmp_path):
+  c = checkpoints(tmp_path, proxy_vocab=300)
+  with pytest.raises(errors.BadValue, match="different vocabularies.*--config.models.proxy"):
+    pipeline.Experiment(c, str(tmp_path / "run")).run()
+  assert stage_outputs(tmp_path / "run") == []
+
+
+def test_a_student_without_a_chat_template_fails_before_any_stage(tmp_path):
+  c = checkpoints(tmp_path, template=False)
+  with pytest.raises(errors.BadValue, match="student tokenizer .* has no chat template"):
+    pipeline.Experiment(c, str(tmp_path / "run")).run()
+  assert stage_outputs(tmp_path / "run") == []
