@@ -208,8 +208,10 @@ def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, ke
 
 def warmup_steps(config: DistillConfig, total_steps: int) -> int:
   """Linear-warmup steps, rounded UP as transformers' TrainingArguments.get_warmup_steps does
-  (3% of 50 steps is 2 steps there, not 1)."""
-  return math.ceil(config.warmup_fraction * total_steps)
+  (3% of 50 steps is 2 steps there, not 1), but never every step: a run of one step (3% of 1
+  rounds up to 1, at learning rate 0 in transformers) would train nothing, so the last step
+  always has a positive learning rate."""
+  return min(math.ceil(config.warmup_fraction * total_steps), max(total_steps - 1, 0))
 
 
 def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTransformation:

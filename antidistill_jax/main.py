@@ -142,6 +142,7 @@ def route_logs(workdir: str) -> str:
   # The root level gates every logger without its own (absl sets it from --verbosity): it must
   # let INFO through to the file even when the terminal wants only warnings.
   root.setLevel(min(py_logging.INFO, terminal))
+  py_logging.captureWarnings(True)  # warnings.warn: once on the terminal, and in the file
   if remote:
     def upload():
       to_file.flush()

@@ -226,3 +226,13 @@ def test_schedule_matches_transformers(total_steps):
     opt.step()
     schedule.step()
   np.testing.assert_allclose(_learning_rates(config, total_steps), hf, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("total_steps", [1, 2])
+def test_a_run_of_one_or_two_steps_trains(total_steps):
+  """3% warmup rounds up to a whole step: transformers would spend a one-step run at learning
+  rate 0. Here the last step always learns."""
+  config = distill.DistillConfig(learning_rate=5e-4, weight_decay=0.0, clip_norm=1e9,
+                                 warmup_fraction=0.03)
+  lrs = _learning_rates(config, total_steps)
+  assert lrs[-1] == pytest.approx(5e-4 if total_steps == 1 else 4.9999e-4, rel=1e-4)

@@ -37,7 +37,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from flax import nnx
 
 from antidistill_jax import gradients
@@ -144,8 +143,7 @@ def warn_if_fd_rounds_away(stats: dict, eps: float, dtype) -> None:
         f"step has cosine {cosine:.3f} with g: the finite difference is partly rounding noise. "
         "Use method='jvp' (exact in any dtype; the default), raise eps, or load the proxy "
         "in float32.")
-    logging.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)  # once: main routes it to the log too
 
 
 def _tangent(grad_state, proxy_state):
