@@ -21,6 +21,7 @@ missing input or an unusable workdir ends in one line, `error: ...`, with exit s
 
 import atexit
 import dataclasses
+import json
 import logging as py_logging
 import os
 import socket
@@ -199,6 +200,7 @@ def run_generate(config) -> dict[str, list[str]]:
   the same prompts: enough to show the mechanics; the experiment uses a holdout split.
   """
   import jax.numpy as jnp
+  import numpy as np
 
   from antidistill_jax import gradients, models, sampling
   from antidistill_jax import tokenizer as tok_lib
@@ -228,15 +230,26 @@ def run_generate(config) -> dict[str, list[str]]:
     logging.info("proxy gradient: %s", meta)
     ads = sampling.Sampler(teacher, tokenizer, eos_ids=eos, proxy=proxy, grad=grad)
     runs[f"antidistilled (lam={g.lam}, method={s.method})"] = (ads, params)
-  texts = {}
+  texts, rows = {}, []
   for name, (sampler, p) in runs.items():
     start = time.time()
     out = sampler(prompts, p)
     seconds = time.time() - start
-    texts[name] = [tokenizer.decode(t) for t in out.tokens]
-    print(f"\n===== {name}: {int(out.lengths.sum())} tokens in {seconds:.1f}s (compile included)")
-    for prompt, text, logp in zip(g.problems, texts[name], out.logprobs):
-      print(f"\n### {prompt}\n{text!r}\n(mean teacher log-prob {logp.mean():.3f})")
+    texts[name] = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    tokens = int(out.lengths.sum())
+    logps = [float(np.mean(lp[:n])) if n else float("nan")
+             for lp, n in zip(out.logprobs, out.lengths)]
+    print(f"\n===== {name}: lam {p.lam:g}, {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s, compile included), mean teacher "
+          f"log-prob {float(np.nanmean(logps)):.3f} per token")
+    for problem, text, logp in zip(g.problems, texts[name], logps):
+      print(f"\n### {problem}\n{text}\n(mean teacher log-prob {logp:.3f} per token)")
+      rows.append(dict(mode=name.split(" ")[0], lam=float(p.lam), tau=float(p.tau),
+                       problem=problem, text=text, teacher_logprob=logp))
+  path = os.path.join(g.workdir, "samples.jsonl")
+  files.makedirs(g.workdir)
+  files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+  print(f"\nsamples: {path}")
   return texts
 
 

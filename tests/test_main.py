@@ -1,6 +1,7 @@
 """The sampling demo, configs/generate.py (the README's main job, configs/synthetic.py, is
 tests/test_pipeline.py::test_the_synthetic_config_runs_at_reduced_size)."""
 
+import json
 import os
 
 from antidistill_jax import main
@@ -18,6 +19,12 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   assert plain != ads  # same seed: only the perturbation differs
   assert os.path.exists(tmp_path / "tiny_teacher" / "model.safetensors")
   assert os.path.exists(tmp_path / "tiny_proxy" / "model.safetensors")
-  assert "===== antidistilled" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "===== antidistilled (lam=5.0, method=jvp): lam 5, " in out and "tokens/s" in out
+  assert f"\n{plain[0]}\n(mean teacher log-prob" in out  # the text as it reads, not its repr
+  rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+  assert [(r["mode"], r["lam"]) for r in rows] == [("plain", 0.0)] * 2 + [("antidistilled", 5.0)] * 2
+  assert [r["text"] for r in rows] == plain + ads
+  assert all(r["teacher_logprob"] < 0 for r in rows)
   # A second run loads the same checkpoints and, with the same seed, says the same.
   assert main.run_generate(config) == texts
