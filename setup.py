@@ -37,7 +37,11 @@ setuptools.setup(
     extras_require={
         # torch is the PyTorch reference for parity tests only, never a runtime dependency.
         # tensorboard (no tensorflow needed) reads back the event files monitoring.py writes.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "tensorboard>=2.16"],
+        # accelerate: transformers' own GGUF loading, the reference for tests/test_real_model.py.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "tensorboard>=2.16",
+                 "gguf>=0.17", "accelerate>=1.0"],
+        # llama.cpp .gguf files as checkpoints (models/gguf.py).
+        "gguf": ["gguf>=0.17"],
         # gs:// workdirs and checkpoints: etils.epath reads and writes them through fsspec.
         "gcs": ["gcsfs"],
     },

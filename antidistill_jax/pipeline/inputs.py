@@ -35,11 +35,15 @@ ROLES_READ = dict(holdout=("teacher",), grad=("proxy",), calibrate=("teacher", "
 
 
 def resolve_checkpoint(spec: str, cache_dir: str) -> str:
-  """A local directory for a model spec: a local path as it is; a gs:// folder copied to local
-  disk (`files.local_dir`); a hub id fetched with huggingface_hub.snapshot_download (config,
-  safetensors, tokenizer files) into cache_dir."""
+  """A local directory for a model spec: a local path as it is; a llama.cpp .gguf file converted
+  once (`models.gguf.local_folder`); a gs:// folder copied to local disk (`files.local_dir`); a
+  hub id fetched with huggingface_hub.snapshot_download (config, safetensors, tokenizer files)
+  into cache_dir."""
   if os.path.isdir(spec):
     return spec
+  if spec.endswith(".gguf") and os.path.isfile(spec):
+    from antidistill_jax.models import gguf
+    return gguf.local_folder(spec)
   if not files.is_local(spec):
     return files.local_dir(spec)
   if spec.startswith("/") or spec.startswith(".") or not spec:
