@@ -182,8 +182,12 @@ def _parse_flags(argv):
 
 
 def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
-  """`path`, or a tiny random checkpoint built once under workdir/name."""
+  """`path` (a .gguf file: its converted folder), or a tiny random checkpoint built once under
+  workdir/name."""
   from antidistill_jax import random_checkpoints
+  if path.endswith(".gguf") and os.path.isfile(path):
+    from antidistill_jax.models import gguf
+    return gguf.local_folder(path)
   if path:
     return path
   path = os.path.join(workdir, name)
@@ -204,6 +208,7 @@ def run_generate(config) -> dict[str, list[str]]:
 
   from antidistill_jax import gradients, models, sampling
   from antidistill_jax import tokenizer as tok_lib
+  from antidistill_jax.sampling import calibration
   from antidistill_jax.data.prompts import user_message
 
   g, s = config.generate, config.sample
@@ -229,8 +234,14 @@ def run_generate(config) -> dict[str, list[str]]:
                                           micro_batch_size=len(prompts))
     logging.info("proxy gradient: %s", meta)
     ads = sampling.Sampler(teacher, tokenizer, eos_ids=eos, proxy=proxy, grad=grad)
-    runs[f"antidistilled (lam={g.lam}, method={s.method})"] = (ads, params)
-  texts, rows = {}, []
+    if g.logprob_drop > 0:
+      lam, ladder = calibration.lam_for_logprob_drop(ads, prompts, params, g.logprob_drop)
+      print(f"lam {lam:.4g}: the teacher's mean log-prob per token drops by "
+            f"{dict(ladder)[lam]:.2f} nats from plain sampling (target {g.logprob_drop}; "
+            f"{len(ladder)} lams tried)")
+      params = dataclasses.replace(params, lam=lam)
+    runs[f"antidistilled (lam={params.lam:.4g}, method={s.method})"] = (ads, params)
+  texts, rows, mean_logp = {}, [], {}
   for name, (sampler, p) in runs.items():
     start = time.time()
     out = sampler(prompts, p)
@@ -241,7 +252,11 @@ def run_generate(config) -> dict[str, list[str]]:
              for lp, n in zip(out.logprobs, out.lengths)]
     print(f"\n===== {name}: lam {p.lam:g}, {tokens} tokens in {seconds:.1f} s "
           f"({tokens / max(seconds, 1e-9):.1f} tokens/s, compile included), mean teacher "
-          f"log-prob {float(np.nanmean(logps)):.3f} per token")
+          f"log-prob {calibration.mean_logprob(out):.3f} per token")
+    mean_logp[name] = calibration.mean_logprob(out)
+    if p.lam:
+      calibration.warn_if_collapsed(mean_logp["plain"] - mean_logp[name], p.lam,
+                                    "--config.generate.lam or --config.generate.logprob_drop")
     for problem, text, logp in zip(g.problems, texts[name], logps):
       print(f"\n### {problem}\n{text}\n(mean teacher log-prob {logp:.3f} per token)")
       rows.append(dict(mode=name.split(" ")[0], lam=float(p.lam), tau=float(p.tau),

@@ -241,6 +241,9 @@ def get_config() -> ml_collections.ConfigDict:
       problems=(),  # the problems sampled (user turns: problem.strip() + "\n")
       tau=1.0,  # temperature (0: greedy)
       lam=0.0,  # ADS weight lam (0: plain sampling only; else plain and antidistilled)
+      # > 0: choose lam instead so that the teacher's mean log-prob per token drops by this
+      # many nats from plain sampling (sampling.calibration; the same on any model)
+      logprob_drop=0.0,
       workdir="runs/generate")  # where the tiny random teacher / proxy are built when "" above
 
   c.lock()  # values only from here on: an unknown key raises

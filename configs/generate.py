@@ -27,6 +27,9 @@ def get_config():
           "clips in May. How many clips did Natalia sell altogether in April and May?",
           "What is 12 + 30?"),
       tau=1.0,  # 0 is greedy
-      lam=5.0,  # 0: plain sampling only
+      lam=5.0,  # 0: plain sampling only; used as given when logprob_drop is 0
+      # lam chosen so that the teacher finds the antidistilled text this many nats per token
+      # less likely than plain text: readable but changed on SmolLM2-135M (teacher = proxy)
+      logprob_drop=1.0,
       workdir="runs/demo"))
   return c

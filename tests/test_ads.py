@@ -325,3 +325,30 @@ def test_tensor_parallel_models_give_the_same_gradient_and_samples(pair, teacher
   kw = dict(max_new_tokens=8, tau=1.0, seed=2, lam=2.0)
   assert (generate(teacher_tp, prompts, proxy=proxy_tp, grad=grad_tp, mesh=mesh, **kw).tokens
           == generate(teacher, prompts, proxy=proxy, grad=grad, **kw).tokens)
+
+
+def test_lam_calibrated_to_a_logprob_drop_reproduces_it_in_one_compile(pair):
+  """sampling.calibration: the lam found for a target drop of the teacher's mean log-prob per
+  token gives that drop (within the search's tolerance) when sampled again with the same seeds;
+  lam is traced, so however many lams it tries the search compiles two decode programs (plain,
+  which skips the proxy, and ADS); a collapse warns."""
+  from antidistill_jax.sampling import calibration
+  teacher, proxy, grad = pair
+  sampler = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy, grad=grad)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41], [7, 8]]
+  params = sampling.SamplingParams(max_new_tokens=9, tau=1.0, seed=3)  # a shape of its own
+  compiled = _count_decode_compiles()
+  lam, ladder = calibration.lam_for_logprob_drop(sampler, prompts, params, 0.5)
+  assert len(compiled) == 2 and len(ladder) >= 3
+  drop = calibration.logprob_drop(sampler, prompts, params, lam)
+  assert drop == pytest.approx(dict(ladder)[lam])  # same seeds: the same text again
+  assert abs(drop - 0.5) == min(abs(d - 0.5) for _, d in ladder)  # the closest lam measured
+  # the target is bracketed: a tiny model's drop jumps as whole tokens change, so the search
+  # ends between two measured lams on either side of it (a real model's drop is smoother)
+  below = max(x for x, d in ladder if d < 0.5)
+  above = min(x for x, d in ladder if d >= 0.5)
+  assert below < above and above / below < 1.02
+  with pytest.warns(RuntimeWarning, match="collapsed.*Lower --knob"):
+    calibration.warn_if_collapsed(calibration.COLLAPSE_DROP + 1, lam, "--knob")
+  with pytest.raises(ValueError, match="positive"):
+    calibration.lam_for_logprob_drop(sampler, prompts, params, 0.0)

@@ -14,16 +14,19 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   config.generate.workdir = str(tmp_path)
   config.sample.max_new_tokens = 6
   texts = main.run_generate(config)
-  plain, ads = texts["plain"], texts["antidistilled (lam=5.0, method=jvp)"]
+  (ads_name,) = [k for k in texts if k.startswith("antidistilled (lam=")]
+  plain, ads = texts["plain"], texts[ads_name]
   assert len(plain) == len(ads) == len(config.generate.problems)
   assert plain != ads  # same seed: only the perturbation differs
   assert os.path.exists(tmp_path / "tiny_teacher" / "model.safetensors")
   assert os.path.exists(tmp_path / "tiny_proxy" / "model.safetensors")
   out = capsys.readouterr().out
-  assert "===== antidistilled (lam=5.0, method=jvp): lam 5, " in out and "tokens/s" in out
+  lam = float(ads_name.split("lam=")[1].split(",")[0])  # calibrated: generate.logprob_drop=1
+  assert f"lam {lam:.4g}: the teacher's mean log-prob per token drops by" in out
+  assert f"===== {ads_name}: lam {lam:g}, " in out and "tokens/s" in out
   assert f"\n{plain[0]}\n(mean teacher log-prob" in out  # the text as it reads, not its repr
   rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-  assert [(r["mode"], r["lam"]) for r in rows] == [("plain", 0.0)] * 2 + [("antidistilled", 5.0)] * 2
+  assert [(r["mode"], r["lam"]) for r in rows] == [("plain", 0.0)] * 2 + [("antidistilled", lam)] * 2
   assert [r["text"] for r in rows] == plain + ads
   assert all(r["teacher_logprob"] < 0 for r in rows)
   # A second run loads the same checkpoints and, with the same seed, says the same.
