@@ -280,6 +280,8 @@ def main(argv):
       workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
     pipeline.check_workdir(workdir)
     print(f"workdir {workdir}, log {route_logs(workdir)}", file=sys.stderr, flush=True)
+  else:  # the demo: its text on the terminal, the library's INFO lines in its workdir's log
+    print(f"log {route_logs(_CONFIG.value.generate.workdir)}", file=sys.stderr, flush=True)
   if _DISTRIBUTED.value:
     import jax
     # CPU hosts need a collectives backend (JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo also sets it).

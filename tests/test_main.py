@@ -31,3 +31,20 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   assert all(r["teacher_logprob"] < 0 for r in rows)
   # A second run loads the same checkpoints and, with the same seed, says the same.
   assert main.run_generate(config) == texts
+
+
+def test_the_demo_terminal_shows_text_and_its_log_file_the_library_lines(tmp_path):
+  import glob
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "antidistill_jax.main", "--config=configs/generate.py",
+       f"--config.generate.workdir={tmp_path}", "--config.sample.max_new_tokens=4",
+       "--config.generate.logprob_drop=0"], cwd=root, capture_output=True, text=True,
+      timeout=600, env=dict(os.environ, XLA_FLAGS=""))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "===== plain" in proc.stdout and "samples:" in proc.stdout
+  assert "generated 2/2 prompts" not in proc.stderr  # INFO: the log file's, not the terminal's
+  (log,) = glob.glob(str(tmp_path / "logs" / "*.log"))
+  assert "generated 2/2 prompts" in open(log).read()
