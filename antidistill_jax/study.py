@@ -171,8 +171,10 @@ def results_rows(config, rows: list[dict]) -> list[dict]:
                       arm=arm, kind=kind, rank=0))
       for k in range(ranks):
         at = [r[kind][k] if len(r[kind]) > k else {} for r in mine]
-        what = "lam rank" if kind == "ads" else "tau"
-        label = f"{title} point {k + 1} ({what} {k + 1})"
+        if kind == "ads":  # each seed calibrates its own lams: the k-th smallest
+          label = f"{title} point {k + 1} (lam rank {k + 1})"
+        else:  # the control's taus are the config's, the same in every seed
+          label = f"{title} point {k + 1} (tau {next(a['tau'] for a in at if a):g})"
         out.append(dict(_summary_row(label, [a.get("gap") for a in at],
                                      [a.get("loss_gap") for a in at],
                                      [a.get("teacher") for a in at], len(mine)),
