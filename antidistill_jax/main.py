@@ -248,12 +248,11 @@ def run_generate(config) -> dict[str, list[str]]:
     seconds = time.time() - start
     texts[name] = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
     tokens = int(out.lengths.sum())
-    logps = [float(np.mean(lp[:n])) if n else float("nan")
-             for lp, n in zip(out.logprobs, out.lengths)]
+    logps = [float(np.mean(lp)) if len(lp) else float("nan") for lp in out.logprobs]
+    mean_logp[name] = calibration.mean_logprob(out)
     print(f"\n===== {name}: lam {p.lam:g}, {tokens} tokens in {seconds:.1f} s "
           f"({tokens / max(seconds, 1e-9):.1f} tokens/s, compile included), mean teacher "
-          f"log-prob {calibration.mean_logprob(out):.3f} per token")
-    mean_logp[name] = calibration.mean_logprob(out)
+          f"log-prob {mean_logp[name]:.3f} per token")
     if p.lam:
       calibration.warn_if_collapsed(mean_logp["plain"] - mean_logp[name], p.lam,
                                     "--config.generate.lam or --config.generate.logprob_drop")

@@ -112,9 +112,15 @@ def run_study(config, load: Loader, workdir: str, *, shard: tuple[int, int] = (0
 
 
 def _results(workdir, chain: Chain) -> dict | None:
-  path = epath.Path(workdir) / "results" / chain.arm / f"seed{chain.seed}" / "report" / \
-      "results.json"
+  """The chain's report/results.json (its config's pipeline.name is chain.name)."""
+  from antidistill_jax.pipeline.inputs import results_root
+  path = results_root(workdir, chain.name) / "report" / "results.json"
   return files.read_json(path) if path.exists() else None
+
+
+def _complete_mean(values: list[float | None]) -> float | None:
+  """The mean, or None when there is no value or any is missing (never a mean of a part)."""
+  return sum(values) / len(values) if values and None not in values else None
 
 
 def seed_rows(config, workdir) -> list[dict]:
@@ -131,14 +137,11 @@ def seed_rows(config, workdir) -> list[dict]:
     control = sorted((r for r in matched if r.get("kind") == "control"), key=lambda r: r["tau"])
     row = dict(arm=chain.arm, seed=chain.seed, ads=ads, control=control)
     for kind, rs in (("ads", ads), ("control", control)):
-      gaps = [r["gap"] for r in rs]
-      losses = [r.get("loss_gap") for r in rs]
-      row[f"{kind}_gap"] = (sum(gaps) / len(gaps) if rs and None not in gaps else None)
-      row[f"{kind}_loss_gap"] = (sum(losses) / len(losses) if rs and None not in losses
-                                 else None)
+      row[f"{kind}_gap"] = _complete_mean([r["gap"] for r in rs])
+      row[f"{kind}_loss_gap"] = _complete_mean([r.get("loss_gap") for r in rs])
       for role in ROLES:
-        gaps = [(r.get("role_loss_gaps") or {}).get(role) for r in rs]
-        row[f"{kind}_{role}_gap"] = sum(gaps) / len(gaps) if rs and None not in gaps else None
+        row[f"{kind}_{role}_gap"] = _complete_mean(
+            [(r.get("role_loss_gaps") or {}).get(role) for r in rs])
     row["points"] = res.get("points") or []
     rows.append(row)
   return rows
@@ -186,9 +189,9 @@ def contrast_rows(config, rows: list[dict]) -> list[dict]:
   """Per study.contrasts pair (a, b) and kind: arm a's primary value minus arm b's, paired by
   seed (the seeds where both have one)."""
   out = []
+  by_seed = {(r["arm"], r["seed"]): r for r in rows}
+  seeds = sorted({r["seed"] for r in rows})
   for a, b in config.study.contrasts:
-    by_seed = {(r["arm"], r["seed"]): r for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
     for kind, title in (("ads", "ADS"), ("control", "A/A control")):
       diffs = []
       for s in seeds:

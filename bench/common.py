@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from antidistill_jax import models
 
@@ -28,6 +29,17 @@ PROXY_3B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
                 intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                 num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
                 max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def median_ms(fn, repeats: int) -> float:
+  """Median milliseconds of fn() (its outputs blocked on), after a warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
 
 
 def flops_per_token(cfg: models.ModelConfig) -> float:

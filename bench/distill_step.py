@@ -78,17 +78,6 @@ def setup():
   return cfg, make, pairs(_TRAIN.value, "train"), pairs(_HOLDOUT.value, "holdout")
 
 
-def best_ms(fn, repeats: int) -> float:
-  """Median milliseconds of fn() (its outputs blocked on), after a warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def program_times(cfg, make, train) -> dict:
   """Milliseconds of the gradient and optimizer programs alone on the first step's batch."""
   model = make()
@@ -116,9 +105,9 @@ def program_times(cfg, make, train) -> dict:
   fused = jax.jit(lambda p, opt: update(p, opt, value_and_grad(p)[1]))
   _, grad = grad_fn(params)
   return dict(length=length, rows=len(picked),
-              grad_ms=best_ms(lambda: grad_fn(params), _REPEATS.value),
-              optimizer_ms=best_ms(lambda: update_fn(params, opt, grad), _REPEATS.value),
-              fused_ms=best_ms(lambda: fused(params, opt), _REPEATS.value))
+              grad_ms=common.median_ms(lambda: grad_fn(params), _REPEATS.value),
+              optimizer_ms=common.median_ms(lambda: update_fn(params, opt, grad), _REPEATS.value),
+              fused_ms=common.median_ms(lambda: fused(params, opt), _REPEATS.value))
 
 
 def main(argv):

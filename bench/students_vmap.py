@@ -19,7 +19,6 @@ Prints a table and one JSON line; writes --out.
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +38,6 @@ _OUT = flags.DEFINE_string("out", "bench/results_students_vmap.json", "JSON outp
 
 SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2)  # configs/synthetic.py scratch.student
-
-
-def median_ms(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def main(argv):
@@ -72,15 +61,15 @@ def main(argv):
     ids = jnp.asarray(rng.integers(5, 200, (b, t)), jnp.int32)
     ones = jnp.ones((b, t), jnp.int32)
     flops = one.lower(params, ids, ones, ones).compile().cost_analysis().get("flops")
-    ms = median_ms(lambda: one(params, ids, ones, ones), _REPEATS.value)
+    ms = common.median_ms(lambda: one(params, ids, ones, ones), _REPEATS.value)
     row = dict(shape=shape, tokens=b * t, flops=flops, single_ms=ms,
                gflops_per_s=flops / ms / 1e6 if flops else None, vmapped={})
     for k in (int(v) for v in _STUDENTS.value):
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[make(s)[1] for s in range(k)])
       many = jax.jit(jax.vmap(value_and_grad))
       stack = lambda a: jnp.stack([a] * k)
-      ms_k = median_ms(lambda: many(stacked, stack(ids), stack(ones), stack(ones)),
-                       max(5, _REPEATS.value // 2))
+      ms_k = common.median_ms(lambda: many(stacked, stack(ids), stack(ones), stack(ones)),
+                              max(5, _REPEATS.value // 2))
       row["vmapped"][k] = dict(ms=ms_k, ms_per_student=ms_k / k, speedup=ms * k / ms_k)
     rows_out.append(row)
 

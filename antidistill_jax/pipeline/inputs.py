@@ -14,6 +14,7 @@ import time
 from typing import Any, Sequence
 
 import jax.numpy as jnp
+from etils import epath
 
 from antidistill_jax import (attacks, distill, errors, files, models, monitoring, parallel,
                              sampling, traces)
@@ -32,6 +33,13 @@ SPLITS_READ = dict(models=("holdout",), holdout=("holdout",), grad=("holdout",),
 ROLES_READ = dict(holdout=("teacher",), grad=("proxy",), calibrate=("teacher", "proxy"),
                   sample=("teacher", "proxy"), distill=("student",), eval_student=("student",),
                   eval_teacher=("teacher", "proxy"), eval_base=("student",))
+
+
+def results_root(workdir, name: str = ""):
+  """Where a config's index/ and report/ go: the workdir, or workdir/results/<name> with
+  pipeline.name (the chains of a study, which share a workdir)."""
+  workdir = epath.Path(workdir)
+  return workdir / "results" / name if name else workdir
 
 
 def resolve_checkpoint(spec: str, cache_dir: str) -> str:
@@ -125,10 +133,7 @@ class Inputs:
 
   @property
   def results_root(self):
-    """Where this config's index/ and report/ go: the workdir, or workdir/results/<name> with
-    pipeline.name (the chains of a study, which share a workdir)."""
-    name = str(self.config.pipeline.name)
-    return self.workdir / "results" / name if name else self.workdir
+    return results_root(self.workdir, str(self.config.pipeline.name))
 
   def out_dir(self, stage: str, key: str):
     return self.store.out_dir(stage, key)
