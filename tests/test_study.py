@@ -247,3 +247,17 @@ def test_arm_contrasts_are_paired_by_seed(tmp_path):
   assert control["summary"]["mean"] == 0.0
   assert "## Arms against each other" in open(
       study.write_study_report(config, str(tmp_path))["table"]).read()
+
+
+def test_the_seeds_table_counts_only_seeds_with_every_value():
+  """report.seeds_table (docs/synthetic/seeds.md): a seed whose point fell outside the
+  temperature sweep leaves the row, and the row says so; the values are the other seeds'."""
+  from antidistill_jax import report
+  row = lambda gap, temp: dict(kind="ads", lam=0.1, teacher=0.7, ads_student=0.5,
+                               temperature_student=temp, gap=gap, loss_gap=0.01)
+  text = report.seeds_table({"s0": [row(0.1, 0.4)], "s1": [row(0.3, 0.2)],
+                             "s2": [row(None, None)]})
+  line = next(l for l in text.splitlines() if l.startswith("| 1 |"))
+  assert "| 2 (1 left out: outside the temperature sweep, or unfinished) |" in line
+  assert "+0.200 ± 0.141" in line or "0.200 ± 0.141" in line  # gap over s0 and s1 only
+  assert "0.300 ± 0.141" in line  # their temperature students, the same two seeds
