@@ -153,8 +153,11 @@ def get_config() -> ml_collections.ConfigDict:
       method="jvp",  # Delta: "jvp" (exact) or "fd" (the paper's central difference)
       placement="paper",  # where lam * Delta enters: "paper" (log p / tau) or "reference" (z)
       eps=1e-2,  # finite-difference step (method "fd"); lam = b * eps on the grid
-      top_p=None,  # nucleus filter after the adjustment (probability mass; None: off)
-      top_k=None,  # top-k filter after the adjustment (tokens; None: off)
+      top_p=None,  # nucleus filter (probability mass; None: off)
+      top_k=None,  # top-k filter (tokens; None: off)
+      # Where lam * Delta applies: "vocab" (the authors': every token, then top-k/top-p of the
+      # adjusted logits) or "nucleus" (the teacher's own top-k/top-p set, Delta inside it).
+      delta_on="vocab",
       seed=seed)  # sampling randomness (per global prompt index)
 
   c.grid = dict(

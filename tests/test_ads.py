@@ -98,6 +98,51 @@ def test_ads_perturbs_and_stays_in_the_shared_vocab(pair, method):
   assert max(max(t) for t in ads.tokens) < VOCAB  # tokenizer 320 < proxy 352 < teacher 384 rows
 
 
+@pytest.mark.parametrize("delta_on", ["vocab", "nucleus"])
+def test_vanishing_lam_is_plain_sampling_wherever_delta_applies(pair, delta_on):
+  """lam = 1e-30 runs the proxy program (a lam of 0 would compile the plain one) and moves
+  no logit: both placements of Delta must then sample plain sampling's tokens."""
+  teacher, proxy, grad = pair
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
+  kw = dict(max_new_tokens=16, tau=1.0, top_p=0.6, seed=4)
+  plain = generate(teacher, prompts, **kw)
+  ads = generate(teacher, prompts, proxy=proxy, grad=grad, lam=1e-30, delta_on=delta_on, **kw)
+  assert ads.tokens == plain.tokens
+
+
+def _outside_teacher_top_p(teacher, prompts, tokens, top_p):
+  """Count of sampled tokens outside the teacher's own top-p set (tau 1) at their step."""
+  from antidistill_jax import filters
+  outside = 0
+  for prompt, new in zip(prompts, tokens):
+    ids = jnp.asarray([prompt + new])
+    logits_TV = teacher(ids)[0, len(prompt) - 1:-1].astype(jnp.float32)
+    logits_TV = jnp.where(jnp.arange(logits_TV.shape[-1]) < VOCAB, logits_TV, -jnp.inf)
+    kept_TV = filters.filter_logits_sorted(logits_TV, None, top_p)
+    outside += int(jnp.sum(~jnp.isfinite(kept_TV[jnp.arange(len(new)), jnp.asarray(new)])))
+  return outside
+
+
+def test_delta_on_the_nucleus_samples_only_the_teachers_top_p_set(pair):
+  """delta_on="nucleus": every token lies in the teacher's own top-p set, and Delta still
+  changes which; the authors' placement at the same lam lifts tokens from outside it."""
+  teacher, proxy, grad = pair
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41], [7, 8, 9, 10]]
+  kw = dict(max_new_tokens=16, tau=1.0, top_p=0.5, seed=4, proxy=proxy, grad=grad, lam=6.0)
+  nucleus = generate(teacher, prompts, delta_on="nucleus", **kw)
+  vocab = generate(teacher, prompts, delta_on="vocab", **kw)
+  plain = generate(teacher, prompts, max_new_tokens=16, tau=1.0, top_p=0.5, seed=4)
+  assert _outside_teacher_top_p(teacher, prompts, nucleus.tokens, 0.5) == 0
+  assert _outside_teacher_top_p(teacher, prompts, vocab.tokens, 0.5) > 0
+  assert nucleus.tokens != plain.tokens
+
+
+def test_delta_on_the_nucleus_needs_a_filter():
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.SamplingParams(max_new_tokens=4, tau=1.0, lam=1.0, delta_on="nucleus")
+  sampling.SamplingParams(max_new_tokens=4, tau=0.0, lam=1.0, delta_on="nucleus")  # greedy
+
+
 def _expected_first_token(teacher, proxy, grad, prompt, *, tau, lam, eps, placement):
   z = np.asarray(teacher(jnp.asarray([prompt]))[0, -1], np.float64)
   d = np.asarray(sampling.delta(proxy, grad, jnp.asarray([prompt]), eps=eps), np.float64)[0]
@@ -210,8 +255,10 @@ def test_a_sweep_compiles_the_decode_program_once(pair, method):
       for eps in ((1e-2, 3e-2) if method == "fd" else (1e-2,)):
         p = dataclasses.replace(base, tau=tau, lam=lam, eps=eps)
         outs[tau, lam, eps] = sampler(prompts, p).tokens
+  nucleus = sampler(prompts, dataclasses.replace(base, tau=1.3, lam=4.0, delta_on="nucleus"))
   assert len(compiled) == 1, compiled
   assert len({str(v) for v in outs.values()}) > 1  # the settings did reach the program
+  assert nucleus.tokens != outs[1.3, 4.0, 1e-2]
   # Traced settings give the samples of a fresh program built for each setting alone.
   p = dataclasses.replace(base, tau=1.3, lam=4.0, eps=1e-2)
   fresh = sampling.Sampler(teacher, vocab_size=VOCAB, proxy=proxy, grad=grad)

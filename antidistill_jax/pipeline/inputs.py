@@ -78,9 +78,13 @@ class Loaded:
 
 
 def sampling_key(params: sampling.SamplingParams) -> dict:
-  """The settings that change what a sampler writes: the proxy's (method, placement, eps)
-  only when lam != 0, eps only for the finite difference, the seed only when sampling."""
+  """The settings that change what a sampler writes: the proxy's (method, placement, eps,
+  delta_on) only when lam != 0, eps only for the finite difference, delta_on only when it is
+  not the default "vocab" (so trace sets made before it existed keep their identity), the seed
+  only when sampling."""
   d = params.as_dict()
+  if not d["lam"] or d["delta_on"] == "vocab":
+    d.pop("delta_on")
   if not d["lam"]:
     for k in ("method", "placement", "eps"):
       d.pop(k)
@@ -304,7 +308,8 @@ class Inputs:
     s = self.config.sample
     return sampling.SamplingParams(
         max_new_tokens=s.max_new_tokens, tau=point.tau, lam=point.lam, eps=point.eps,
-        method=s.method, placement=s.placement, top_p=s.top_p if point.tau > 0 else None,
+        method=s.method, placement=s.placement, delta_on=s.delta_on,
+        top_p=s.top_p if point.tau > 0 else None,
         top_k=s.top_k if point.tau > 0 else None, max_length=s.max_length or None,
         seed=s.seed + point.stream * STREAM_STRIDE)
 

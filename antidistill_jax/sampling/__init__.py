@@ -8,14 +8,15 @@ Delta(v | x) is the directional derivative of the proxy's log p(v | x) along the
 the proxy's distillation loss (`gradients`), exact by jax.jvp (method="jvp", the default) or by
 the paper's central difference (method="fd"); lam * Delta enters the teacher's log-probs
 (placement="paper", the paper's Algorithm 1) or its raw logits (placement="reference", the
-authors' code), before top-k / top-p.
+authors' code), before top-k / top-p (delta_on="vocab", the authors') or inside the teacher's
+own top-k / top-p set (delta_on="nucleus").
 
   adjustment  the method: Delta (jvp, fd and fd's rounding check), the proxy side prepared
               once per (method, eps), and the placements (`adjusted_logits`); `delta(proxy,
               grad, ids)` for analysis.
   decode      the jitted program: prefill on left-padded prompts, then a while_loop of
-              lax.scan chunks with traced tau, lam, eps and top_p (a whole sweep compiles
-              once), per-prompt randomness.
+              lax.scan chunks with traced tau, lam, eps, top_p and delta_on (a whole sweep
+              compiles once), per-prompt randomness.
   sampler     `SamplingParams`, `Sampler` (the models split once, batches placed on the mesh)
               and `Generation`; `generate` is the one-shot form.
 """

@@ -2,7 +2,7 @@
 on left-padded prompts, then decodes with a `lax.scan` whose step samples from the teacher's
 logits adjusted by lam * Delta (`adjustment`).
 
-Compilation. tau, lam, eps and top_p are traced values (`Knobs`): one compiled program serves
+Compilation. tau, lam, eps, top_p and where Delta applies are traced values (`Knobs`): one compiled program serves
 a whole sweep for a given (batch, prompt bucket, max_new_tokens, method, placement, filter
 kind, greedy or not, proxy or not) (`_Static`). lam = 0 compiles the plain teacher program,
 with no proxy work.
@@ -56,6 +56,8 @@ class Knobs:
   tau: jax.Array  # f32 []
   lam: jax.Array  # f32 []
   top_p: jax.Array  # f32 []; 1.0 keeps everything
+  nucleus: jax.Array  # bool []: top-k/top-p choose the support on the teacher's own logits,
+  #                     and lam * Delta reweights inside it (SamplingParams.delta_on)
   limit: jax.Array  # i32 []: decode steps of this batch (<= num_steps)
 
 
@@ -80,10 +82,17 @@ class DecodeOutputs:
   stopped_LB: jax.Array  # row had finished (EOS or limit) before this step
 
 
-def sample_tokens(keys_B, logits_BV, knobs: Knobs, s: _Static) -> jax.Array:
+def sample_tokens(keys_B, logits_BV, knobs: Knobs, s: _Static, support_BV=None) -> jax.Array:
+  """One token per row from logits_BV after top-k/top-p. support_BV (default logits_BV): the
+  logits whose top-k/top-p set is kept; logits_BV's values are sampled inside it."""
   if s.greedy:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  filtered_BV = filters.filter_logits(logits_BV, s.top_k, knobs.top_p if s.top_p else None)
+  top_p = knobs.top_p if s.top_p else None
+  if support_BV is None:
+    filtered_BV = filters.filter_logits(logits_BV, s.top_k, top_p)
+  else:
+    kept_BV = filters.filter_logits(support_BV, s.top_k, top_p)
+    filtered_BV = jnp.where(jnp.isfinite(kept_BV), logits_BV, -jnp.inf)
   return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
 
 
@@ -114,7 +123,16 @@ def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, 
     bad = jnp.any(~jnp.isfinite(logits_BV) & valid_V & ~stopped_B[:, None])
     first_bad = jnp.where((st.first_bad < 0) & bad, t, st.first_bad)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
-    token_B = sample_tokens(keys_B, logits_BV, knobs, s)
+    if proxies is not None and not s.greedy and (s.top_k is not None or s.top_p):
+      # delta_on="nucleus": the support is the teacher's own (lam = 0) top-k/top-p set.
+      plain = lambda: adjusted_logits(st.teacher_logits_BV, None, lam=0.0, tau=knobs.tau,
+                                      placement=s.placement, greedy=False,
+                                      vocab_size=s.vocab_size)
+      token_B = jax.lax.cond(knobs.nucleus,
+                             lambda: sample_tokens(keys_B, logits_BV, knobs, s, plain()),
+                             lambda: sample_tokens(keys_B, logits_BV, knobs, s))
+    else:
+      token_B = sample_tokens(keys_B, logits_BV, knobs, s)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(st.teacher_logits_BV.astype(jnp.float32)),
                                  token_B[:, None], axis=-1)[:, 0]
     token_B = jnp.where(stopped_B, s.pad_id, token_B)

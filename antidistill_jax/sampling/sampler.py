@@ -29,6 +29,8 @@ from antidistill_jax.sampling.adjustment import (METHODS, PLACEMENTS, _prepare_f
                                                  _reprepare_fd, warn_if_fd_rounds_away)
 from antidistill_jax.sampling.decode import Knobs, _decode_program, _Static, left_pad
 
+DELTA_ON = ("vocab", "nucleus")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -38,7 +40,12 @@ class SamplingParams:
   tau: temperature; 0 is greedy. lam: weight of Delta (0: plain sampling, no proxy work).
   eps: finite-difference step (method="fd" only). method: "jvp" (exact) or "fd".
   placement: "paper" or "reference" (`adjustment`).
-  top_p, top_k: nucleus / top-k filters after the adjustment (None: off).
+  top_p, top_k: nucleus / top-k filters (None: off).
+  delta_on: where lam * Delta applies. "vocab" (the authors'): on every token, then top-k/top-p
+    of the adjusted logits, so Delta can lift tokens the teacher gives almost no mass into the
+    nucleus. "nucleus": top-k/top-p of the teacher's own logits (tempered, no Delta), then
+    lam * Delta reweights inside that set only; it needs top_p or top_k when sampling. Traced:
+    both share a compiled program; at lam = 0 both are plain sampling.
   max_length: cap on the LEFT-PADDED prompt plus new tokens, as Hugging Face `generate`'s
     max_length counts it (the authors' script: 1024); a batch then decodes at most
     max_length - (its longest prompt) tokens. None: max_new_tokens for every batch.
@@ -54,12 +61,20 @@ class SamplingParams:
   top_k: int | None = None
   max_length: int | None = None
   seed: int = 0
+  delta_on: str = "vocab"
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}; expected one of {METHODS}.")
     if self.placement not in PLACEMENTS:
       raise ValueError(f"placement={self.placement!r}; expected one of {PLACEMENTS}.")
+    if self.delta_on not in DELTA_ON:
+      raise ValueError(f"delta_on={self.delta_on!r}; expected one of {DELTA_ON}.")
+    if (self.delta_on == "nucleus" and self.tau > 0 and self.top_p is None
+        and self.top_k is None):
+      raise ValueError("delta_on='nucleus' restricts Delta to the teacher's top-p/top-k set, "
+                       "and neither filter is on: set top_p (e.g. 0.95) or top_k, or use "
+                       "delta_on='vocab'.")
     if self.tau < 0:
       raise ValueError(f"tau={self.tau} must be >= 0 (0 is greedy).")
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -231,7 +246,7 @@ class Sampler:
                          f"max_length={params.max_length}; drop it or raise max_length.")
     return Knobs(tau=jnp.float32(params.tau if params.tau > 0 else 1.0),
                  lam=jnp.float32(params.lam), top_p=jnp.float32(params.top_p or 1.0),
-                 limit=jnp.int32(limit))
+                 nucleus=jnp.bool_(params.delta_on == "nucleus"), limit=jnp.int32(limit))
 
   def batch_inputs(self, prompts: Sequence[Sequence[int]], rows: int, seed: int,
                    first_row: int = 0):
