@@ -50,11 +50,13 @@ def flops_per_token(cfg: models.ModelConfig) -> float:
 
 
 def save_report(report: dict[str, Any], path: str) -> None:
-  """Writes the report as JSON to `path` and prints it as one line (after the table)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2)
+  """Prints the report as one JSON line (after the table) and, when `path` is given (--out),
+  writes it there too: a benchmark writes nothing into the checkout unless asked."""
   print(json.dumps(report))
+  if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2)
 
 
 def kv_bytes(cfg: models.ModelConfig, batch: int, slots: int, dtype) -> int:

@@ -27,7 +27,7 @@ import common  # bench/common.py (the script's folder is on sys.path)
 _METHODS = flags.DEFINE_list("methods", ["jvp", "fd"], "Delta methods")
 _NEW = flags.DEFINE_integer("max_new_tokens", 16, "new tokens per row")
 _BATCH = flags.DEFINE_integer("batch", 4, "prompts")
-_OUT = flags.DEFINE_string("out", "bench/results_compile_count.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 
 def paper_grid(eps: float = 1e-2) -> list[dict]:

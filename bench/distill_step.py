@@ -25,7 +25,7 @@ The main job's own traces are teacher samples: some run past 64 tokens and pad a
 positions, which costs ~1.7x a 64-position step; gold traces here are all <= 64 tokens.
 Wall times on a small shared VM drift by 10-20% from run to run: compare versions by
 interleaved runs, or by host ms/step and compile seconds, which hardly drift.
-Prints a table and one JSON line; writes --out.
+Prints a table and one JSON line (also written to --out when given).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _STUDENTS = flags.DEFINE_integer("students", 2, "distill calls in this process")
 _TRAIN = flags.DEFINE_integer("train", 3000, "training traces (gold chains)")
 _HOLDOUT = flags.DEFINE_integer("holdout", 0, "holdout traces (0: no holdout evaluations)")
 _REPEATS = flags.DEFINE_integer("repeats", 30, "timed calls of each program alone")
-_OUT = flags.DEFINE_string("out", "bench/results_distill_step.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 
 def setup():

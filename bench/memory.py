@@ -44,7 +44,7 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 4096, "new tokens")
 _MODES = flags.DEFINE_list("modes", ["plain", "jvp", "fd"], "plain, jvp, fd")
 _LAYERS = flags.DEFINE_integer("layers", 0, "layers of each model (0: the real counts)")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter (0: off)")
-_OUT = flags.DEFINE_string("out", "bench/results_memory.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "weights and caches; the host compiler upcasts bf16 matmul operands to "
     "fp32 copies of the weights, so bf16 figures on CPU overstate temporaries")

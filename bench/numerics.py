@@ -35,7 +35,7 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16", "float16"], "proxy
 _EPS = flags.DEFINE_list("eps", ["1e-3", "1e-2", "1e-1"], "fd steps")
 _SEQUENCES = flags.DEFINE_integer("sequences", 32, "sequences of the gradient")
 _ROWS = flags.DEFINE_integer("rows", 8, "prefixes Delta is compared on")
-_OUT = flags.DEFINE_string("out", "bench/results_numerics.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 PROXY_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2)

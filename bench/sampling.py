@@ -39,7 +39,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per cell (best is kept
 _MODES = flags.DEFINE_list("modes", ["plain", "fd", "fd_pair", "jvp"], "modes to run")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter of every mode but nofilter")
 _VOCAB = flags.DEFINE_integer("vocab", 512, "tiny models' vocabulary (table rows)")
-_OUT = flags.DEFINE_string("out", "bench/results_sampling.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 

@@ -46,7 +46,7 @@ _DEPTH = flags.DEFINE_integer("depth_divisor", 1, "divide both models' layer cou
                               "(keeps their ratio; compile time grows with depth)")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter")
 _EPS = flags.DEFINE_float("eps", 0.1, "fd step (0.1 keeps bf16 weights moving; bench/numerics)")
-_OUT = flags.DEFINE_string("out", "bench/results_scale.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 # Qwen2.5-1.5B and -0.5B config.json fields (tied embeddings, 151936 rows).
 TEACHER_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,

@@ -13,7 +13,7 @@ one student on a [rows, positions] batch, against `jax.vmap` of it over K studen
 parameters and K batches, per student. Also the same token count laid out as fewer, longer rows
 (what packing examples into rows would run), and XLA's flop count of each program.
 
-Prints a table and one JSON line; writes --out.
+Prints a table and one JSON line (also written to --out when given).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _STUDENTS = flags.DEFINE_list("students", ["2", "4", "8"], "K: students per vmap
 _SHAPES = flags.DEFINE_list("shapes", ["32x64", "16x128", "32x96", "20x96"],
                             "batch shapes ROWSxPOSITIONS of the single-student program")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed calls per program")
-_OUT = flags.DEFINE_string("out", "bench/results_students_vmap.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2)  # configs/synthetic.py scratch.student

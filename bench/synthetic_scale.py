@@ -13,7 +13,8 @@ and resumes. Times: train seconds (distill calls, compilation and checkpoint sav
 seconds per step (median interval between steps, compilation excluded), eval seconds.
 --overhead also times a bare jitted train step (value_and_grad + AdamW in one program) of the
 first run's shape, to show what distill's per-step host work costs; --sample_n times sampling
-traces with run 0's model, plain and antidistilled. Prints a table and one JSON line; writes --out.
+traces with run 0's model, plain and antidistilled. Prints a table and one JSON line (also
+written to --out when given).
 """
 
 import os
@@ -50,7 +51,7 @@ _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 256, "prompts per sampling 
 _PROXY = flags.DEFINE_string("proxy", "d=64,layers=2,ff=192",
                              "the (random) proxy shape of the antidistilled sampling timing")
 _TASK = flags.DEFINE_string("task", "order=free,direction=left", "chains options")
-_OUT = flags.DEFINE_string("out", "bench/results_synthetic_scale.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 DEFAULTS = dict(role="teacher", type="qwen2", d=96, layers=2, ff=256, heads=4, kv=2, batch=32,
                 steps=0, n=0, epochs=1, lr=2e-3, wd=0.0, warmup=0.05, seed=0,

@@ -65,7 +65,7 @@ _TOP_K = flags.DEFINE_integer("top_k", 50, "top-k on both sides (50: HF's defaul
 _LAM = flags.DEFINE_float("lam", 1.0, "ADS weight (reference placement: lam_code)")
 _EPS = flags.DEFINE_float("eps", 1e-2, "finite-difference step")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: the cores this process may use)")
-_OUT = flags.DEFINE_string("out", "bench/results_vs_reference.json", "JSON output path")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 # Relative tolerance of the Delta check (max |diff| / max |Delta|, fp32, eps = 1e-2).
