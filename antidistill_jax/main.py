@@ -104,6 +104,14 @@ def _terminal_level() -> int:
   return logging.converter.absl_to_standard(v) if v <= 1 else py_logging.DEBUG - (v - 1)
 
 
+def _not_an_absent_plugin(record: py_logging.LogRecord) -> bool:
+  """False for JAX's "Unable to initialize backend 'tpu': ... Failed to open libtpu.so: ...
+  No such file or directory": every run without libtpu probes for it, and the line reads like
+  a fault. A TPU library that is installed and fails to start still gets through."""
+  message = record.getMessage()
+  return not ("Unable to initialize backend" in message and "No such file or directory" in message)
+
+
 def route_logs(workdir: str) -> str:
   """Sends absl and python logging (ours, orbax's, jax's) at INFO and above (lower if
   --verbosity asks) to a new file, and to the terminal (stderr) WARNING and above unless
@@ -144,6 +152,7 @@ def route_logs(workdir: str) -> str:
   # let INFO through to the file even when the terminal wants only warnings.
   root.setLevel(min(py_logging.INFO, terminal))
   py_logging.captureWarnings(True)  # warnings.warn: once on the terminal, and in the file
+  py_logging.getLogger("jax._src.xla_bridge").addFilter(_not_an_absent_plugin)
   if remote:
     def upload():
       to_file.flush()
@@ -291,12 +300,14 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
+  import jax
+  logging.info("jax %s backend: %d %s device(s), %d process(es)", jax.default_backend(),
+               jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
   config = _CONFIG.value
   if config.job == "generate":  # the sampling demo (configs/generate.py)
     run_generate(config)
     return
   from antidistill_jax import parallel, pipeline
-  import jax
   m = config.mesh
   # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
   # `model`. One device needs no mesh.

@@ -47,4 +47,6 @@ def test_the_demo_terminal_shows_text_and_its_log_file_the_library_lines(tmp_pat
   assert "===== plain" in proc.stdout and "samples:" in proc.stdout
   assert "generated 2/2 prompts" not in proc.stderr  # INFO: the log file's, not the terminal's
   (log,) = glob.glob(str(tmp_path / "logs" / "*.log"))
-  assert "generated 2/2 prompts" in open(log).read()
+  text = open(log).read()
+  assert "generated 2/2 prompts" in text
+  assert "jax cpu backend" in text and "Unable to initialize backend" not in text
