@@ -79,15 +79,12 @@ class Loaded:
 
 def sampling_key(params: sampling.SamplingParams) -> dict:
   """The settings that change what a sampler writes: the proxy's (method, placement, eps,
-  delta_on) only when lam != 0, eps only for the finite difference, delta_on only when it is
-  not the default "vocab" (so trace sets made before it existed keep their identity), the seed
-  only when sampling."""
+  delta_on) only when lam != 0, eps only for the finite difference, the seed only when
+  sampling."""
   d = params.as_dict()
-  if not d["lam"] or d["delta_on"] == "vocab":
-    d.pop("delta_on")
   if not d["lam"]:
-    for k in ("method", "placement", "eps"):
-      d.pop(k)
+    for k in ("method", "placement", "eps", "delta_on"):
+      d.pop(k, None)
   elif d["method"] != "fd":
     d.pop("eps")
   if not d["tau"]:

@@ -103,7 +103,13 @@ class SamplingParams:
     return self.lam != 0.0
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """The fields, as recorded in trace sidecars and pipeline keys; delta_on only when it is
+    not the default "vocab" (a field added later: files and keys written before it stay
+    valid)."""
+    d = dataclasses.asdict(self)
+    if d["delta_on"] == "vocab":
+      d.pop("delta_on")
+    return d
 
 
 @dataclasses.dataclass
