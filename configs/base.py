@@ -169,10 +169,15 @@ def get_config() -> ml_collections.ConfigDict:
       controls=(),
       students=1,  # students per trace set (replicates: distillation seeds; R >= 2 for a CI)
       # Lambda calibration (the `calibrate` stage): ADS lams chosen so that the teacher's
-      # accuracy under them spans the temperature sweep's; they replace ads_lam_over_eps.
+      # accuracy under them spans the temperature sweep's, or (logprob_drops) so that the
+      # teacher finds the ADS text that many nats per token less likely than plain text, a
+      # target that means the same on every model; they replace ads_lam_over_eps.
       calibrate=dict(
-          n=256,  # holdout problems the teacher's accuracy is measured on (examples)
-          points=0,  # ADS lams to choose (count; 0: no calibration)
+          n=256,  # holdout problems the accuracies or log-probs are measured on (examples)
+          points=0,  # ADS lams to choose by accuracy (count; 0: none)
+          # ADS lams by the teacher's log-prob drop instead, one per target (nats per token,
+          # at the first ADS tau; sampling.calibration); (): none
+          logprob_drops=(),
           # aim the lams between the accuracies of these taus of the sweep (): all of it)
           between=(),
           ladder=(0.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)))  # b = lam / eps to measure

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from antidistill_jax import pipeline, report
+from antidistill_jax import errors, pipeline, report
 from configs import tiny as tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,6 +363,37 @@ def test_calibrated_lams_span_the_temperature_accuracies():
   assert pipeline.calibrated_lams(noisy, 0.9, 0.3, 3) == [0.1, 0.168, 0.4]
   with pytest.raises(ValueError, match="two positive lams"):
     pipeline.calibrated_lams([(0.0, 1.0), (0.1, 0.5)], 1.0, 0.5, 2)
+
+
+def test_lams_calibrated_to_a_logprob_drop(tmp_path):
+  """grid.calibrate.logprob_drops: the calibrate stage finds, per target, the lam at which the
+  teacher's mean log-prob per token on the holdout prompts falls that far below plain sampling
+  (the demo's target); the grid's ADS points take those lams, and sampling again at a chosen lam
+  with the same seeds reproduces its recorded drop. Asking for both targets fails at once."""
+  from antidistill_jax.data.prompts import build_prompts
+  from antidistill_jax.sampling import calibration
+  c = tiny_config.get_config()
+  c.grid.calibrate.logprob_drops = (0.01, 0.03)  # a random teacher is nearly uniform
+  experiment = pipeline.Experiment(c, str(tmp_path))
+  experiment.run(["models", "holdout", "grad", "calibrate"])
+  (record,) = [r for r in records(tmp_path) if r["stage"] == "calibrate"]
+  searches = record["metrics"]["searches"]
+  assert [s["target"] for s in searches] == [0.01, 0.03]
+  lams = experiment.calibrated_lams()
+  assert lams == sorted(s["lam"] for s in searches) and lams[0] < lams[1]
+  assert sorted(p.lam for p in experiment.points if p.kind == "ads") == lams
+  sampler = experiment.teacher_sampler(True)
+  prompts = build_prompts(sampler.tokenizer, experiment.split("holdout"),
+                          c.prompts.max_prompt_length, system=None).ids
+  params = experiment.point_params(pipeline.Point("ads", 1.0, 1.0, c.sample.eps))
+  for search in searches:
+    ladder = {x["lam"]: x["drop"] for x in search["ladder"]}
+    drop = calibration.logprob_drop(sampler, prompts, params, search["lam"])
+    assert drop == pytest.approx(ladder[search["lam"]])
+    assert abs(drop - search["target"]) == min(abs(d - search["target"]) for d in ladder.values())
+  c.grid.calibrate.points = 2
+  with pytest.raises(errors.BadValue, match="one target"):
+    pipeline.Experiment(c, str(tmp_path / "both")).run()
 
 
 def test_the_synthetic_config_runs_at_reduced_size(tmp_path):

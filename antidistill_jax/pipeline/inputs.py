@@ -92,6 +92,15 @@ def sampling_key(params: sampling.SamplingParams) -> dict:
   return d
 
 
+def calibrate_settings(cal) -> dict:
+  """grid.calibrate as keys record it: logprob_drops only when set (a field added later, so
+  calibrations made before it keep their keys)."""
+  d = cal.to_dict()
+  if not d.get("logprob_drops"):
+    d.pop("logprob_drops", None)
+  return d
+
+
 class Inputs:
   """One config and one workdir: the splits, models, settings and keys the stages read."""
 
@@ -186,6 +195,15 @@ class Inputs:
     Each failure is a UserError naming the flag and the fix, raised in seconds instead of
     hours into a run."""
     c = self.config
+    cal = c.grid.calibrate
+    if "calibrate" in stages and int(cal.points) > 0 and cal.logprob_drops:
+      raise errors.BadValue(
+          f"grid.calibrate.points={cal.points} and grid.calibrate.logprob_drops="
+          f"{tuple(cal.logprob_drops)}: the lams come from one target, the teacher's accuracy "
+          "(points) or its log-prob drop (logprob_drops); set the other to 0 / ().")
+    if "calibrate" in stages and any(not float(d) > 0 for d in cal.logprob_drops):
+      raise errors.BadValue(f"grid.calibrate.logprob_drops={tuple(cal.logprob_drops)}: each "
+                            "target is a positive number of nats per token (e.g. (0.5, 1.0)).")
     splits = {w for s in stages for w in SPLITS_READ.get(s, ())}
     if "models" in stages and self.model_source == "tiny":
       splits |= {"holdout", "train", "test"}  # its tokenizer is trained on all three
@@ -384,7 +402,7 @@ class Inputs:
   def calibrate_key(self) -> str:
     c = self.config
     return key_of(stage="calibrate", examples=self.split_hash("holdout"),
-                  calibrate=c.grid.calibrate.to_dict(), taus=list(c.grid.ads_taus),
+                  calibrate=calibrate_settings(c.grid.calibrate), taus=list(c.grid.ads_taus),
                   temperatures=list(c.grid.temperatures),
                   **self.teacher_side(Point("ads", 1.0, 1.0, float(c.sample.eps))))
 
@@ -426,8 +444,10 @@ class Inputs:
 
   @property
   def calibrates(self) -> bool:
-    """grid.calibrate.points > 0: the ADS lams come from the calibrate stage."""
-    return int(self.config.grid.calibrate.points) > 0
+    """grid.calibrate.points > 0 or grid.calibrate.logprob_drops: the ADS lams come from the
+    calibrate stage."""
+    cal = self.config.grid.calibrate
+    return int(cal.points) > 0 or bool(cal.logprob_drops)
 
   def calibrated_lams(self) -> list[float]:
     out = self.store.record("calibrate", self.calibrate_key())

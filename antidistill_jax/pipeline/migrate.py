@@ -21,6 +21,7 @@ from absl import logging
 from antidistill_jax import errors, files
 from antidistill_jax.pipeline import store as store_lib
 from antidistill_jax.pipeline.grid import Point
+from antidistill_jax.pipeline.inputs import calibrate_settings
 
 key_of = store_lib.key_of
 
@@ -48,7 +49,8 @@ class LegacyKeys:
   def calibrate(self) -> str:
     c = self.x.config
     return key_of(stage="calibrate", grad=self.grad(), teacher=self.fp["teacher"],
-                  examples=self.x.split_hash("holdout"), calibrate=c.grid.calibrate.to_dict(),
+                  examples=self.x.split_hash("holdout"),
+                  calibrate=calibrate_settings(c.grid.calibrate),
                   taus=list(c.grid.ads_taus), temperatures=list(c.grid.temperatures),
                   params=self.x.point_params(Point("ads", 1.0, 1.0, c.sample.eps)).as_dict())
 

@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from antidistill_jax import errors, files, gradients, models, parallel, sampling, traces
+from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.pipeline import evaluating
 from antidistill_jax.pipeline.grid import Point, calibrated_lams, calibration_span
 
@@ -175,9 +176,11 @@ def calibrate(x, out) -> dict:
   and along a ladder of lams (lam = b * eps for b in grid.calibrate.ladder, at the first ADS
   tau), then grid.calibrate.points lams interpolated (in log lam) at accuracies evenly spaced
   from the best temperature accuracy to the worst (of the taus in grid.calibrate.between, when
-  it names some)."""
+  it names some). With grid.calibrate.logprob_drops, `calibrate_logprob` instead."""
   c = x.config
   cal, eps = c.grid.calibrate, float(c.sample.eps)
+  if cal.logprob_drops:
+    return calibrate_logprob(x)
   outside = [t for t in cal.between if float(t) not in [float(u) for u in c.grid.temperatures]]
   if outside:
     raise errors.BadValue(f"grid.calibrate.between={tuple(cal.between)}: {outside} not in "
@@ -195,6 +198,32 @@ def calibrate(x, out) -> dict:
   lams = calibrated_lams(ladder, best, worst, int(cal.points))
   return dict(lams=lams, temperature_accuracy=temps,
               ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
+
+
+def calibrate_logprob(x) -> dict:
+  """The ADS lams at which the teacher's mean log-prob per generated token, on the first
+  grid.calibrate.n holdout prompts at the first ADS tau, falls by each of
+  grid.calibrate.logprob_drops nats below plain sampling with the same seeds
+  (`sampling.calibration`, the demo's target): a lam that means the same on every model. Two
+  decode compiles however many lams the searches try; a drop that collapses the text warns."""
+  from antidistill_jax.sampling import calibration
+  c = x.config
+  cal = c.grid.calibrate
+  sampler = x.teacher_sampler(True)
+  params = x.point_params(Point("ads", float(c.grid.ads_taus[0]), 1.0, float(c.sample.eps)))
+  settings = x.trace_settings()
+  limit = (settings["max_prompt_length"]
+           or sampler.teacher.config.max_position_embeddings - params.max_new_tokens)
+  prompts = build_prompts(sampler.tokenizer, x.split("holdout")[:cal.n], limit,
+                          system=settings["system"]).ids
+  lams, searches = [], []
+  for drop in cal.logprob_drops:
+    lam, ladder = calibration.lam_for_logprob_drop(sampler, prompts, params, float(drop))
+    calibration.warn_if_collapsed(dict(ladder)[lam], lam, "grid.calibrate.logprob_drops")
+    lams.append(lam)
+    searches.append(dict(target=float(drop), lam=lam,
+                         ladder=[dict(lam=a, drop=d) for a, d in ladder]))
+  return dict(lams=sorted(lams), target="logprob_drop", searches=searches)
 
 
 def sample(x, point: Point, out) -> dict:
