@@ -206,11 +206,44 @@ def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
   return path
 
 
+def _grad_prompts(config, tokenizer, prompts, context: int) -> tuple[list[list[int]], str]:
+  """The prompts g is computed on, and what they are (for the terminal). Held-out prompts
+  longer than the teacher's context less sample.max_new_tokens are left out, as the demo's
+  own prompts would fail."""
+  g = config.generate
+  if not g.holdout:
+    return prompts, (f"the {len(prompts)} prompts above (--config.generate.holdout=gsm8k:train "
+                     "takes held-out problems instead)")
+  from antidistill_jax import data
+  from antidistill_jax.data.prompts import build_prompts
+  if ":" not in g.holdout:
+    raise errors.BadValue(f"--config.generate.holdout={g.holdout!r}: expected DATASET:SPLIT, "
+                          "e.g. gsm8k:train.")
+  name, split = g.holdout.split(":")
+  d = config.data
+  try:
+    examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
+                               data_dir=d.data_dir or None, seed=d.split_seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise errors.MissingInput(f"--config.generate.holdout={g.holdout}: {e} Put the source "
+                              "files in --config.data.manual_dir=FOLDER, or run where the "
+                              "dataset can be downloaded.") from e
+  limit = context - config.sample.max_new_tokens
+  held = build_prompts(tokenizer, examples[:int(g.holdout_n)], limit,
+                       system=config.prompts.system or None).ids
+  if not held:
+    raise errors.BadValue(f"--config.generate.holdout={g.holdout}: no problem of the first "
+                          f"{g.holdout_n} fits in {limit} tokens (the teacher's context less "
+                          "sample.max_new_tokens).")
+  return held, f"{len(held)} problems of {g.holdout}"
+
+
 def run_generate(config) -> dict[str, list[str]]:
   """Plain samples of config.generate.problems, and antidistilled ones when generate.lam != 0.
 
   The antidistillation direction g is the proxy's gradient on the teacher's greedy answers to
-  the same prompts: enough to show the mechanics; the experiment uses a holdout split.
+  the first generate.holdout_n problems of generate.holdout (held out, as the experiment's),
+  or, without one, to the demo's own prompts (enough to show the mechanics).
   """
   import jax.numpy as jnp
   import numpy as np
@@ -239,9 +272,12 @@ def run_generate(config) -> dict[str, list[str]]:
     proxy_path = _checkpoint(config.models.proxy, g.workdir, "tiny_proxy", seed=1, hidden_size=32,
                              intermediate_size=64, tokenizer=tokenizer)
     proxy = models.from_pretrained(proxy_path, dtype=dtype)
-    greedy = plain(prompts, sampling.SamplingParams(max_new_tokens=s.max_new_tokens, tau=0.0))
-    grad, meta = gradients.proxy_gradient(proxy, list(zip(prompts, greedy.tokens)),
-                                          micro_batch_size=len(prompts))
+    g_prompts, source = _grad_prompts(config, tokenizer, prompts,
+                                      teacher.config.max_position_embeddings)
+    greedy = plain(g_prompts, sampling.SamplingParams(max_new_tokens=s.max_new_tokens, tau=0.0))
+    grad, meta = gradients.proxy_gradient(proxy, list(zip(g_prompts, greedy.tokens)),
+                                          micro_batch_size=min(8, len(g_prompts)))
+    print(f"g: the proxy's gradient on the teacher's greedy answers to {source}")
     logging.info("proxy gradient: %s", meta)
     ads = sampling.Sampler(teacher, tokenizer, eos_ids=eos, proxy=proxy, grad=grad)
     if g.logprob_drop > 0:

@@ -252,6 +252,11 @@ def get_config() -> ml_collections.ConfigDict:
       # > 0: choose lam instead so that the teacher's mean log-prob per token drops by this
       # many nats from plain sampling (sampling.calibration; the same on any model)
       logprob_drop=0.0,
+      # g from held-out problems: DATASET:SPLIT (read as data.* reads the experiment's, e.g.
+      # "gsm8k:train" with --config.data.manual_dir), the teacher's greedy answers to the
+      # first holdout_n of them; "": its greedy answers to `problems` themselves
+      holdout="",
+      holdout_n=16,  # problems g is computed on (examples)
       workdir="runs/generate")  # where the tiny random teacher / proxy are built when "" above
 
   c.lock()  # values only from here on: an unknown key raises

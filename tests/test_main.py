@@ -50,3 +50,24 @@ def test_the_demo_terminal_shows_text_and_its_log_file_the_library_lines(tmp_pat
   text = open(log).read()
   assert "generated 2/2 prompts" in text
   assert "jax cpu backend" in text and "Unable to initialize backend" not in text
+
+
+def test_the_demo_takes_g_from_held_out_problems(tmp_path, capsys):
+  """generate.holdout: g is the proxy's gradient on the teacher's answers to held-out problems
+  (a GSM8K slice read from --config.data.manual_dir), not to the demo's own prompts; another g
+  at the same lam samples other text."""
+  from test_preflight import gsm8k_manual_dir
+  config = generate_config.get_config()
+  config.generate.workdir = str(tmp_path / "demo")
+  config.sample.max_new_tokens = 6
+  config.generate.update(dict(lam=20.0, logprob_drop=0.0))
+  own = main.run_generate(config)
+  config.data.update(dict(manual_dir=gsm8k_manual_dir(str(tmp_path / "manual")),
+                          data_dir=str(tmp_path / "tfds")))
+  config.generate.update(dict(holdout="gsm8k:train", holdout_n=3))
+  held_out = main.run_generate(config)
+  out = capsys.readouterr().out
+  assert "g: the proxy's gradient on the teacher's greedy answers to the 2 prompts above" in out
+  assert "g: the proxy's gradient on the teacher's greedy answers to 3 problems of gsm8k:train" in out
+  name = "antidistilled (lam=20, method=jvp)"
+  assert held_out["plain"] == own["plain"] and held_out[name] != own[name]
