@@ -26,7 +26,7 @@ from antidistill_jax import gradients, parallel
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.sampling.adjustment import (METHODS, PLACEMENTS, _prepare_fd, _prepare_jvp,
-                                                 _reprepare_fd, warn_if_fd_rounds_away)
+                                                 warn_if_fd_rounds_away)
 from antidistill_jax.sampling.decode import Knobs, _decode_program, _Static, left_pad
 
 DELTA_ON = ("vocab", "nucleus")
@@ -232,11 +232,9 @@ class Sampler:
     else:
       previous = self._prepared
       self._prepared = None
-      if previous is not None and self._prepared_key[0] == "fd":
-        params_state, stats = _reprepare_fd(theta, grad, eps, previous[0],
-                                            stacked=self.fd_stacked)
-      else:
-        params_state, stats = _prepare_fd(theta, grad, eps, stacked=self.fd_stacked)
+      reuse = previous[0] if previous is not None and self._prepared_key[0] == "fd" else None
+      params_state, stats = _prepare_fd(theta, grad, eps, stacked=self.fd_stacked,
+                                        previous=reuse)
       warn_if_fd_rounds_away(jax.device_get(stats), params.eps, self.proxy.dtype)
       state = (params_state, eps)
     self._prepared_key, self._prepared = key, state
