@@ -35,6 +35,7 @@ def test_quickstart_runs_the_experiment_and_shows_its_results(tmp_path, monkeypa
   matplotlib.use("Agg")
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("QUICKSTART_SIZE", "reduced")
+  monkeypatch.setenv("QUICKSTART_REAL_MODEL", "0")  # tests/test_real_model.py covers the demo
   namespace = {}
   run_cells("quickstart.ipynb", code_cells("quickstart.ipynb"), namespace)
   assert namespace["config"].data.max_train == 32  # the reduced size
