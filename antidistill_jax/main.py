@@ -206,6 +206,24 @@ def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
   return path
 
 
+def _examples(config, spec: str, n: int, flag: str) -> list:
+  """The first n examples of DATASET:SPLIT, read as the experiment reads data (data.*)."""
+  from antidistill_jax import data
+  if ":" not in spec:
+    raise errors.BadValue(f"--config.generate.{flag}={spec!r}: expected DATASET:SPLIT, e.g. "
+                          "gsm8k:train.")
+  name, split = spec.split(":")
+  d = config.data
+  try:
+    examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
+                               data_dir=d.data_dir or None, seed=d.split_seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise errors.MissingInput(f"--config.generate.{flag}={spec}: {e} Put the source files in "
+                              "--config.data.manual_dir=FOLDER, or run where the dataset can be "
+                              "downloaded.") from e
+  return examples[:int(n)]
+
+
 def _grad_prompts(config, tokenizer, prompts, context: int) -> tuple[list[list[int]], str]:
   """The prompts g is computed on, and what they are (for the terminal). Held-out prompts
   longer than the teacher's context less sample.max_new_tokens are left out, as the demo's
@@ -214,22 +232,9 @@ def _grad_prompts(config, tokenizer, prompts, context: int) -> tuple[list[list[i
   if not g.holdout:
     return prompts, (f"the {len(prompts)} prompts above (--config.generate.holdout=gsm8k:train "
                      "takes held-out problems instead)")
-  from antidistill_jax import data
   from antidistill_jax.data.prompts import build_prompts
-  if ":" not in g.holdout:
-    raise errors.BadValue(f"--config.generate.holdout={g.holdout!r}: expected DATASET:SPLIT, "
-                          "e.g. gsm8k:train.")
-  name, split = g.holdout.split(":")
-  d = config.data
-  try:
-    examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
-                               data_dir=d.data_dir or None, seed=d.split_seed)
-  except (ValueError, FileNotFoundError) as e:
-    raise errors.MissingInput(f"--config.generate.holdout={g.holdout}: {e} Put the source "
-                              "files in --config.data.manual_dir=FOLDER, or run where the "
-                              "dataset can be downloaded.") from e
   limit = context - config.sample.max_new_tokens
-  held = build_prompts(tokenizer, examples[:int(g.holdout_n)], limit,
+  held = build_prompts(tokenizer, _examples(config, g.holdout, g.holdout_n, "holdout"), limit,
                        system=config.prompts.system or None).ids
   if not held:
     raise errors.BadValue(f"--config.generate.holdout={g.holdout}: no problem of the first "
@@ -239,7 +244,8 @@ def _grad_prompts(config, tokenizer, prompts, context: int) -> tuple[list[list[i
 
 
 def run_generate(config) -> dict[str, list[str]]:
-  """Plain samples of config.generate.problems, and antidistilled ones when generate.lam != 0.
+  """Plain samples of config.generate.problems (or the first generate.problems_n problems of
+  generate.problems_from), and antidistilled ones when generate.lam != 0.
 
   The antidistillation direction g is the proxy's gradient on the teacher's greedy answers to
   the first generate.holdout_n problems of generate.holdout (held out, as the experiment's),
@@ -258,9 +264,13 @@ def run_generate(config) -> dict[str, list[str]]:
   dtype = jnp.dtype(config.models.dtype)
   teacher = models.from_pretrained(teacher_path, dtype=dtype)
   tokenizer = tok_lib.load_tokenizer(teacher_path)
+  problems = list(g.problems)
+  if g.problems_from:  # a dataset's first problems instead
+    problems = [e.problem for e in _examples(config, g.problems_from, g.problems_n,
+                                             "problems_from")]
   # The authors' layout, as the experiment's (data.prompts): system turn, problem.strip() + "\n".
   prompts = [tok_lib.prompt_ids(tokenizer, user_message(p), system=config.prompts.system or None)
-             for p in g.problems]
+             for p in problems]
   params = sampling.SamplingParams(
       max_new_tokens=s.max_new_tokens, tau=g.tau, top_p=s.top_p if g.tau > 0 else None,
       seed=s.seed, lam=g.lam, eps=s.eps, method=s.method,
@@ -306,7 +316,7 @@ def run_generate(config) -> dict[str, list[str]]:
     if p.lam:
       calibration.warn_if_collapsed(mean_logp["plain"] - mean_logp[name], p.lam,
                                     "--config.generate.lam or --config.generate.logprob_drop")
-    for problem, text, logp in zip(g.problems, texts[name], logps):
+    for problem, text, logp in zip(problems, texts[name], logps):
       print(f"\n### {problem}\n{text}\n(mean teacher log-prob {logp:.3f} per token)")
       rows.append(dict(mode=name.split(" ")[0], lam=float(p.lam), tau=float(p.tau),
                        problem=problem, text=text, teacher_logprob=logp))

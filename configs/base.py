@@ -247,6 +247,10 @@ def get_config() -> ml_collections.ConfigDict:
   # sample.max_new_tokens/top_p/seed/eps/method apply to it as they do to the experiment.
   c.generate = dict(
       problems=(),  # the problems sampled (user turns: problem.strip() + "\n")
+      # DATASET:SPLIT (read as data.* reads the experiment's): its first problems_n problems
+      # are sampled instead of `problems`; "": `problems`
+      problems_from="",
+      problems_n=8,
       tau=1.0,  # temperature (0: greedy)
       lam=0.0,  # ADS weight lam (0: plain sampling only; else plain and antidistilled)
       # > 0: choose lam instead so that the teacher's mean log-prob per token drops by this

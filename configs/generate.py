@@ -3,7 +3,10 @@
   python -m antidistill_jax.main --config=configs/generate.py \
       --config.models.teacher=/path/to/DeepSeek-R1-Distill-Qwen-7B \
       --config.models.proxy=/path/to/Qwen2.5-3B --config.models.dtype=bfloat16 \
-      --config.generate.lam=0.1
+      --config.generate.holdout=gsm8k:train   # g from 16 held-out problems
+
+lam is chosen for generate.logprob_drop (0 uses generate.lam as given); a .gguf file works
+wherever a checkpoint folder does (README, "A real model without a hub").
 
 The prompts are the authors' (configs/base.py): their system turn, the problem as the user turn.
 """
@@ -29,7 +32,10 @@ def get_config():
       tau=1.0,  # 0 is greedy
       lam=5.0,  # 0: plain sampling only; used as given when logprob_drop is 0
       # lam chosen so that the teacher finds the antidistilled text this many nats per token
-      # less likely than plain text: readable but changed on SmolLM2-135M (teacher = proxy)
-      logprob_drop=1.0,
+      # less likely than plain text. On SmolLM2-135M (teacher = proxy, g from 16 GSM8K train
+      # problems, 8 GSM8K test problems, 48 tokens): at 0.5, 7 of 8 answers stay on their
+      # problem with changed arithmetic and one ends in a junk word; at 1.0 all 8 are English
+      # but 5 drift off the problem ("Both Senegal and Israel have twice as many sheep...")
+      logprob_drop=0.5,
       workdir="runs/demo"))
   return c

@@ -3,6 +3,7 @@ tests/test_pipeline.py::test_the_synthetic_config_runs_at_reduced_size)."""
 
 import json
 import os
+import re
 
 from antidistill_jax import main
 from configs import generate as generate_config
@@ -21,7 +22,7 @@ def test_main_job_builds_a_tiny_teacher_and_generates(tmp_path, capsys):
   assert os.path.exists(tmp_path / "tiny_teacher" / "model.safetensors")
   assert os.path.exists(tmp_path / "tiny_proxy" / "model.safetensors")
   out = capsys.readouterr().out
-  lam = float(ads_name.split("lam=")[1].split(",")[0])  # calibrated: generate.logprob_drop=1
+  lam = float(ads_name.split("lam=")[1].split(",")[0])  # calibrated: generate.logprob_drop
   assert f"lam {lam:.4g}: the teacher's mean log-prob per token drops by" in out
   assert f"===== {ads_name}: lam {lam:g}, " in out and "tokens/s" in out
   assert f"\n{plain[0]}\n(mean teacher log-prob" in out  # the text as it reads, not its repr
@@ -55,7 +56,7 @@ def test_the_demo_terminal_shows_text_and_its_log_file_the_library_lines(tmp_pat
 def test_the_demo_takes_g_from_held_out_problems(tmp_path, capsys):
   """generate.holdout: g is the proxy's gradient on the teacher's answers to held-out problems
   (a GSM8K slice read from --config.data.manual_dir), not to the demo's own prompts; another g
-  at the same lam samples other text."""
+  at the same lam samples other text. generate.problems_from samples a dataset's problems."""
   from test_preflight import gsm8k_manual_dir
   config = generate_config.get_config()
   config.generate.workdir = str(tmp_path / "demo")
@@ -71,3 +72,9 @@ def test_the_demo_takes_g_from_held_out_problems(tmp_path, capsys):
   assert "g: the proxy's gradient on the teacher's greedy answers to 3 problems of gsm8k:train" in out
   name = "antidistilled (lam=20, method=jvp)"
   assert held_out["plain"] == own["plain"] and held_out[name] != own[name]
+  # generate.problems_from: a dataset's first problems are sampled instead of `problems`.
+  config.generate.update(dict(problems_from="gsm8k:test", problems_n=2))
+  texts = main.run_generate(config)
+  out = capsys.readouterr().out
+  assert len(texts["plain"]) == 2 and config.generate.problems[0] not in out
+  assert len(re.findall(r"\n### What is \d+ \+ 1\?\n", out)) == 4  # 2 problems x 2 modes
