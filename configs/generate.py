@@ -33,9 +33,10 @@ def get_config():
       lam=5.0,  # 0: plain sampling only; used as given when logprob_drop is 0
       # lam chosen so that the teacher finds the antidistilled text this many nats per token
       # less likely than plain text. On SmolLM2-135M (teacher = proxy, g from 16 GSM8K train
-      # problems, 8 GSM8K test problems, 48 tokens): at 0.5, 7 of 8 answers stay on their
-      # problem with changed arithmetic and one ends in a junk word; at 1.0 all 8 are English
-      # but 5 drift off the problem ("Both Senegal and Israel have twice as many sheep...")
+      # problems, 8 GSM8K test problems, 48 tokens; docs/real_model): at 0.5, 7 of 8 answers
+      # stay on their problem with changed arithmetic, one carries a junk word; at 1.0 all 8
+      # are English but 3 leave their problem ("Both Senegal and Israel have twice as many
+      # sheep...") and 2 more turn to nonsense about it
       logprob_drop=0.5,
       workdir="runs/demo"))
   return c
