@@ -42,6 +42,27 @@ def median_ms(fn, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
+def reset_peak_rss() -> int:
+  """Resets this process's peak resident set (Linux: /proc/self/clear_refs) and returns the
+  resident set now, in bytes, so that `peak_rss()` after some work is that work's peak."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+  """The process's peak resident set since the last `reset_peak_rss`, in bytes."""
+  return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def flops_per_token(cfg: models.ModelConfig) -> float:
   """2 x the parameters a token passes through (the embedding lookup is free; the unembedding
   matrix is counted once, tied or not)."""

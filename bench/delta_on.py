@@ -61,7 +61,7 @@ def token_metrics(teacher, proxy, grad, rows, tau: float, top_p: float, chunk: i
     z_BTV = teacher(ids_BT, pad_BT).astype(jnp.float32)
     logp_BTV = jax.nn.log_softmax(z_BTV, -1)
     b, t, v = logp_BTV.shape
-    kept = filters.filter_logits_sorted((logp_BTV / tau).reshape(b * t, v), None, top_p)
+    kept = filters.filter_logits((logp_BTV / tau).reshape(b * t, v), None, top_p)
     logp_proxy = lambda st: jax.nn.log_softmax(nnx.merge(graphdef, st)(ids_BT, pad_BT), -1)
     _, delta_BTW = jax.jvp(logp_proxy, (theta,), (tangent,))
     nxt = ids_BT[:, 1:, None]

@@ -1,8 +1,14 @@
-"""Our sampler against the authors' decode design in PyTorch: same process, same random tiny
-checkpoints, same prompts and lengths.
+"""Our sampler against the authors' decode design in PyTorch: same process, same checkpoints,
+same prompts and lengths.
 
   python bench/vs_reference.py                                    # batch 1, 8, 32
   python bench/vs_reference.py --batch_sizes=1,8 --max_new_tokens=32 --repeats=2
+  python bench/vs_reference.py --checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf --batch_sizes=1,8
+
+--checkpoint: a real model (a .gguf file, converted by models.gguf, or an HF folder) as both
+teacher and proxy, as a model owner with one model would try it; default, the tiny random pair
+of bench/common.py. g is the proxy's gradient on random token ids (its content does not change
+the time of a step).
 
 torch (the authors' design, locuslab/antidistillation-sampling gentraces.py, re-written here):
   Hugging Face `model.generate(do_sample=True, temperature=tau, top_p=0.95)`; HF's default
@@ -23,6 +29,9 @@ Both sides generate exactly --max_new_tokens per row (no EOS; checked), from unp
 of --prompt_len random ids, in fp32. Times are the best of --repeats calls after one warm-up
 call (compile on our side); our call returns host numpy data, so it is synchronous. torch runs
 with as many threads as this process may use; XLA uses its default (all of them).
+Memory: each cell's peak resident set of the process (Linux VmHWM, reset before the cell) and
+the resident set before it; both sides' weights stay loaded throughout, so the difference
+(peak - before) is what the cell itself added.
 
 Before timing, the torch processor's first-step Delta (z_+ - z_-)/2eps is compared with
 `sampling.delta(method="fd")` (up to a per-row constant: logits vs log-probs), and the teacher
@@ -66,6 +75,8 @@ _LAM = flags.DEFINE_float("lam", 1.0, "ADS weight (reference placement: lam_code
 _EPS = flags.DEFINE_float("eps", 1e-2, "finite-difference step")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: the cores this process may use)")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a .gguf file or HF folder as teacher and "
+                                  "proxy (default: the tiny random pair)")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 # Relative tolerance of the Delta check (max |diff| / max |Delta|, fp32, eps = 1e-2).
@@ -158,14 +169,34 @@ def torch_generate(teacher, proxies, ids: torch.Tensor, mode: str, seed: int):
 # -- cells ------------------------------------------------------------------------------------
 
 
-def best_of(fn, repeats: int) -> tuple[float, Any]:
+def best_of(fn, repeats: int) -> tuple[float, Any, dict]:
+  """Best time of `repeats` calls after a warm-up, the last output, and the cell's memory
+  (GB): the resident set before it and its peak (warm-up included)."""
+  before = common.reset_peak_rss()
   out = fn()  # warm-up: compile (ours), allocator and caches (both)
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     out = fn()
     best = min(best, time.perf_counter() - start)
-  return best, out
+  return best, out, dict(rss_before_gb=before / 1e9, peak_rss_gb=common.peak_rss() / 1e9)
+
+
+def load_pair(tmp):
+  """(teacher, proxy) paths and the tokenizer's pad id: --checkpoint twice, or the tiny pair."""
+  if _CHECKPOINT.value:
+    path = _CHECKPOINT.value
+    if path.endswith(".gguf"):
+      from antidistill_jax.models import gguf
+      path = gguf.local_folder(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return [path, path], pad
+  tok = random_checkpoints.train_tokenizer(vocab_size=512)
+  paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
+                                                   seed=seed, **cfg)
+           for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
+  return paths, tok.pad_token_id
 
 
 def check_delta(proxy, grad, teacher, teacher_pt, proxies_pt, prompts) -> dict:
@@ -203,15 +234,11 @@ def main(argv):
   torch.set_num_threads(threads)
   n, p = _NEW_TOKENS.value, _PROMPT_LEN.value
   with tempfile.TemporaryDirectory() as tmp:
-    tok = random_checkpoints.train_tokenizer(vocab_size=512)
-    paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
-                                                     seed=seed, **cfg)
-             for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
+    paths, pad_id = load_pair(tmp)
     teacher, proxy = (models.from_pretrained(x, dtype=jnp.float32) for x in paths)
     teacher_pt, proxy_pt = (transformers.AutoModelForCausalLM.from_pretrained(
         x, dtype=torch.float32).eval() for x in paths)
   teacher_pt.generation_config.eos_token_id = None  # exactly n tokens per row
-  pad_id = tok.pad_token_id
   teacher_pt.generation_config.pad_token_id = pad_id
   vocab = min(teacher.config.vocab_size, proxy.config.vocab_size)
 
@@ -249,16 +276,18 @@ def main(argv):
         raise ValueError(f"unknown mode {mode!r}")
       r = dict(batch=b, mode=mode)
       if mode != "jvp":
-        secs, out = best_of(lambda: torch_generate(teacher_pt, proxies_pt, ids_pt, mode, 0),
-                            _REPEATS.value)
+        secs, out, mem = best_of(
+            lambda: torch_generate(teacher_pt, proxies_pt, ids_pt, mode, 0), _REPEATS.value)
         if tuple(out.shape) != (b, p + n):
           raise RuntimeError(f"torch generated {tuple(out.shape)}, expected {(b, p + n)}")
-        r.update(torch_seconds=secs, torch_tokens_per_s=b * n / secs)
-      secs, out = best_of(lambda: ours(prompts, mode), _REPEATS.value)
+        r.update(torch_seconds=secs, torch_tokens_per_s=b * n / secs,
+                 **{f"torch_{k}": v for k, v in mem.items()})
+      secs, out, mem = best_of(lambda: ours(prompts, mode), _REPEATS.value)
       if not (np.all(out.lengths == n) and out.decode_steps == n):
         raise RuntimeError(f"ours generated lengths {set(out.lengths.tolist())}, "
                            f"{out.decode_steps} steps; expected {n}")
-      r.update(ours_seconds=secs, ours_tokens_per_s=b * n / secs)
+      r.update(ours_seconds=secs, ours_tokens_per_s=b * n / secs,
+               **{f"ours_{k}": v for k, v in mem.items()})
       cell[mode] = r
       results.append(r)
     torch_fd = cell.get("fd", {}).get("torch_seconds")
@@ -285,17 +314,21 @@ def main(argv):
       ideal_overhead=ideal, prompt_len=p, max_new_tokens=n, repeats=_REPEATS.value,
       tau=_TAU.value, top_p=_TOP_P.value, top_k=top_k, lam=_LAM.value, eps=_EPS.value,
       placement="reference", torch_attn=teacher_pt.config._attn_implementation,
+      checkpoint=_CHECKPOINT.value or "tiny random pair (bench/common.py)",
       gradient="ours (JAX), converted to HF names", check=check, results=results)
 
-  print(f"\njax {report['jax_platform']} ({report['jax_device']}) vs torch cpu "
+  print(f"\n{report['checkpoint']}: jax {report['jax_platform']} ({report['jax_device']}) vs torch cpu "
         f"({report['torch_threads']} threads); fp32; teacher {report['teacher_params'] / 1e6:.2f}M"
         f" / proxy {report['proxy_params'] / 1e6:.2f}M params; prompt {p}, {n} new tokens; "
         f"tau {_TAU.value}, top_k {top_k}, top_p {_TOP_P.value}; best of {_REPEATS.value}; "
         f"ideal ADS overhead 1 + 2*C_p/C_t = {ideal:.2f}\n")
   fmt = lambda x, f="{:.2f}": "-" if x is None else f.format(x)
+  memory = lambda r, side: ("-" if f"{side}_peak_rss_gb" not in r else
+                            f"{r[f'{side}_peak_rss_gb']:.2f} "
+                            f"(+{r[f'{side}_peak_rss_gb'] - r[f'{side}_rss_before_gb']:.2f})")
   print("| batch | mode | torch tok/s | ours tok/s | ours/torch | torch overhead | "
-        "ours overhead | ideal | jvp/fd time |")
-  print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        "ours overhead | ideal | jvp/fd time | torch peak GB (+cell) | ours peak GB (+cell) |")
+  print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in results:
     t_rate = r.get("torch_tokens_per_s")
     torch_col = fmt(t_rate, "{:.1f}")
@@ -304,7 +337,7 @@ def main(argv):
     print(f"| {r['batch']} | {r['mode']} | {torch_col} | {r['ours_tokens_per_s']:.1f} | "
           f"{fmt(r.get('ours_over_torch'))} | {fmt(r.get('torch_overhead'))} | "
           f"{fmt(r.get('ours_overhead'))} | {'-' if r['mode'] == 'plain' else f'{ideal:.2f}'} | "
-          f"{fmt(r.get('jvp_over_fd_time'))} |")
+          f"{fmt(r.get('jvp_over_fd_time'))} | {memory(r, 'torch')} | {memory(r, 'ours')} |")
   print("\nours/torch: speed ratio (> 1: ours faster); jvp rows compare with torch fd. overhead: "
         "ADS time / plain time of the same side; ideal: the FLOP ratio 1 + 2*C_p/C_t.")
   common.save_report(report, _OUT.value)
