@@ -24,10 +24,12 @@ g never saw. Also a forest plot and the per-seed table of every student.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable, Sequence
 
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -259,6 +261,29 @@ def student_rows(rows: list[dict]) -> list[dict]:
   return out
 
 
+def between_students(students: list[dict]) -> dict:
+  """The accuracy SD between the replicate students of one trace set (distillation seeds and
+  test-set noise; pooled within-set variance), per arm and over every set, with the number of
+  sets behind it. Sets two arms share (free_writing_g_tau1 reuses free_writing's temperature
+  and control students) count once in the pooled figure. What a replicate costs in precision:
+  the study's main-job reduction is chosen from it and the between-seed SD, not from gaps."""
+  groups: dict[tuple, list[float]] = {}
+  for st in students:
+    if st["student"] is not None:
+      groups.setdefault((st["arm"], st["seed"], st["point"]), []).append(float(st["student"]))
+  sets = {k: v for k, v in groups.items() if len(v) >= 2}
+
+  def pooled(values: list[list[float]]) -> dict:
+    df = sum(len(v) - 1 for v in values)
+    ss = sum(float(np.sum((np.asarray(v) - np.mean(v)) ** 2)) for v in values)
+    return dict(sd=math.sqrt(ss / df) if df else None, sets=len(values))
+
+  arms = sorted({k[0] for k in sets})
+  unique = {(k[1], k[2], tuple(v)): v for k, v in sets.items()}
+  return dict(by_arm={a: pooled([v for k, v in sets.items() if k[0] == a]) for a in arms},
+              pooled=pooled(list(unique.values())))
+
+
 def student_table(students: list[dict]) -> str:
   fmt = lambda x, f: "-" if x is None else format(x, f)
   lines = ["| arm | seed | point | replicate | teacher acc | student acc | student NLL |",
@@ -325,10 +350,18 @@ def write_study_report(config, workdir) -> dict:
              "(`data.synthetic.token_roles`: answer = the last '#' and the answer, writing = "
              "separators and each step's first character, reasoning = the rest), mean over "
              "the points, 95% t CI over seeds:\n\n", roles]
+  spread = between_students(students)
+  if spread["pooled"]["sd"] is not None:
+    text += ["\n## Between the students of one trace set\n\nAccuracy SD between replicate "
+             "students of the same trace set (distillation seed and test-set noise), pooled: "
+             f"{100 * spread['pooled']['sd']:.1f} points over {spread['pooled']['sets']} sets; "
+             + "; ".join(f"{a} {100 * v['sd']:.1f} ({v['sets']} sets)"
+                         for a, v in spread["by_arm"].items()) + ".\n"]
   text += ["\n## Every student\n\n", student_table(students)]
   files.write_atomic(out / "results.md", "".join(text).encode("utf-8"))
   files.write_json(out / "results.json", dict(summary=summary, contrasts=contrasts, seeds=[
-      {k: v for k, v in r.items() if k != "points"} for r in rows], students=students))
+      {k: v for k, v in r.items() if k != "points"} for r in rows], students=students,
+      between_students=spread))
   written = dict(table=os.fspath(out / "results.md"))
   if forest_plot(summary, out / "forest.png"):
     written["forest"] = os.fspath(out / "forest.png")

@@ -261,3 +261,18 @@ def test_the_seeds_table_counts_only_seeds_with_every_value():
   assert "| 2 (1 left out: outside the temperature sweep, or unfinished) |" in line
   assert "+0.200 ± 0.141" in line or "0.200 ± 0.141" in line  # gap over s0 and s1 only
   assert "0.300 ± 0.141" in line  # their temperature students, the same two seeds
+
+
+def test_between_students_pools_the_variance_within_each_trace_set():
+  """study.between_students: the SD between replicates of one trace set is the pooled
+  within-set SD (sets of one student add nothing); a set two arms share counts once pooled."""
+  st = lambda arm, seed, point, acc: dict(arm=arm, seed=seed, point=point, student=acc)
+  students = [st("a", 0, "p", 0.9), st("a", 0, "p", 0.8), st("a", 0, "q", 0.5),
+              st("a", 0, "q", 0.7), st("a", 1, "p", 0.6),  # a set of one: no variance
+              st("b", 0, "q", 0.5), st("b", 0, "q", 0.7), st("b", 0, "r", None)]
+  spread = study.between_students(students)
+  # a: variances 0.005 and 0.02 (1 df each): pooled 0.0125; b: 0.02; pooled over sets, b's
+  # (0, q) equals a's and counts once.
+  assert spread["by_arm"]["a"] == dict(sd=pytest.approx(0.0125 ** 0.5), sets=2)
+  assert spread["by_arm"]["b"] == dict(sd=pytest.approx(0.02 ** 0.5), sets=1)
+  assert spread["pooled"] == dict(sd=pytest.approx(0.0125 ** 0.5), sets=2)
