@@ -273,8 +273,7 @@ def run_generate(config) -> dict[str, list[str]]:
              for p in problems]
   params = sampling.SamplingParams(
       max_new_tokens=s.max_new_tokens, tau=g.tau, top_p=s.top_p if g.tau > 0 else None,
-      seed=s.seed, lam=g.lam, eps=s.eps, method=s.method,
-      delta_on=s.delta_on if g.tau > 0 else "vocab")
+      seed=s.seed, lam=g.lam, eps=s.eps, method=s.method, delta_on=s.delta_on)
   eos = tok_lib.eos_ids(teacher_path, teacher.config)  # generation_config.json's too
   plain = sampling.Sampler(teacher, tokenizer, eos_ids=eos)
   runs = {"plain": (plain, dataclasses.replace(params, lam=0.0))}

@@ -120,7 +120,7 @@ def _fd_rounding(theta, plus, minus, grad, *, stacked: bool = False) -> dict[str
 
   One small program per leaf, not one for the tree: XLA kept every leaf's step alive at once
   (1.6 GB of temporaries for SmolLM2-135M's 0.5 GB of weights)."""
-  leaves = lambda t: jax.tree.leaves(t)
+  leaves = jax.tree.leaves
   minus_leaves = leaves(plus) if stacked else leaves(minus)
   total = sum(_leaf_rounding(p, a, b, g, stacked=stacked)
               for p, a, b, g in zip(leaves(theta), leaves(plus), minus_leaves, leaves(grad)))

@@ -2,10 +2,10 @@
 on left-padded prompts, then decodes with a `lax.scan` whose step samples from the teacher's
 logits adjusted by lam * Delta (`adjustment`).
 
-Compilation. tau, lam, eps, top_p and where Delta applies are traced values (`Knobs`): one compiled program serves
-a whole sweep for a given (batch, prompt bucket, max_new_tokens, method, placement, filter
-kind, greedy or not, proxy or not) (`_Static`). lam = 0 compiles the plain teacher program,
-with no proxy work.
+Compilation. tau, lam, eps, top_p and where Delta applies are traced values (`Knobs`): one
+compiled program serves a whole sweep for a given (batch, prompt bucket, max_new_tokens,
+method, placement, filter kind, greedy or not, proxy or not) (`_Static`). lam = 0 compiles the
+plain teacher program, with no proxy work.
 
 The loop is a `lax.while_loop` over chunks of `_Static.chunk` steps, each a `lax.scan`, so a
 batch stops after the chunk in which all its rows finished. Its carry (`DecodeState`) holds
