@@ -276,3 +276,46 @@ def test_sharded_model_gives_the_same_logits_and_pins_the_cache(hf_checkpoint, d
   z_2BV, _ = jax.jit(jax.vmap(prefill))(stacked)
   np.testing.assert_allclose(np.asarray(z_2BV[1]), np.asarray(want[0][:, 0]), rtol=1e-5,
                              atol=1e-5)
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Equations of `primitive` in a jaxpr, nested jaxprs included."""
+  return sum((eqn.primitive.name == primitive)
+             + sum(_count(sub, primitive) for sub in jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stacked_tangents_give_jax_jvp_reading_each_operand_once(hf_checkpoint, dtype):
+  """models.stack_tangents (the exact-JVP Delta's proxy): the same values and tangents as
+  jax.jvp through prefill and a cached decode step, with two products per bilinear map (the
+  operand against the stacked primal and tangent, the primal against the operand's tangent)
+  where jax.jvp has three."""
+  path, _ = hf_checkpoint
+  graphdef, theta = nnx.split(models.from_pretrained(path, dtype=dtype))
+  cfg = nnx.merge(graphdef, theta).config
+  ids, mask = left_pad([np.arange(3) + 7, np.arange(11) + 1])
+  rng = np.random.default_rng(0)
+  g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), theta)
+
+  def run(state, stacked):
+    model = nnx.merge(graphdef, state)
+    if stacked:
+      models.stack_tangents(model)
+    z0, cache = model.prefill(jnp.asarray(ids), jnp.asarray(mask), ids.shape[1] + 2)
+    z1, cache = model.decode(jnp.asarray([5, 9]), cache)
+    return (z0, z1), (cache.k, cache.v)
+
+  def jvp(stacked):
+    return lambda st, d: jax.jvp(lambda s: run(s, stacked), (st,), (d,))
+
+  plain, stacked = (jax.jit(jvp(s))(theta, g) for s in (False, True))
+  tol = 1e-5 if dtype == jnp.float32 else 8e-3  # round-off (bf16: 2 ulps) of the largest entry
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(stacked)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=0, atol=tol * np.abs(a).max())
+  # Per layer 7 projections + 2 attention products, 2 dots each; the unembedding keeps jax's 3
+  # (its primal logits are dropped by XLA where unused); one prefill and one decode step.
+  dots = {s: _count(jax.make_jaxpr(jvp(s))(theta, g).jaxpr, "dot_general") for s in (False, True)}
+  assert dots[True] == 2 * (cfg.num_layers * 9 * 2 + 3), dots
+  assert dots[False] > dots[True], dots

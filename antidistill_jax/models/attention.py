@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from antidistill_jax.models import bilinear
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import apply_rope, linear
 
@@ -15,7 +18,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-           mask_BTS: jax.Array) -> jax.Array:
+           mask_BTS: jax.Array, *, stack_tangents: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H)) v over the keys that mask_BTS allows -> [B, T, N, H].
 
   GQA: query head n = kv_head * G + g (HF's repeat_kv grouping); K/V are never repeated.
@@ -34,26 +37,32 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   gradients and jvp tangents stay finite; real rows give exactly zero weight (and zero
   gradient) to masked keys.
 
+  stack_tangents: both products take `bilinear.stacked`'s JVP, so a jax.jvp through them reads
+  K and V once each (q and its tangent, P and its tangent, stacked); fp32 inputs then take the
+  grouped einsum too, with P in fp32.
+
   Plain XLA ops, not a fused kernel: cuDNN flash attention ('cudnn', which implementation=None
   does not pick in jax 0.10.2) and the TPU Pallas kernels (splash, ragged paged attention) are
   custom_vjp or have no derivatives, so the exact-JVP Delta's jax.jvp through the proxy could
   not pass them; they could serve the teacher only.
   """
   dtype = q_BTNH.dtype
-  if dtype == jnp.float32:
+  if dtype == jnp.float32 and not stack_tangents:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype),
                                         mask=mask_BTS[:, None], implementation=None)
   b, t, n, h = q_BTNH.shape
   kv = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(dtype),
-                            preferred_element_type=jnp.float32) * jnp.float32(h ** -0.5)
+  einsum = functools.partial(bilinear.einsum, stack_tangents=stack_tangents,
+                             preferred_element_type=jnp.float32)
+  logits_BKGTS = einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(dtype)) * jnp.float32(h ** -0.5)
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  if dtype == jnp.float32:
+    return einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(dtype)).reshape(b, t, n, h)
   hi = probs_BKGTS.astype(dtype)
   lo = (probs_BKGTS - hi.astype(jnp.float32)).astype(dtype)
-  parts_2BTKGH = jnp.einsum("bkgcts,bskh->cbtkgh", jnp.stack([hi, lo], axis=3),
-                            v_BSKH.astype(dtype), preferred_element_type=jnp.float32)
+  parts_2BTKGH = einsum("bkgcts,bskh->cbtkgh", jnp.stack([hi, lo], axis=3), v_BSKH.astype(dtype))
   out_BTKGH = parts_2BTKGH[0] + parts_2BTKGH[1]
   return out_BTKGH.reshape(b, t, n, h).astype(dtype)
 
@@ -68,6 +77,7 @@ class Attention(nnx.Module):
     self.k_proj = linear(d, k * h, cfg.qkv_bias, **kw)
     self.v_proj = linear(d, k * h, cfg.qkv_bias, **kw)
     self.o_proj = linear(n * h, d, cfg.o_bias, **kw)
+    self.stack_tangents = False  # see attend; set by models.stack_tangents
 
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
     """Self-attention over the T new tokens -> (out [B, T, D], (k, v)).
@@ -91,6 +101,6 @@ class Attention(nnx.Module):
       k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), (zero, end, zero, zero))
       v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), (zero, end, zero, zero))
 
-    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, stack_tangents=self.stack_tangents)
     out_BTD = self.o_proj(out_BTNH.reshape(b, t, n * h))
     return out_BTD, (k_BSKH, v_BSKH)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax.models import sharding
+from antidistill_jax.models import bilinear, sharding
 from antidistill_jax.models.attention import Attention
 from antidistill_jax.models.cache import KVCache, prompt_layout
 from antidistill_jax.models.config import ModelConfig
@@ -176,3 +176,18 @@ class Transformer(nnx.Module):
     """One new token per row -> fp32 logits [B, V] and the cache advanced by one slot."""
     logits_B1V, cache = self.step(token_B[:, None], cache)
     return logits_B1V[:, 0], cache
+
+
+def stack_tangents(model: Transformer) -> Transformer:
+  """Gives every linear map and attention product of `model` the stacked JVP of
+  `models.bilinear`, in place: a jax.jvp through the model then reads each weight and each
+  cache array once (with its tangent once), where the plain rule reads weights twice. The
+  values and derivatives are the same products on the same operands. The unembedding keeps the
+  plain rule: under jvp its primal logits are usually dropped, and XLA then never computes
+  them. For a model merged inside a traced function (the sampler's proxy); returns it."""
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Linear):
+      module.dot_general = bilinear.dot_general
+    elif isinstance(module, Attention):
+      module.stack_tangents = True
+  return model

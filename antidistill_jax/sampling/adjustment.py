@@ -12,9 +12,11 @@ the proxy's distillation loss (see `gradients`):
                 0.94 at the paper's 1e-2); preparing fd measures how much of eps*g survived the
                 rounding and warns.
   jvp is the default because it is exact at the same memory (theta + g against theta+ and
-  theta-, one cache and its tangent against two caches) and reads the same bytes per step; it
-  does more arithmetic (each matmul's tangent is two matmuls), which cost 0.99-1.26x fd's time
-  on a 2-core CPU (bench/RESULTS.md).
+  theta-, one cache and its tangent against two caches) and reads the same bytes per step:
+  the proxy's products take `models.bilinear`'s stacked JVP ([x; dx] @ W in one product, plus
+  x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule read
+  each weight twice: 1.2-1.36x fd's time). It does 1.5x fd's matmul arithmetic (bench/RESULTS.md
+  has the times).
 
 Next-token distribution (z = the teacher's logits, log p = log_softmax(z)):
   placement="paper":     softmax(log p / tau + lam * Delta)          (the paper's Algorithm 1)
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from antidistill_jax import gradients
-from antidistill_jax.models.transformer import Transformer
+from antidistill_jax.models.transformer import Transformer, stack_tangents
 
 METHODS = ("jvp", "fd")
 PLACEMENTS = ("paper", "reference")
@@ -205,7 +207,9 @@ class _Proxies:
     self.graphdef, self.method, self.fd_stacked = graphdef, method, fd_stacked
 
   def _model(self, state) -> Transformer:
-    return nnx.merge(self.graphdef, state)
+    model = nnx.merge(self.graphdef, state)
+    # jvp: each weight and cache array read once per step, with its tangent (models.bilinear).
+    return stack_tangents(model) if self.method == "jvp" else model
 
   def _fd(self, run, state, *cache):
     """Runs both perturbed copies: returns Delta and their caches."""
