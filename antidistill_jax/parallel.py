@@ -53,6 +53,13 @@ def shard_batch(arrays, mesh: Mesh | None):
   return tuple(_place(a, data) for a in arrays)
 
 
+def replicate(arrays, mesh: Mesh | None):
+  """Places each array whole on every device of the mesh; no-op without a mesh."""
+  if mesh is None:
+    return tuple(arrays)
+  return tuple(_place(a, NamedSharding(mesh, PartitionSpec())) for a in arrays)
+
+
 def _place(array, sharding: NamedSharding) -> jax.Array:
   if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):  # typed keys: place their data
     return jax.random.wrap_key_data(_place(jax.random.key_data(array), sharding),

@@ -3,6 +3,8 @@
   python bench/memory.py                                  # 7B teacher + 3B proxy
   python bench/memory.py --batch=64 --prompt_len=256 --max_new_tokens=4096 --modes=plain,jvp,fd
   python bench/memory.py --layers=2                       # quick: 2 layers of each model
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py --mesh=4,2
+                                                          # per device on a (data, model) mesh
 
 Weights are abstract (`nnx.eval_shape`, no allocation): a Qwen2.5-7B-shaped teacher
 (DeepSeek-R1-Distill-Qwen-7B) and a Qwen2.5-3B-shaped proxy, g in fp32. The program
@@ -19,6 +21,10 @@ default dtype: the CPU compiler has no bf16 matmul and converts each bf16 weight
 fp32 temporary (visible in compiled.as_text()), so a bf16 program analysed on CPU reports
 temporaries of twice the weights. The default is therefore fp32 weights and caches, for which
 the ratio other / (weights + KV) carries over to bf16 on an accelerator (every term halves).
+With --mesh=D,M the weights carry the shardings `models.shard_model` gives them on a (data=D,
+model=M) mesh of host devices, the batch is split over `data`, and the figures are per device
+(XLA compiles one SPMD program per device): what a TPU v5e-8 (16 GiB per chip) needs from each
+chip, without one.
 Prints a table and writes JSON.
 """
 
@@ -31,9 +37,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from antidistill_jax import sampling
 from antidistill_jax.models.config import config_from_hf
+from antidistill_jax.models.sharding import named_sharding
 from antidistill_jax.models.transformer import Transformer
 
 import common  # bench/common.py (the script's folder is on sys.path)
@@ -49,14 +57,31 @@ _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "weights and caches; the host compiler upcasts bf16 matmul operands to "
     "fp32 copies of the weights, so bf16 figures on CPU overstate temporaries")
 
-def abstract_model(hf: dict, dtype) -> Transformer:
+_MESH = flags.DEFINE_list("mesh", [], "data,model: shard over a mesh of host devices")
+
+
+def abstract_model(hf: dict, dtype, mesh=None) -> Transformer:
+  """The model with abstract weights; on `mesh`, each weight's ShapeDtypeStruct carries the
+  sharding models.shard_model would give it, and the model constrains its activations."""
   cfg = config_from_hf(hf)
-  return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype,
-                                            rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype,
+                                             rngs=nnx.Rngs(0)))
+  if mesh is not None:
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+      v = var.get_value()
+      var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=named_sharding(
+          path, v.shape, mesh)))
+    model.mesh = mesh
+  return model
 
 
-def nbytes(tree) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+def _cache_split(model, mesh) -> int:
+  """Devices one KV cache is split over: batch over data, kv heads over model where it
+  divides them (models.sharding.CACHE_AXES)."""
+  if mesh is None:
+    return 1
+  m = mesh.shape["model"]
+  return mesh.shape["data"] * (m if model.config.num_kv_heads % m == 0 else 1)
 
 
 def main(argv):
@@ -65,26 +90,34 @@ def main(argv):
   teacher_hf, proxy_hf = dict(common.TEACHER_7B), dict(common.PROXY_3B)
   if _LAYERS.value:
     teacher_hf["num_hidden_layers"] = proxy_hf["num_hidden_layers"] = _LAYERS.value
-  teacher, proxy = abstract_model(teacher_hf, dtype), abstract_model(proxy_hf, dtype)
+  mesh = None
+  if _MESH.value:
+    data, model = map(int, _MESH.value)
+    mesh = jax.make_mesh((data, model), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  teacher, proxy = abstract_model(teacher_hf, dtype, mesh), abstract_model(proxy_hf, dtype, mesh)
   theta = nnx.state(proxy, nnx.Param)
-  grad = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), theta)
+  grad = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                     sharding=getattr(x, "sharding", None)), theta)
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
-  batch = (jax.ShapeDtypeStruct((b, p), jnp.int32), jax.ShapeDtypeStruct((b, p), jnp.int32),
-           jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
+  rows = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+  batch = (jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=rows),
+           jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=rows),
+           jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows))
   base = sampling.SamplingParams(max_new_tokens=n, tau=1.0, top_p=_TOP_P.value or None)
   slots = p + n
-  t_cache = common.kv_bytes(teacher.config, b, slots, dtype)
-  p_cache = common.kv_bytes(proxy.config, b, slots, dtype)
+  t_cache = common.kv_bytes(teacher.config, b, slots, dtype) // _cache_split(teacher, mesh)
+  p_cache = common.kv_bytes(proxy.config, b, slots, dtype) // _cache_split(proxy, mesh)
   results = []
   for mode in _MODES.value:
     params = base if mode == "plain" else dataclasses.replace(base, lam=1.0, method=mode)
-    sampler = sampling.Sampler(teacher, vocab_size=151665, proxy=proxy, grad=grad)
+    sampler = sampling.Sampler(teacher, vocab_size=151665, proxy=proxy, grad=grad, mesh=mesh)
     start = time.time()
     compiled = sampler.lower(batch, params).compile()
     seconds = time.time() - start
     mem = compiled.memory_analysis()
-    weights = nbytes(nnx.state(teacher, nnx.Param)) + (
-        0 if mode == "plain" else nbytes(sampler.proxy_state(params)))
+    weights = mem.argument_size_in_bytes  # the weights (teacher; theta + g or theta+-), the batch
     caches = t_cache + (0 if mode == "plain" else 2 * p_cache)  # fd: two copies; jvp: + tangent
     other = mem.temp_size_in_bytes - caches
     results.append(dict(
@@ -92,11 +125,13 @@ def main(argv):
         temp=mem.temp_size_in_bytes, weights=weights, kv_caches=caches, other_temp=other,
         other_over_weights_and_kv=other / (weights + caches), compile_seconds=seconds))
   report = dict(backend=jax.default_backend(), batch=b, prompt_len=p, max_new_tokens=n,
+                mesh=dict(mesh.shape) if mesh is not None else None,
                 teacher=teacher_hf, proxy=proxy_hf, dtype=dtype.name, results=results)
   gib = lambda x: f"{x / 2**30:.2f}"
   print(f"batch {b}, prompt {p}, {n} new tokens, {dtype.name} Qwen2.5-7B-shaped teacher + "
         f"3B-shaped proxy ({teacher.config.num_layers} + {proxy.config.num_layers} layers), "
-        f"{jax.default_backend()} compiler")
+        f"{jax.default_backend()} compiler"
+        + (f", per device on mesh {dict(mesh.shape)}" if mesh is not None else ""))
   print("| mode | arguments GiB | weights GiB | KV caches GiB | temp GiB | other temp GiB | "
         "other / (weights + KV) | compile s |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|")

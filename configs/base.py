@@ -150,6 +150,11 @@ def get_config() -> ml_collections.ConfigDict:
       max_new_tokens=1024,  # trace length cap (tokens)
       max_length=0,  # cap on left-padded prompt + new tokens, as HF's max_length (tokens; 0: none)
       batch_size=64,  # prompts per generation batch
+      # Continuous batching: > 0 decodes each batch of batch_size prompts on this many slots,
+      # a finished trace's slot taking the next prompt (sampling.continuous; the same tokens,
+      # faster when trace lengths vary; set batch_size to several times the slots). 0: static
+      # batches of batch_size rows.
+      slots=0,
       method="jvp",  # Delta: "jvp" (exact) or "fd" (the paper's central difference)
       placement="paper",  # where lam * Delta enters: "paper" (log p / tau) or "reference" (z)
       eps=1e-2,  # finite-difference step (method "fd"); lam = b * eps on the grid

@@ -67,6 +67,17 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   return out_BTKGH.reshape(b, t, n, h).astype(dtype)
 
 
+def write_at(cache_BSKH: jax.Array, new_BTKH: jax.Array, end: jax.Array) -> jax.Array:
+  """The T new keys (or values) written at slot `end` of every row (int32 []), or at each row's
+  own slot (int32 [B], per-row cursors)."""
+  new_BTKH = new_BTKH.astype(cache_BSKH.dtype)
+  zero = jnp.zeros((), jnp.int32)
+  if end.ndim == 0:
+    return jax.lax.dynamic_update_slice(cache_BSKH, new_BTKH, (zero, end, zero, zero))
+  row = lambda c_SKH, n_TKH, e: jax.lax.dynamic_update_slice(c_SKH, n_TKH, (e, zero, zero))
+  return jax.vmap(row)(cache_BSKH, new_BTKH, end)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -97,9 +108,8 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
     else:
       k_cache, v_cache = kv_cache
-      zero = jnp.zeros((), jnp.int32)
-      k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), (zero, end, zero, zero))
-      v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), (zero, end, zero, zero))
+      k_BSKH = write_at(k_cache, k_BTKH, end)
+      v_BSKH = write_at(v_cache, v_BTKH, end)
 
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, stack_tangents=self.stack_tangents)
     out_BTD = self.o_proj(out_BTNH.reshape(b, t, n * h))

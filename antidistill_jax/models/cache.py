@@ -10,6 +10,12 @@ For row b, the token in slot s has position s - start_B[b], and a query in slot 
 to key slots start_B[b] <= s <= q. The cache is a plain pytree: `lax.scan` carries it, and a
 sampler can carry one per model (teacher, proxy+, proxy-) side by side.
 
+Per-row cursors (continuous batching, `sampling.continuous`): `end` may instead be int32 [B],
+each row writing at its own slot; a row is then refilled with a new prompt in place
+(`Transformer.refill` writes its keys/values into slots [0, P) of that row and `refilled`
+resets its start and end), while the other rows go on decoding. Slots past a row's end hold
+stale keys of an earlier prompt; the mask never reaches them.
+
 Prefill does not attend over the S slots: the prompt attends to itself ([B, P, P], see
 `prompt_layout`) and its keys/values fill slots [0, P) of a fresh cache (`from_prompt`). At
 the paper's scale (batch 64, 28 heads, P = 256, S = 256 + 4096) that is 0.47 GB of fp32
@@ -26,13 +32,20 @@ import jax.numpy as jnp
 from antidistill_jax.models import sharding
 
 
-def _layout(q_slot_T, k_slot_S, start_B):
-  """Positions [B, T] of the query slots and mask [B, T, S]: start_B[b] <= key slot <= query
-  slot. Left-pad queries (slot < start) get position 0 and an all-False row."""
-  positions_BT = jnp.maximum(q_slot_T[None, :] - start_B[:, None], 0)
+def _layout(q_slot, k_slot_S, start_B):
+  """Positions [B, T] of the query slots (q_slot: [T] shared by the rows, or [B, T]) and mask
+  [B, T, S]: start_B[b] <= key slot <= query slot. Left-pad queries (slot < start) get
+  position 0 and an all-False row."""
+  q_slot_BT = q_slot if q_slot.ndim == 2 else q_slot[None, :]
+  positions_BT = jnp.maximum(q_slot_BT - start_B[:, None], 0)
   mask_BTS = ((k_slot_S[None, None, :] >= start_B[:, None, None])
-              & (k_slot_S[None, None, :] <= q_slot_T[None, :, None]))
+              & (k_slot_S[None, None, :] <= q_slot_BT[:, :, None]))
   return positions_BT, mask_BTS
+
+
+def prompt_starts(mask_BP: jax.Array) -> jax.Array:
+  """First real slot [B] of LEFT-padded prompts: the number of pads."""
+  return (mask_BP.shape[1] - jnp.sum(mask_BP.astype(jnp.int32), axis=1)).astype(jnp.int32)
 
 
 def prompt_layout(start_B: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
@@ -48,7 +61,7 @@ class KVCache:
   k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
   v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
   start_B: jax.Array  # int32 [B]: first real slot of each row
-  end: jax.Array  # int32 []: number of written slots
+  end: jax.Array  # int32 [] (or [B], per-row cursors): number of written slots
 
   @classmethod
   def from_prompt(cls, k_layers, v_layers, max_len: int, start_B: jax.Array, dtype) -> "KVCache":
@@ -67,8 +80,20 @@ class KVCache:
 
   def query_layout(self, num_new: int) -> tuple[jax.Array, jax.Array]:
     """Positions [B, T] and attention mask [B, T, S] for `num_new` tokens written at `end`."""
-    q_slot_T = self.end + jnp.arange(num_new, dtype=jnp.int32)
-    return _layout(q_slot_T, jnp.arange(self.max_len, dtype=jnp.int32), self.start_B)
+    q_slot = self.end[..., None] + jnp.arange(num_new, dtype=jnp.int32)  # [T] or [B, T]
+    return _layout(q_slot, jnp.arange(self.max_len, dtype=jnp.int32), self.start_B)
+
+  def with_row_cursors(self) -> "KVCache":
+    """The same cache with one write cursor per row (`end` int32 [B])."""
+    end_B = jnp.broadcast_to(self.end, self.start_B.shape).astype(jnp.int32)
+    return dataclasses.replace(self, end=end_B)
+
+  def refilled(self, rows_R: jax.Array, mask_RP: jax.Array) -> "KVCache":
+    """Start and end of rows_R reset for LEFT-padded prompts mask_RP whose keys/values now fill
+    their slots [0, P) (`Transformer.refill` writes those); rows_R entries >= B are ignored."""
+    start_B = self.start_B.at[rows_R].set(prompt_starts(mask_RP), mode="drop")
+    end_B = self.end.at[rows_R].set(mask_RP.shape[1], mode="drop")
+    return dataclasses.replace(self, start_B=start_B, end=end_B)
 
   def constrain(self, mesh) -> "KVCache":
     """k/v pinned to batch over `data`, kv heads over `model` (replicated when the model axis

@@ -9,6 +9,8 @@ Entry points (all shapes explicit):
                                                  prompts must be LEFT-padded; attention runs
                                                  over the P prompt tokens only.
   model.decode(token_B, cache)                -> (logits_BV, cache); one new token per row.
+  model.refill(cache, rows_R, ids_RP, mask_RP) -> (logits_RV, cache); new prompts into rows of a
+                                                 per-row-cursor cache (continuous batching).
   model.step(input_ids_BT, cache)             -> (logits_BTV, cache); T new tokens at cache.end.
 
 Sharding: with `mesh` set (models.shard_model sets it), the residual stream [B, T, D] and the
@@ -25,7 +27,7 @@ from jax.sharding import Mesh
 
 from antidistill_jax.models import bilinear, sharding
 from antidistill_jax.models.attention import Attention
-from antidistill_jax.models.cache import KVCache, prompt_layout
+from antidistill_jax.models.cache import KVCache, prompt_layout, prompt_starts
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import MLP, RMSNorm, rope_cos_sin
 
@@ -165,12 +167,35 @@ class Transformer(nnx.Module):
     t = input_ids_BT.shape[1]
     if max_len < t:
       raise ValueError(f"cache length {max_len} is shorter than the padded prompt length {t}.")
-    start_B = t - jnp.sum(pad_mask_BT.astype(jnp.int32), axis=1)
+    start_B = prompt_starts(pad_mask_BT)
     positions_BT, mask_BTT = prompt_layout(start_B, t)
     h_BTD, kv = self._blocks(self.embed(input_ids_BT), positions_BT, mask_BTT)
     cache = KVCache.from_prompt([k for k, _ in kv], [v for _, v in kv], max_len, start_B,
                                 self.dtype)
     return self.logits(h_BTD[:, -1]), cache.constrain(self.mesh)
+
+  def refill(self, cache: KVCache, rows_R: jax.Array, input_ids_RP: jax.Array,
+             pad_mask_RP: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Prefills R LEFT-padded prompts into rows_R of a per-row-cursor cache
+    (`KVCache.with_row_cursors`), leaving the other rows as they are: each prompt attends to
+    itself as in `prefill`, its keys/values replace slots [0, P) of its row, and the row's
+    start and end are reset. rows_R entries >= B are dropped (padding of a fixed R).
+
+    Returns fp32 logits [R, V] at each prompt's last slot and the cache."""
+    t = input_ids_RP.shape[1]
+    if cache.end.ndim != 1:
+      raise ValueError("refill needs per-row cursors: cache.with_row_cursors().")
+    if cache.max_len < t:
+      raise ValueError(f"cache length {cache.max_len} is shorter than the padded prompt "
+                       f"length {t}.")
+    positions_RT, mask_RTT = prompt_layout(prompt_starts(pad_mask_RP), t)
+    h_RTD, kv = self._blocks(self.embed(input_ids_RP), positions_RT, mask_RTT)
+    write = lambda c_BSKH, new_RTKH: c_BSKH.at[rows_R, :t].set(new_RTKH.astype(c_BSKH.dtype),
+                                                               mode="drop")
+    cache = KVCache(k=tuple(write(c, k) for c, (k, _) in zip(cache.k, kv)),
+                    v=tuple(write(c, v) for c, (_, v) in zip(cache.v, kv)),
+                    start_B=cache.start_B, end=cache.end).refilled(rows_R, pad_mask_RP)
+    return self.logits(h_RTD[:, -1]), cache.constrain(self.mesh)
 
   def decode(self, token_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One new token per row -> fp32 logits [B, V] and the cache advanced by one slot."""

@@ -306,6 +306,9 @@ class Inputs:
     if ads not in self._samplers:
       t = self.model("teacher")
       kw = dict(proxy=self.model("proxy").model, grad=self.gradient()) if ads else {}
+      slots = int(self.config.sample.get("slots", 0) or 0)
+      if slots:  # the same traces as static batches (tests/test_continuous.py): not in keys
+        kw.update(batching="continuous", batch_size=slots)
       self._samplers[ads] = sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw)
     return self._samplers[ads]
 

@@ -229,6 +229,33 @@ class _Proxies:
     (_, cache), (dlogits_BW, dcache) = jax.jvp(run, (theta,), (g,))
     return dlogits_BW, (cache, (dcache.k, dcache.v))
 
+  def refill(self, state, cache, rows_R, ids_RP, mask_RP):
+    """`Transformer.refill` of the proxy side: Delta [R, W] of the new prompts, and the caches
+    (per-row cursors) with them in rows_R."""
+    refill = lambda model, c: model.refill(c, rows_R, ids_RP, mask_RP)
+    if self.method == "fd":
+      return self._fd(lambda st, c: refill(self._model(st), c), state, cache)
+    theta, g = state
+    cache, (dk, dv) = cache
+
+    def run(st, kv):
+      logits_RW, c = refill(self._model(st), dataclasses.replace(cache, k=kv[0], v=kv[1]))
+      return logits_RW, (c.k, c.v)
+
+    (_, (k, v)), (dlogits_RW, (dk, dv)) = jax.jvp(run, (theta, (cache.k, cache.v)),
+                                                  (g, (dk, dv)))
+    cache = dataclasses.replace(cache, k=k, v=v).refilled(rows_R, mask_RP)
+    return dlogits_RW, (cache, (dk, dv))
+
+  def with_row_cursors(self, cache):
+    """The proxy side's caches with per-row cursors (`KVCache.with_row_cursors`)."""
+    if self.method == "fd" and self.fd_stacked:
+      return jax.vmap(lambda c: c.with_row_cursors())(cache)
+    if self.method == "fd":
+      return tuple(c.with_row_cursors() for c in cache)
+    cache, tangents = cache
+    return cache.with_row_cursors(), tangents
+
   def decode(self, state, token_B, cache):
     if self.method == "fd":
       return self._fd(lambda st, c: self._model(st).decode(token_B, c), state, cache)

@@ -96,54 +96,81 @@ def sample_tokens(keys_B, logits_BV, knobs: Knobs, s: _Static, support_BV=None) 
   return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Models:
+  """The teacher and the proxy side inside a decode program."""
+  teacher: Any  # Transformer
+  proxies: _Proxies | None
+  proxy_state: Any
+
+  @classmethod
+  def merge(cls, teacher_def, teacher_state, proxy_def, proxy_state, s: _Static) -> "_Models":
+    proxies = _Proxies(proxy_def, s.method, s.fd_stacked) if s.uses_proxy else None
+    return cls(nnx.merge(teacher_def, teacher_state), proxies, proxy_state)
+
+
+def eos_array(s: _Static) -> jax.Array:
+  return jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
+
+
+def advance(models: _Models, st: DecodeState, keys_B, stopped_B, t, knobs: Knobs,
+            s: _Static) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """One decode step of every row: samples a token from the adjusted logits (`pad_id` where
+  stopped_B), takes its teacher log-prob (0 where stopped) and feeds it to the teacher and the
+  proxy side. keys_B: this step's key of each row; t: the step index first_bad records.
+  Returns the state (done_B unchanged), token_B and logp_B."""
+  vocab = st.teacher_logits_BV.shape[-1]
+  valid_V = jnp.arange(vocab) < s.vocab_size
+  delta_BV = None if st.delta_BW is None else _pad_delta(st.delta_BW, vocab)
+  logits_BV = adjusted_logits(st.teacher_logits_BV, delta_BV, lam=knobs.lam, tau=knobs.tau,
+                              placement=s.placement, greedy=s.greedy, vocab_size=s.vocab_size)
+  bad = jnp.any(~jnp.isfinite(logits_BV) & valid_V & ~stopped_B[:, None])
+  first_bad = jnp.where((st.first_bad < 0) & bad, t, st.first_bad)
+  if models.proxies is not None and not s.greedy and (s.top_k is not None or s.top_p):
+    # delta_on="nucleus": the support is the teacher's own (lam = 0) top-k/top-p set.
+    plain = lambda: adjusted_logits(st.teacher_logits_BV, None, lam=0.0, tau=knobs.tau,
+                                    placement=s.placement, greedy=False,
+                                    vocab_size=s.vocab_size)
+    token_B = jax.lax.cond(knobs.nucleus,
+                           lambda: sample_tokens(keys_B, logits_BV, knobs, s, plain()),
+                           lambda: sample_tokens(keys_B, logits_BV, knobs, s))
+  else:
+    token_B = sample_tokens(keys_B, logits_BV, knobs, s)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(st.teacher_logits_BV.astype(jnp.float32)),
+                               token_B[:, None], axis=-1)[:, 0]
+  token_B = jnp.where(stopped_B, s.pad_id, token_B)
+  logp_B = jnp.where(stopped_B, 0.0, logp_B)
+  teacher_logits_BV, teacher_cache = models.teacher.decode(token_B, st.teacher_cache)
+  delta_BW, proxy_cache = st.delta_BW, st.proxy_cache
+  if models.proxies is not None:
+    delta_BW, proxy_cache = models.proxies.decode(models.proxy_state, token_B, proxy_cache)
+  return (DecodeState(teacher_logits_BV, delta_BW, teacher_cache, proxy_cache, st.done_B,
+                      first_bad), token_B, logp_B)
+
+
 @functools.partial(jax.jit, static_argnames=("teacher_def", "proxy_def", "s"))
 def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, mask_BP,
-                    row_keys_B, knobs: Knobs, *, s: _Static):
+                    row_keys_B, knobs: Knobs, budget_B, *, s: _Static):
   """Prefill, then a while_loop over chunks of `s.chunk` decode steps, each a lax.scan; the loop
-  ends once every row has finished or after knobs.limit steps. Returns the DecodeOutputs, the
-  final done flags [B], the first step with non-finite adjusted logits (-1 if none) and the
-  number of steps run."""
+  ends once every row has finished, at an EOS or after min(knobs.limit, budget_B) steps (int32
+  [B]: each row's own cap). Returns the DecodeOutputs, the final done flags [B] (EOS), the
+  first step with non-finite adjusted logits (-1 if none) and the number of steps run."""
   b, p = ids_BP.shape
   max_len = p + s.num_steps
-  teacher = nnx.merge(teacher_def, teacher_state)
-  teacher_logits_BV, teacher_cache = teacher.prefill(ids_BP, mask_BP, max_len)
-  vocab = teacher_logits_BV.shape[-1]
-  proxies = _Proxies(proxy_def, s.method, s.fd_stacked) if s.uses_proxy else None
+  models = _Models.merge(teacher_def, teacher_state, proxy_def, proxy_state, s)
+  teacher_logits_BV, teacher_cache = models.teacher.prefill(ids_BP, mask_BP, max_len)
   delta_BW = proxy_cache = None
-  if proxies is not None:
-    delta_BW, proxy_cache = proxies.prefill(proxy_state, ids_BP, mask_BP, max_len)
-  eos = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
-  valid_V = jnp.arange(vocab) < s.vocab_size
+  if models.proxies is not None:
+    delta_BW, proxy_cache = models.proxies.prefill(proxy_state, ids_BP, mask_BP, max_len)
+  eos = eos_array(s)
+  limit_B = jnp.minimum(budget_B, knobs.limit)
 
   def step(st: DecodeState, t):
-    stopped_B = st.done_B | (t >= knobs.limit)
-    delta_BV = None if st.delta_BW is None else _pad_delta(st.delta_BW, vocab)
-    logits_BV = adjusted_logits(st.teacher_logits_BV, delta_BV, lam=knobs.lam, tau=knobs.tau,
-                                placement=s.placement, greedy=s.greedy, vocab_size=s.vocab_size)
-    bad = jnp.any(~jnp.isfinite(logits_BV) & valid_V & ~stopped_B[:, None])
-    first_bad = jnp.where((st.first_bad < 0) & bad, t, st.first_bad)
+    stopped_B = st.done_B | (t >= limit_B)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
-    if proxies is not None and not s.greedy and (s.top_k is not None or s.top_p):
-      # delta_on="nucleus": the support is the teacher's own (lam = 0) top-k/top-p set.
-      plain = lambda: adjusted_logits(st.teacher_logits_BV, None, lam=0.0, tau=knobs.tau,
-                                      placement=s.placement, greedy=False,
-                                      vocab_size=s.vocab_size)
-      token_B = jax.lax.cond(knobs.nucleus,
-                             lambda: sample_tokens(keys_B, logits_BV, knobs, s, plain()),
-                             lambda: sample_tokens(keys_B, logits_BV, knobs, s))
-    else:
-      token_B = sample_tokens(keys_B, logits_BV, knobs, s)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(st.teacher_logits_BV.astype(jnp.float32)),
-                                 token_B[:, None], axis=-1)[:, 0]
-    token_B = jnp.where(stopped_B, s.pad_id, token_B)
-    out = (token_B, jnp.where(stopped_B, 0.0, logp_B), stopped_B)
+    st, token_B, logp_B = advance(models, st, keys_B, stopped_B, t, knobs, s)
     done_B = st.done_B | (~stopped_B & jnp.isin(token_B, eos))
-    teacher_logits_BV, teacher_cache = teacher.decode(token_B, st.teacher_cache)
-    delta_BW, proxy_cache = st.delta_BW, st.proxy_cache
-    if proxies is not None:
-      delta_BW, proxy_cache = proxies.decode(proxy_state, token_B, proxy_cache)
-    return DecodeState(teacher_logits_BV, delta_BW, teacher_cache, proxy_cache, done_B,
-                       first_bad), out
+    return dataclasses.replace(st, done_B=done_B), (token_B, logp_B, stopped_B)
 
   def run_chunk(loop):
     c, st, outs = loop
@@ -158,7 +185,7 @@ def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, 
 
   def more(loop):
     c, st, _ = loop
-    return (c * s.chunk < knobs.limit) & ~jnp.all(st.done_B)
+    return ~jnp.all(st.done_B | (c * s.chunk >= limit_B))
 
   n = s.num_steps
   st = DecodeState(teacher_logits_BV, delta_BW, teacher_cache, proxy_cache,
@@ -166,7 +193,7 @@ def _decode_program(teacher_def, teacher_state, proxy_def, proxy_state, ids_BP, 
   outs = DecodeOutputs(jnp.full((n, b), s.pad_id, jnp.int32), jnp.zeros((n, b), jnp.float32),
                        jnp.ones((n, b), bool))
   c, st, outs = jax.lax.while_loop(more, run_chunk, (jnp.zeros((), jnp.int32), st, outs))
-  return outs, st.done_B, st.first_bad, jnp.minimum(c * s.chunk, knobs.limit)
+  return outs, st.done_B, st.first_bad, jnp.minimum(c * s.chunk, jnp.max(limit_B))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,

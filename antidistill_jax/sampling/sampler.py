@@ -27,9 +27,13 @@ from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.models.transformer import Transformer
 from antidistill_jax.sampling.adjustment import (METHODS, PLACEMENTS, _prepare_fd, _prepare_jvp,
                                                  warn_if_fd_rounds_away)
+from antidistill_jax.sampling import continuous
 from antidistill_jax.sampling.decode import Knobs, _decode_program, _Static, left_pad
 
 DELTA_ON = ("vocab", "nucleus")
+BATCHING = ("static", "continuous")
+# Chunks per call of the continuous program: the host logs progress between calls.
+_SEGMENT_CHUNKS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +156,20 @@ class Sampler:
   scan_chunk: decode steps per lax.scan chunk; a batch stops after the chunk in which all its
     rows finished (outputs do not depend on it).
   fd_stacked: fd runs its two proxy copies as one vmapped call (default; bench/sampling.py).
+  batching: "static" (default): prompts go in batches of batch_size, each decoding until its
+    longest row ends. "continuous": batch_size slots decode all the prompts of a call, a
+    finished row's slot taking the next prompt between scan chunks (`continuous`); the same
+    tokens, faster when trace lengths vary. Every prompt is then padded to the call's longest.
+  refill_rows: continuous batching's prefill width when slots free up (default: a quarter of
+    the slots, at least 1).
   """
 
   def __init__(self, teacher: Transformer, tokenizer=None, *, proxy: Transformer | None = None,
                grad: Any = None, vocab_size: int | None = None,
                eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
                batch_size: int | None = None, prompt_multiple: int = 16,
-               mesh: Mesh | None = None, scan_chunk: int = 32, fd_stacked: bool = True):
+               mesh: Mesh | None = None, scan_chunk: int = 32, fd_stacked: bool = True,
+               batching: str = "static", refill_rows: int | None = None):
     if tokenizer is None and vocab_size is None:
       raise ValueError(
           "Sampler needs the tokenizer (or vocab_size=): rows of the embedding table past the "
@@ -167,6 +178,10 @@ class Sampler:
       raise ValueError("pass the proxy and its gradient together (proxy=..., grad=...).")
     if scan_chunk < 1:
       raise ValueError(f"scan_chunk={scan_chunk} must be >= 1.")
+    if batching not in BATCHING:
+      raise ValueError(f"batching={batching!r}; expected one of {BATCHING}.")
+    if refill_rows is not None and refill_rows < 1:
+      raise ValueError(f"refill_rows={refill_rows} must be >= 1.")
     self.teacher = teacher
     self.tokenizer = tokenizer
     self.config = teacher.config
@@ -185,6 +200,7 @@ class Sampler:
     self.pad_id = int(pad_id or 0)
     self.batch_size, self.prompt_multiple, self.mesh = batch_size, prompt_multiple, mesh
     self.scan_chunk, self.fd_stacked = scan_chunk, fd_stacked
+    self.batching, self.refill_rows = batching, refill_rows
     self.teacher_def, self.teacher_state = nnx.split(teacher)
     self.proxy = proxy
     self.proxy_def = self._theta = None
@@ -261,32 +277,41 @@ class Sampler:
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_idx)
     return parallel.shard_batch((jnp.asarray(ids), jnp.asarray(mask), keys), self.mesh)
 
-  def _args(self, batch, params: SamplingParams, prompt_len: int):
+  def _args(self, batch, params: SamplingParams, prompt_len: int, budgets=None):
+    rows = batch[0].shape[0]
+    if budgets is None:
+      budgets = parallel.shard_batch((np.full((rows,), params.max_new_tokens, np.int32),),
+                                     self.mesh)[0]
     return ((self.teacher_def, self.teacher_state, self.proxy_def if params.uses_proxy else None,
-             self.proxy_state(params), *batch, self.knobs(params, prompt_len)),
+             self.proxy_state(params), *batch, self.knobs(params, prompt_len), budgets),
             dict(s=self._static(params)))
 
-  def run_batch(self, batch, params: SamplingParams, prompt_len: int):
+  def run_batch(self, batch, params: SamplingParams, prompt_len: int, budgets=None):
     """The jitted program on one placed batch (ids, mask, keys): (DecodeOutputs, done [B],
-    first bad step, steps run), on device."""
-    args, kw = self._args(batch, params, prompt_len)
+    first bad step, steps run), on device. budgets: int32 [B] caps on each row's new tokens
+    (placed like the batch; default: max_new_tokens)."""
+    args, kw = self._args(batch, params, prompt_len, budgets)
     return _decode_program(*args, **kw)
 
   def lower(self, batch, params: SamplingParams, prompt_len: int | None = None):
     """The lowered program for one batch (HLO text, compile().memory_analysis()); batch may
     hold jax.ShapeDtypeStructs, and so may the models' states."""
     prompt_len = batch[0].shape[1] if prompt_len is None else prompt_len
-    args, kw = self._args(batch, params, prompt_len)
+    budgets = jax.ShapeDtypeStruct((batch[0].shape[0],), jnp.int32)
+    args, kw = self._args(batch, params, prompt_len, budgets)
     return _decode_program.lower(*args, **kw)
 
   # -- the call ------------------------------------------------------------------------------
 
   def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-               first_row: int = 0) -> Generation:
+               first_row: int = 0, budgets: Sequence[int] | None = None) -> Generation:
     """Samples a continuation of each prompt (token-id lists of any lengths).
 
     first_row: global index of prompts[0]; rows draw randomness by global index, so a resumed
       run (first_row > 0) reproduces an uninterrupted one.
+    budgets: per prompt, a cap on its new tokens below params.max_new_tokens (a row stops
+      there as at max_new_tokens: unfinished). Benchmarks use it to give traces of random
+      models a chosen length distribution (bench/batching.py).
     """
     if not prompts:
       return Generation([], [], np.zeros((0,), bool), 0)
@@ -304,6 +329,14 @@ class Sampler:
           f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
           f"teacher's max_position_embeddings={limit}; drop or truncate long prompts "
           "(data.prompts does it with max_prompt_length).")
+    if budgets is not None:
+      if len(budgets) != len(prompts) or min(budgets) < 0:
+        raise ValueError(f"budgets: one cap >= 0 per prompt ({len(prompts)}), got "
+                         f"{len(budgets)} with minimum {min(budgets, default=None)}.")
+    budgets = np.asarray([params.max_new_tokens] * len(prompts) if budgets is None else budgets,
+                         np.int32)
+    if self.batching == "continuous":
+      return self._continuous(prompts, params, first_row, budgets)
     batch_size = self.batch_size or len(prompts)
     rows = parallel.round_rows(min(batch_size, len(prompts)), self.mesh)
     out_tokens, out_logp, out_done = [], [], []
@@ -311,20 +344,15 @@ class Sampler:
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
       batch = self.batch_inputs(chunk, rows, params.seed, first_row + start)
+      budget_B = np.zeros((rows,), np.int32)  # the padding rows decode nothing
+      budget_B[:len(chunk)] = budgets[start:start + len(chunk)]
+      budget_B = parallel.shard_batch((budget_B,), self.mesh)[0]
       outs, done_B, first_bad, steps = parallel.to_host(
-          self.run_batch(batch, params, max(len(p) for p in chunk)))
+          self.run_batch(batch, params, max(len(p) for p in chunk), budget_B))
       decode_steps += int(steps)
       if first_bad >= 0:
-        where = (f"non-finite sampling logits at decode step {int(first_bad)} (prompts {start}.."
-                 f"{start + len(chunk) - 1}) with tau={params.tau}, teacher dtype "
-                 f"{self.teacher.dtype.name}")
-        if not params.uses_proxy:
-          raise FloatingPointError(f"{where}, no proxy: the teacher's own logits are not finite; "
-                                   "check its weights, or run it in float32/bfloat16.")
-        raise FloatingPointError(
-            f"{where}, lam={params.lam}, eps={params.eps}, method={params.method}, proxy dtype "
-            f"{self.proxy.dtype.name}. Lower lam, use method='jvp' or a larger eps, or run the "
-            "proxy in float32/bfloat16 instead of float16.")
+        self._raise_non_finite(params, f"decode step {int(first_bad)} (prompts {start}.."
+                                       f"{start + len(chunk) - 1})")
       for i in range(len(chunk)):
         n = int(np.sum(~outs.stopped_LB[:, i]))
         out_tokens.append(outs.tokens_LB[:n, i].tolist())
@@ -334,6 +362,55 @@ class Sampler:
       logging.info("generated %d/%d prompts, %d tokens (%.1f tokens/s)", start + len(chunk),
                    len(prompts), n_tokens, n_tokens / max(time.time() - t0, 1e-9))
     return Generation(out_tokens, out_logp, np.array(out_done, bool), decode_steps)
+
+
+  def _raise_non_finite(self, params: SamplingParams, where: str):
+    where = (f"non-finite sampling logits at {where} with tau={params.tau}, teacher dtype "
+             f"{self.teacher.dtype.name}")
+    if not params.uses_proxy:
+      raise FloatingPointError(f"{where}, no proxy: the teacher's own logits are not finite; "
+                               "check its weights, or run it in float32/bfloat16.")
+    raise FloatingPointError(
+        f"{where}, lam={params.lam}, eps={params.eps}, method={params.method}, proxy dtype "
+        f"{self.proxy.dtype.name}. Lower lam, use method='jvp' or a larger eps, or run the "
+        "proxy in float32/bfloat16 instead of float16.")
+
+  def _continuous(self, prompts, params: SamplingParams, first_row: int,
+                  budgets: np.ndarray) -> Generation:
+    """Continuous batching (`continuous`): batch_size slots over every prompt of the call."""
+    slots = parallel.round_rows(min(self.batch_size or len(prompts), len(prompts)), self.mesh)
+    refill = self.refill_rows or max(1, slots // 4)
+    length = _round_up(max(len(p) for p in prompts), self.prompt_multiple)
+    ids, mask = left_pad(prompts, self.pad_id, length, max(len(prompts), slots) + refill)
+    row_idx = jnp.asarray(first_row + np.arange(ids.shape[0]), jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(params.seed), row_idx)
+    budget_Q = np.zeros((ids.shape[0],), np.int32)
+    budget_Q[:len(prompts)] = budgets
+    queue = continuous.Queue(*parallel.replicate(
+        (jnp.asarray(ids), jnp.asarray(mask), keys, jnp.asarray(budget_Q)), self.mesh),
+                             count=jnp.int32(len(prompts)))
+    models = (self.teacher_def, self.teacher_state,
+              self.proxy_def if params.uses_proxy else None, self.proxy_state(params))
+    s, knobs = self._static(params), self.knobs(params, max(len(p) for p in prompts))
+    t0 = time.time()
+    sl = continuous.start_program(*models, queue, slots=slots, s=s)
+    while True:
+      sl = continuous.run_program(*models, queue, sl, knobs, jnp.int32(_SEGMENT_CHUNKS),
+                                  refill_rows=refill, s=s)
+      started, n_tokens, busy = jax.device_get(
+          (sl.next_prompt, jnp.sum(sl.length_Q), continuous.busy_flag(queue, sl)))
+      logging.info("continuous batching: %d/%d prompts started, %d tokens (%.1f tokens/s)",
+                   started, len(prompts), n_tokens, n_tokens / max(time.time() - t0, 1e-9))
+      if not busy:
+        break
+    tokens, logp, length_q, eos, first_bad, steps = parallel.to_host(
+        (sl.tokens_QL, sl.logp_QL, sl.length_Q, sl.eos_Q, sl.decode.first_bad, sl.steps))
+    if first_bad >= 0:
+      self._raise_non_finite(params, f"continuous decode step {int(first_bad)}")
+    n = len(prompts)
+    return Generation([tokens[i, :length_q[i]].tolist() for i in range(n)],
+                      [logp[i, :length_q[i]].astype(np.float32) for i in range(n)],
+                      eos[:n].astype(bool), int(steps))
 
 
 def generate(teacher: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
