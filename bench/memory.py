@@ -23,8 +23,9 @@ temporaries of twice the weights. The default is therefore fp32 weights and cach
 the ratio other / (weights + KV) carries over to bf16 on an accelerator (every term halves).
 With --mesh=D,M the weights carry the shardings `models.shard_model` gives them on a (data=D,
 model=M) mesh of host devices, the batch is split over `data`, and the figures are per device
-(XLA compiles one SPMD program per device): what a TPU v5e-8 (16 GiB per chip) needs from each
-chip, without one.
+(XLA compiles one SPMD program per device; the KV / other split is left out, XLA choosing the
+caches' per-device layout): what a TPU v5e-8 (16 GiB per chip) needs from each chip, without
+one. "total" = arguments + temporaries + outputs.
 Prints a table and writes JSON.
 """
 
@@ -75,15 +76,6 @@ def abstract_model(hf: dict, dtype, mesh=None) -> Transformer:
   return model
 
 
-def _cache_split(model, mesh) -> int:
-  """Devices one KV cache is split over: batch over data, kv heads over model where it
-  divides them (models.sharding.CACHE_AXES)."""
-  if mesh is None:
-    return 1
-  m = mesh.shape["model"]
-  return mesh.shape["data"] * (m if model.config.num_kv_heads % m == 0 else 1)
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
@@ -107,8 +99,8 @@ def main(argv):
            jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows))
   base = sampling.SamplingParams(max_new_tokens=n, tau=1.0, top_p=_TOP_P.value or None)
   slots = p + n
-  t_cache = common.kv_bytes(teacher.config, b, slots, dtype) // _cache_split(teacher, mesh)
-  p_cache = common.kv_bytes(proxy.config, b, slots, dtype) // _cache_split(proxy, mesh)
+  t_cache = common.kv_bytes(teacher.config, b, slots, dtype)
+  p_cache = common.kv_bytes(proxy.config, b, slots, dtype)
   results = []
   for mode in _MODES.value:
     params = base if mode == "plain" else dataclasses.replace(base, lam=1.0, method=mode)
@@ -119,26 +111,32 @@ def main(argv):
     mem = compiled.memory_analysis()
     weights = mem.argument_size_in_bytes  # the weights (teacher; theta + g or theta+-), the batch
     caches = t_cache + (0 if mode == "plain" else 2 * p_cache)  # fd: two copies; jvp: + tangent
-    other = mem.temp_size_in_bytes - caches
+    if mesh is not None:  # XLA picks the caches' per-device layout: no split to estimate
+      caches = None
+    other = None if caches is None else mem.temp_size_in_bytes - caches
+    total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+             + mem.output_size_in_bytes)
     results.append(dict(
         mode=mode, arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
         temp=mem.temp_size_in_bytes, weights=weights, kv_caches=caches, other_temp=other,
-        other_over_weights_and_kv=other / (weights + caches), compile_seconds=seconds))
+        other_over_weights_and_kv=None if other is None else other / (weights + caches),
+        total=total, compile_seconds=seconds))
   report = dict(backend=jax.default_backend(), batch=b, prompt_len=p, max_new_tokens=n,
                 mesh=dict(mesh.shape) if mesh is not None else None,
                 teacher=teacher_hf, proxy=proxy_hf, dtype=dtype.name, results=results)
-  gib = lambda x: f"{x / 2**30:.2f}"
+  gib = lambda x: "-" if x is None else f"{x / 2**30:.2f}"
+  pct = lambda x: "-" if x is None else f"{x:.1%}"
   print(f"batch {b}, prompt {p}, {n} new tokens, {dtype.name} Qwen2.5-7B-shaped teacher + "
         f"3B-shaped proxy ({teacher.config.num_layers} + {proxy.config.num_layers} layers), "
         f"{jax.default_backend()} compiler"
         + (f", per device on mesh {dict(mesh.shape)}" if mesh is not None else ""))
-  print("| mode | arguments GiB | weights GiB | KV caches GiB | temp GiB | other temp GiB | "
-        "other / (weights + KV) | compile s |")
+  print("| mode | arguments GiB | KV caches GiB | temp GiB | other temp GiB | "
+        "other / (arguments + KV) | total GiB | compile s |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|")
   for r in results:
-    print(f"| {r['mode']} | {gib(r['arguments'])} | {gib(r['weights'])} | {gib(r['kv_caches'])} "
-          f"| {gib(r['temp'])} | {gib(r['other_temp'])} | {r['other_over_weights_and_kv']:.1%} "
-          f"| {r['compile_seconds']:.0f} |")
+    print(f"| {r['mode']} | {gib(r['arguments'])} | {gib(r['kv_caches'])} "
+          f"| {gib(r['temp'])} | {gib(r['other_temp'])} | {pct(r['other_over_weights_and_kv'])} "
+          f"| {gib(r['total'])} | {r['compile_seconds']:.0f} |")
   common.save_report(report, _OUT.value)
 
 

@@ -5,7 +5,7 @@
   python bench/sampling.py --modes=nofilter,plain --vocab=152064 --batch_sizes=32   # top-p cost
 
 Modes: nofilter (plain sampling, no top-p), plain (top-p --top_p), fd, fd_pair (fd as two
-calls), jvp. Every mode but nofilter filters with --top_p.
+calls), jvp, jvp_plain (jvp with jax.jvp's own rule: each proxy weight read twice per step). Every mode but nofilter filters with --top_p.
 
 For each mode and batch size: tokens/s of the compiled prefill + scan (compile excluded, the
 best of --repeats runs), the compiled program's memory (arguments + temporaries, from XLA's
@@ -40,6 +40,9 @@ _MODES = flags.DEFINE_list("modes", ["plain", "fd", "fd_pair", "jvp"], "modes to
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter of every mode but nofilter")
 _VOCAB = flags.DEFINE_integer("vocab", 512, "tiny models' vocabulary (table rows)")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
+_WIDTH = flags.DEFINE_integer(
+    "width", 1, "tiny models' widths (hidden, MLP, heads) times this: at 4 the weights (~50M + "
+    "13M parameters) outgrow the CPU's caches and a step streams them from memory, as on a GPU")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 
@@ -52,9 +55,13 @@ def load_pair(tmp: str, dtype):
     return (models.from_pretrained(_TEACHER.value, dtype=dtype),
             models.from_pretrained(_PROXY.value or _TEACHER.value, dtype=dtype))
   tok = random_checkpoints.train_tokenizer(vocab_size=512)
+  def wide(cfg):
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    return {k: v * _WIDTH.value if k in keys else v for k, v in cfg.items()}
   paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
                                                    seed=seed,
-                                                   vocab_size=max(_VOCAB.value, len(tok)), **cfg)
+                                                   vocab_size=max(_VOCAB.value, len(tok)),
+                                                   **wide(cfg))
            for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 
@@ -79,6 +86,7 @@ def main(argv):
       "fd": sampling.Sampler(teacher, **ads),
       "fd_pair": sampling.Sampler(teacher, fd_stacked=False, **ads),
       "jvp": sampling.Sampler(teacher, **ads),
+      "jvp_plain": sampling.Sampler(teacher, jvp_stacked=False, **ads),
   }
   base = sampling.SamplingParams(max_new_tokens=_NEW_TOKENS.value, tau=1.0, top_p=_TOP_P.value)
   params = {
@@ -86,6 +94,7 @@ def main(argv):
       "fd": dataclasses.replace(base, lam=1.0, method="fd"),
       "fd_pair": dataclasses.replace(base, lam=1.0, method="fd"),
       "jvp": dataclasses.replace(base, lam=1.0, method="jvp"),
+      "jvp_plain": dataclasses.replace(base, lam=1.0, method="jvp"),
   }
   results = []
   for b in map(int, _BATCH_SIZES.value):

@@ -105,7 +105,7 @@ def random_examples(n: int, seed: int = 0, vocab: int = VOCAB):
 
 
 SAMPLER_KEYS = ("vocab_size", "eos_ids", "pad_id", "batch_size", "mesh", "proxy", "grad",
-                "scan_chunk", "fd_stacked", "first_row", "prompt_multiple")
+                "scan_chunk", "fd_stacked", "jvp_stacked", "first_row", "prompt_multiple")
 
 
 def generate(model, prompts, *, vocab_size=VOCAB, **kw):

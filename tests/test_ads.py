@@ -399,3 +399,14 @@ def test_lam_calibrated_to_a_logprob_drop_reproduces_it_in_one_compile(pair):
     calibration.warn_if_collapsed(calibration.COLLAPSE_DROP + 1, lam, "--knob")
   with pytest.raises(ValueError, match="positive"):
     calibration.lam_for_logprob_drop(sampler, prompts, params, 0.0)
+
+
+def test_stacked_and_plain_jvp_rules_sample_the_same_tokens(pair):
+  """Sampler(jvp_stacked=False) (jax.jvp's own rule, bench/sampling.py's jvp_plain) and the
+  default stacked rule compute the same Delta: the same traces."""
+  teacher, proxy, grad = pair
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
+  kw = dict(max_new_tokens=16, tau=1.0, top_p=0.95, seed=6, proxy=proxy, grad=grad, lam=2.0)
+  stacked = generate(teacher, prompts, **kw)
+  plain_rule = generate(teacher, prompts, jvp_stacked=False, **kw)
+  assert plain_rule.tokens == stacked.tokens

@@ -14,9 +14,9 @@ the proxy's distillation loss (see `gradients`):
   jvp is the default because it is exact at the same memory (theta + g against theta+ and
   theta-, one cache and its tangent against two caches) and reads the same bytes per step:
   the proxy's products take `models.bilinear`'s stacked JVP ([x; dx] @ W in one product, plus
-  x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule read
-  each weight twice: 1.2-1.36x fd's time). It does 1.5x fd's matmul arithmetic (bench/RESULTS.md
-  has the times).
+  x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule reads
+  each weight twice). It does 1.5x fd's matmul arithmetic: 1.07-1.10x fd's time at batch 8 on a
+  2-core CPU (bench/RESULTS.md, "Decoding at the roofline").
 
 Next-token distribution (z = the teacher's logits, log p = log_softmax(z)):
   placement="paper":     softmax(log p / tau + lam * Delta)          (the paper's Algorithm 1)
@@ -200,16 +200,19 @@ class _Proxies:
   fd:  state = ((theta+, theta-) stacked on a leading axis of 2, for one vmapped call per
        step, or a pair for two calls, eps); each copy has its own cache. The difference is
        divided by the traced eps.
-  jvp: state = (theta, g); the cache carries its tangent.
+  jvp: state = (theta, g); the cache carries its tangent. jvp_stacked: the proxy's products
+       take models.bilinear's stacked JVP (each weight read once; False: jax.jvp's own rule,
+       kept for benchmarks).
   """
 
-  def __init__(self, graphdef, method: str, fd_stacked: bool):
+  def __init__(self, graphdef, method: str, fd_stacked: bool, jvp_stacked: bool = True):
     self.graphdef, self.method, self.fd_stacked = graphdef, method, fd_stacked
+    self.jvp_stacked = jvp_stacked
 
   def _model(self, state) -> Transformer:
     model = nnx.merge(self.graphdef, state)
     # jvp: each weight and cache array read once per step, with its tangent (models.bilinear).
-    return stack_tangents(model) if self.method == "jvp" else model
+    return stack_tangents(model) if self.method == "jvp" and self.jvp_stacked else model
 
   def _fd(self, run, state, *cache):
     """Runs both perturbed copies: returns Delta and their caches."""

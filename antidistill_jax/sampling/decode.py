@@ -44,6 +44,7 @@ class _Static:
   method: str
   placement: str
   fd_stacked: bool
+  jvp_stacked: bool
   eos_ids: tuple[int, ...]
   pad_id: int
   vocab_size: int  # ids >= vocab_size are never sampled
@@ -105,7 +106,8 @@ class _Models:
 
   @classmethod
   def merge(cls, teacher_def, teacher_state, proxy_def, proxy_state, s: _Static) -> "_Models":
-    proxies = _Proxies(proxy_def, s.method, s.fd_stacked) if s.uses_proxy else None
+    proxies = (_Proxies(proxy_def, s.method, s.fd_stacked, s.jvp_stacked) if s.uses_proxy
+               else None)
     return cls(nnx.merge(teacher_def, teacher_state), proxies, proxy_state)
 
 

@@ -138,6 +138,19 @@ def _is_abstract(tree) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
+def _with_layouts(abstract, like, stacked: bool = False):
+  """ShapeDtypeStructs of `abstract` given the shardings of the matching leaves of `like`
+  (jax.eval_shape drops them); stacked: abstract leaves have a leading axis of 2 that `like`
+  lacks, left unsharded."""
+  def one(a, l):
+    sharding = getattr(l, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and stacked:
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+          None, *sharding.spec))
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  return jax.tree.map(one, abstract, like)
+
+
 class Sampler:
   """Samples from a teacher, antidistilled by a proxy along g when params.lam != 0.
 
@@ -156,6 +169,8 @@ class Sampler:
   scan_chunk: decode steps per lax.scan chunk; a batch stops after the chunk in which all its
     rows finished (outputs do not depend on it).
   fd_stacked: fd runs its two proxy copies as one vmapped call (default; bench/sampling.py).
+  jvp_stacked: jvp reads each proxy weight once per step (`models.bilinear`; default); False
+    is jax.jvp's own rule, for benchmarks (the same Delta up to rounding).
   batching: "static" (default): prompts go in batches of batch_size, each decoding until its
     longest row ends. "continuous": batch_size slots decode all the prompts of a call, a
     finished row's slot taking the next prompt between scan chunks (`continuous`); the same
@@ -169,6 +184,7 @@ class Sampler:
                eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
                batch_size: int | None = None, prompt_multiple: int = 16,
                mesh: Mesh | None = None, scan_chunk: int = 32, fd_stacked: bool = True,
+               jvp_stacked: bool = True,
                batching: str = "static", refill_rows: int | None = None):
     if tokenizer is None and vocab_size is None:
       raise ValueError(
@@ -199,7 +215,7 @@ class Sampler:
       pad_id = getattr(tokenizer, "pad_token_id", None)
     self.pad_id = int(pad_id or 0)
     self.batch_size, self.prompt_multiple, self.mesh = batch_size, prompt_multiple, mesh
-    self.scan_chunk, self.fd_stacked = scan_chunk, fd_stacked
+    self.scan_chunk, self.fd_stacked, self.jvp_stacked = scan_chunk, fd_stacked, jvp_stacked
     self.batching, self.refill_rows = batching, refill_rows
     self.teacher_def, self.teacher_state = nnx.split(teacher)
     self.proxy = proxy
@@ -224,7 +240,8 @@ class Sampler:
         # Without a proxy the method does not matter: every method shares the plain program.
         method=params.method if params.uses_proxy else "",
         placement=params.placement,
-        fd_stacked=self.fd_stacked and params.uses_proxy, eos_ids=self.eos_ids, pad_id=self.pad_id,
+        fd_stacked=self.fd_stacked and params.uses_proxy,
+        jvp_stacked=self.jvp_stacked and params.uses_proxy, eos_ids=self.eos_ids, pad_id=self.pad_id,
         vocab_size=self.vocab_size)
 
   def proxy_state(self, params: SamplingParams):
@@ -236,12 +253,14 @@ class Sampler:
       return self._prepared
     theta, grad = self._theta, self.grad
     eps = jnp.float32(params.eps)
-    if _is_abstract(theta):  # abstract weights (memory analysis): shapes only
+    if _is_abstract(theta):  # abstract weights (memory analysis): shapes, and theta's layouts
       if params.method == "jvp":
-        state = jax.eval_shape(_prepare_jvp, theta, grad)
+        state = _with_layouts(jax.eval_shape(_prepare_jvp, theta, grad), (theta, theta))
       else:
-        state = (jax.eval_shape(functools.partial(_prepare_fd, stacked=self.fd_stacked),
-                                theta, grad, eps)[0], eps)
+        fd = jax.eval_shape(functools.partial(_prepare_fd, stacked=self.fd_stacked),
+                            theta, grad, eps)[0]
+        state = (_with_layouts(fd, theta if self.fd_stacked else (theta, theta),
+                               stacked=self.fd_stacked), eps)
     elif params.method == "jvp":
       self._prepared = None
       state = _prepare_jvp(theta, grad)
