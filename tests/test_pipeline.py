@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from antidistill_jax import errors, pipeline, report
+from antidistill_jax import errors, pipeline, report, traces
 from configs import tiny as tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,6 +194,29 @@ def test_a_changed_lam_samples_new_traces(finished, tmp_path):
   read = lambda key: open(os.path.join(finished, "sample", key, "traces.jsonl")).read()
   ads_old = next(k for k, r in old.items() if r["entry"] == "ads_tau1_lam3")
   assert read(new[0]["key"]) != read(ads_old)
+
+
+def test_continuous_batching_writes_the_same_traces_under_the_same_keys(finished, tmp_path):
+  """sample.slots > 0 (continuous batching) is a speed setting: the same keys, so a finished run
+  is reused, and a new point's traces are static batching's (the teacher log-probs to float32
+  rounding: a prompt is prefilled in a batch of another size)."""
+  import shutil
+  copies = [shutil.copytree(finished, tmp_path / name) for name in ("static", "continuous")]
+  for copy, slots in zip(copies, (0, 3)):
+    cli(copy, "--stages=sample", "--config.grid.ads_lam_over_eps=(100.0,)",
+        "--config.sample.method=fd", f"--config.sample.slots={slots}")
+    log = "".join(open(p).read() for p in glob.glob(os.path.join(copy, "logs", "*.log")))
+    assert ("continuous batching: 8/8 prompts started" in log) == (slots > 0)
+    counts = runs(copy)[-1]["stages"]["sample"]
+    assert counts == dict(computed=1, reused=2, waited=0, seconds=counts["seconds"])
+  static, cont = ({r["key"]: r for r in records(c) if r["stage"] == "sample"} for c in copies)
+  assert static.keys() == cont.keys()
+  for key in static:
+    rows = [traces.read_traces(os.path.join(c, "sample", key, "traces.jsonl")) for c in copies]
+    assert len(rows[0]) == len(rows[1]) > 0
+    for a, b in zip(*rows):
+      assert b.pop("teacher_logprob") == pytest.approx(a.pop("teacher_logprob"), rel=1e-6)
+      assert b == a, static[key]["entry"]
 
 
 def test_stages_need_their_inputs(tmp_path):

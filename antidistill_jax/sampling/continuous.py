@@ -17,8 +17,9 @@ recompiles. A slot freed mid-chunk waits for the chunk's end (at most chunk - 1 
 Token identity. Prompt q draws its step-t token with fold_in(key_q, t), as in a static batch,
 and its cache row holds its own prompt and tokens only (per-row positions and masks), so its
 trace does not depend on which slot it lands in or who shares the batch: the tokens equal
-static batching's at the same padded prompt length and cache length (tests/test_continuous.py;
-bitwise where the matmuls' per-row results do not depend on the batch size, as on XLA:CPU).
+static batching's at the same padded prompt length and cache length, and the teacher log-probs
+agree to float32 rounding (a prompt may be prefilled in a batch of another size, which moves the
+last bits of a matmul; tests/test_continuous.py, tests/test_pipeline.py).
 
 The host drives the program in segments of `segment` chunks (the carry stays on device between
 them) to log progress and rates; the segment count does not change the tokens.
