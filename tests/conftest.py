@@ -97,6 +97,17 @@ def teacher_proxy_dirs(tmp_path_factory, tokenizer):
   return str(root / "teacher"), str(root / "proxy")
 
 
+@pytest.fixture(scope="module")
+def pair(teacher_proxy_dirs):
+  """(teacher, proxy, g): the pair of teacher_proxy_dirs loaded in fp32, g on 8 random
+  examples."""
+  from antidistill_jax import gradients, models
+  teacher = models.from_pretrained(teacher_proxy_dirs[0])
+  proxy = models.from_pretrained(teacher_proxy_dirs[1])
+  grad, _ = gradients.proxy_gradient(proxy, random_examples(8, seed=4), micro_batch_size=8)
+  return teacher, proxy, grad
+
+
 def random_examples(n: int, seed: int = 0, vocab: int = VOCAB):
   """(prompt ids, completion ids) pairs of varied lengths."""
   rng = np.random.default_rng(seed)

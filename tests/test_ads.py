@@ -15,14 +15,6 @@ from antidistill_jax.sampling import adjustment
 from conftest import VOCAB, generate, random_examples
 
 
-@pytest.fixture(scope="module")
-def pair(teacher_proxy_dirs):
-  teacher = models.from_pretrained(teacher_proxy_dirs[0])
-  proxy = models.from_pretrained(teacher_proxy_dirs[1])
-  grad, _ = gradients.proxy_gradient(proxy, random_examples(8, seed=4), micro_batch_size=8)
-  return teacher, proxy, grad
-
-
 def _centered_cosine(a, b):
   a = np.asarray(a, np.float64) - np.mean(a, -1, keepdims=True)
   b = np.asarray(b, np.float64) - np.mean(b, -1, keepdims=True)

@@ -5,18 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from antidistill_jax import gradients, models, sampling
+from antidistill_jax import sampling
 from antidistill_jax.sampling import continuous
-from conftest import VOCAB, random_examples
+from conftest import VOCAB
 
-
-
-@pytest.fixture(scope="module")
-def pair(teacher_proxy_dirs):
-  teacher = models.from_pretrained(teacher_proxy_dirs[0])
-  proxy = models.from_pretrained(teacher_proxy_dirs[1])
-  grad, _ = gradients.proxy_gradient(proxy, random_examples(8, seed=4), micro_batch_size=8)
-  return teacher, proxy, grad
 
 
 def _prompts(n, seed=0):

@@ -287,14 +287,19 @@ class Sampler:
                  lam=jnp.float32(params.lam), top_p=jnp.float32(params.top_p or 1.0),
                  nucleus=jnp.bool_(params.delta_on == "nucleus"), limit=jnp.int32(limit))
 
-  def batch_inputs(self, prompts: Sequence[Sequence[int]], rows: int, seed: int,
-                   first_row: int = 0):
-    """Left-padded ids and mask [rows, P] and per-row keys [rows], placed on the mesh."""
+  def _rows(self, prompts: Sequence[Sequence[int]], rows: int, seed: int, first_row: int):
+    """Left-padded ids and mask [rows, P] (P: the longest prompt, rounded up to
+    prompt_multiple) and per-row keys [rows] by global row index, unplaced."""
     length = _round_up(max(len(p) for p in prompts), self.prompt_multiple)
     ids, mask = left_pad(prompts, self.pad_id, length, rows)
     row_idx = jnp.asarray(first_row + np.arange(rows), jnp.uint32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_idx)
-    return parallel.shard_batch((jnp.asarray(ids), jnp.asarray(mask), keys), self.mesh)
+    return jnp.asarray(ids), jnp.asarray(mask), keys
+
+  def batch_inputs(self, prompts: Sequence[Sequence[int]], rows: int, seed: int,
+                   first_row: int = 0):
+    """Left-padded ids and mask [rows, P] and per-row keys [rows], placed on the mesh."""
+    return parallel.shard_batch(self._rows(prompts, rows, seed, first_row), self.mesh)
 
   def _args(self, batch, params: SamplingParams, prompt_len: int, budgets=None):
     rows = batch[0].shape[0]
@@ -399,14 +404,11 @@ class Sampler:
     """Continuous batching (`continuous`): batch_size slots over every prompt of the call."""
     slots = parallel.round_rows(min(self.batch_size or len(prompts), len(prompts)), self.mesh)
     refill = self.refill_rows or max(1, slots // 4)
-    length = _round_up(max(len(p) for p in prompts), self.prompt_multiple)
-    ids, mask = left_pad(prompts, self.pad_id, length, max(len(prompts), slots) + refill)
-    row_idx = jnp.asarray(first_row + np.arange(ids.shape[0]), jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(params.seed), row_idx)
-    budget_Q = np.zeros((ids.shape[0],), np.int32)
+    rows = max(len(prompts), slots) + refill
+    budget_Q = np.zeros((rows,), np.int32)
     budget_Q[:len(prompts)] = budgets
     queue = continuous.Queue(*parallel.replicate(
-        (jnp.asarray(ids), jnp.asarray(mask), keys, jnp.asarray(budget_Q)), self.mesh),
+        (*self._rows(prompts, rows, params.seed, first_row), jnp.asarray(budget_Q)), self.mesh),
                              count=jnp.int32(len(prompts)))
     models = (self.teacher_def, self.teacher_state,
               self.proxy_def if params.uses_proxy else None, self.proxy_state(params))
