@@ -1,7 +1,7 @@
 """Command-line entry point.
 
-  python -m antidistill_jax.main     # the default: configs/synthetic.py in runs/synthetic,
-                                     # tiny models trained from scratch, offline, < 10 min on CPU
+  python -m antidistill_jax.main     # the default: configs/quick.py in runs/quick, tiny
+                                     # models trained from scratch, offline, ~8 min on 2 CPUs
   python -m antidistill_jax.main --config=configs/tiny.py --workdir=runs/tiny [--stages=a,b]
       [--shard=i/n] [--config.key=value ...]            # the experiment (antidistill_jax.pipeline)
   python -m antidistill_jax.main --config=configs/generate.py [--config.models.teacher=DIR]
@@ -51,7 +51,7 @@ def _config_path(path: str) -> str:
   return path
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", _config_path("configs/synthetic.py"))
+_CONFIG = config_flags.DEFINE_config_file("config", _config_path("configs/quick.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "experiment outputs, local or gs:// (default: "
                                "runs/<config name>)")
 _STAGES = flags.DEFINE_list("stages", None, "stages to run (default: all), in pipeline order")

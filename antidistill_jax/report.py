@@ -128,15 +128,30 @@ def table(entries: list[dict], base: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
-  """Linear interpolation of y at x through points sorted by x; None outside [xs[0], xs[-1]]."""
+def _weights(xs: list[float], x: float) -> list[float] | None:
+  """Weights of linear interpolation at x through points sorted by x (the value at x is
+  sum(w * y)); None outside [xs[0], xs[-1]]."""
   if not xs or x < xs[0] or x > xs[-1]:
     return None
+  w = [0.0] * len(xs)
   for k in range(1, len(xs)):
     if x <= xs[k]:
       span = xs[k] - xs[k - 1]
-      return ys[k] if span == 0 else ys[k - 1] + (ys[k] - ys[k - 1]) * (x - xs[k - 1]) / span
-  return ys[-1]
+      f = 1.0 if span == 0 else (x - xs[k - 1]) / span
+      w[k - 1], w[k] = 1.0 - f, f
+      return w
+  w[-1] = 1.0
+  return w
+
+
+def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
+  """Linear interpolation of y at x through points sorted by x; None outside [xs[0], xs[-1]]."""
+  w = _weights(xs, x)
+  return None if w is None else sum(a * y for a, y in zip(w, ys) if a)
+
+
+def _students(entry: dict) -> int:
+  return int((entry.get("student_eval") or {}).get("n_students", 1))
 
 
 def matched(entries: list[dict]) -> list[dict]:
@@ -160,6 +175,7 @@ def matched(entries: list[dict]) -> list[dict]:
       continue
     loss = (e.get("distill") or {}).get("holdout_loss")
     temp_student = _interpolate(xs, [s for _, s, _ in temps], teacher)
+    weights = _weights(xs, teacher) or []
     temp_loss = (_interpolate(xs, [l for _, _, l in temps], teacher)
                  if all(l is not None for _, _, l in temps) else None)
     role_gaps = {}
@@ -172,12 +188,39 @@ def matched(entries: list[dict]) -> list[dict]:
     rows.append(dict(name=e.get("name"), kind=e["point"]["kind"], tau=e["point"]["tau"],
                      role_loss_gaps=role_gaps,
                      lam=e["point"]["lam"], teacher=teacher,
-                     ads_student=student,
+                     ads_student=student, students=_students(e),
                      temperature_student=temp_student,
+                     # the temperature points behind temperature_student: name, weight, students
+                     against=[dict(name=t.get("name"), weight=w, students=_students(t))
+                              for t, w in zip(temp_entries, weights) if w],
                      gap=None if temp_student is None else student - temp_student,
                      ads_loss=loss, temperature_loss=temp_loss,
                      loss_gap=None if loss is None or temp_loss is None else loss - temp_loss))
   return rows
+
+
+def run_gap(rows: list[dict], student_sd: float) -> dict | None:
+  """This run's primary value, the mean gap over its ADS points (None unless every ADS point
+  has one), with the standard error that student noise alone gives it: each student's
+  accuracy is taken to vary with SD `student_sd` around its trace set's value, independently
+  (replicate students of one set, as a study measures them). With K points, R_k students at
+  point k and the temperature students j weighted w_kj by the interpolation,
+  Var = sd^2 (sum_k 1 / (K^2 R_k) + sum_j c_j^2 / R_j), c_j = sum_k w_kj / K (the temperature
+  students are shared by the points). Seed-to-seed variation (problems, models, g) is not in
+  it. Returns `stats.known_sd`'s fields."""
+  from antidistill_jax import stats
+  ads = [r for r in rows if r["kind"] == "ads"]
+  if not ads or any(r["gap"] is None for r in ads):
+    return None
+  k = len(ads)
+  shared: dict[str, list] = {}
+  for r in ads:
+    for t in r["against"]:
+      shared.setdefault(t["name"], [0.0, t["students"]])[0] += t["weight"] / k
+  var = sum(1 / (k * k * r["students"]) for r in ads)
+  var += sum(c * c / n for c, n in shared.values())
+  out = stats.known_sd(sum(r["gap"] for r in ads) / k, float(student_sd) * var ** 0.5)
+  return dict(out, points=k, students=sorted({r["students"] for r in ads}), student_sd=student_sd)
 
 
 def matched_table(rows: list[dict]) -> str:
@@ -263,9 +306,27 @@ def figure5(entries: list[dict], path: str) -> bool:
   return True
 
 
-def write_report(workdir) -> dict:
+def run_gap_text(gap: dict, source: str) -> str:
+  """The paragraph under the matched table that states `run_gap`'s result."""
+  pts = lambda x: f"{100 * x:+.1f}"
+  students = "/".join(str(n) for n in gap["students"])
+  where = "At its ADS point" if gap["points"] == 1 else f"Over its {gap['points']} ADS points"
+  plural = "" if students == "1" else "s"
+  return (f"\n{where}, this run's student gap is **{pts(gap['mean'])} points, 95% CI "
+          f"[{pts(gap['ci'][0])}, {pts(gap['ci'][1])}]** (p = {gap['p']:.2g}) from student "
+          f"noise alone (each student's accuracy SD {100 * gap['student_sd']:.1f} points: "
+          f"{source}). One seed with {students} student{plural} per trace set detects a gap "
+          f"above {100 * gap['mde']:.1f} points (80% power, alpha 0.05). Seed-to-seed "
+          "variation (other problems, models and g) is not in this interval: only replicated "
+          "seeds (a study) measure it.\n")
+
+
+def write_report(workdir, *, student_sd: float | None = None, student_sd_source: str = ""
+                 ) -> dict:
   """Writes workdir/report/ (local or gs://) from the index; returns {what: path} of the files
-  written."""
+  written. With `student_sd` (the SD of one student's accuracy between replicate students of
+  a trace set, measured elsewhere: `student_sd_source`), the mean gap over the ADS points gets
+  a CI from student noise and the effect this run can detect (`run_gap`)."""
   entries, base = collect(workdir)
   out = epath.Path(workdir) / "report"
   files.makedirs(out)
@@ -278,6 +339,9 @@ def write_report(workdir) -> dict:
              "teacher accuracy (interpolated; student accuracies are means over a point's "
              "students; NLL: student holdout loss on clean teacher traces):\n\n"
              + matched_table(rows))
+  gap = run_gap(rows, student_sd) if rows and student_sd else None
+  if gap is not None:
+    text += run_gap_text(gap, student_sd_source or "report.student_sd")
   attacked = attack_rows(workdir)
   if attacked:
     text += ("\nAttackers distilling from the same traces (antidistill_jax/attacks.py), against "
@@ -285,7 +349,7 @@ def write_report(workdir) -> dict:
   files.write_atomic(md, text.encode("utf-8"))
   written["table"] = str(md)
   files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows,
-                                              attacks=attacked))
+                                              run_gap=gap, attacks=attacked))
   for name, make in (("figure3", lambda p: figure3(entries, base, p)),
                      ("figure3_forced", lambda p: figure3(entries, base, p, forced=True)),
                      ("figure5", lambda p: figure5(entries, p))):

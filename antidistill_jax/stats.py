@@ -76,6 +76,17 @@ def summarize(xs: Sequence[float | None], *, alpha: float = ALPHA, power: float 
   return out
 
 
+def known_sd(mean: float, se: float, *, alpha: float = ALPHA, power: float = POWER) -> dict:
+  """One estimate whose standard error comes from elsewhere (a noise SD measured by a study,
+  not by this run): the normal interval `ci`, the two-sided p of mean = 0 and the smallest
+  true value detected at `power` (z_{1-alpha/2} + z_power) se: the fields of `summarize`."""
+  from scipy import stats
+  z = float(stats.norm.ppf(1 - alpha / 2))
+  p = float(2 * stats.norm.sf(abs(mean) / se)) if se > 0 else (1.0 if mean == 0 else 0.0)
+  return dict(n=1, mean=mean, sd=se, ci=(mean - z * se, mean + z * se), bootstrap_ci=None, p=p,
+              mde=(z + float(stats.norm.ppf(power))) * se)
+
+
 def fmt_summary(s: dict, *, points: bool = True) -> str:
   """"+4.1 [-2.0, +10.2]" (percentage points when `points`, for accuracy differences)."""
   if s["mean"] is None:

@@ -236,6 +236,14 @@ def get_config() -> ml_collections.ConfigDict:
       # and seed, so that the chains of a study share one workdir and its finished stages.
       name="")
 
+  # The report of one run (antidistill_jax/report.py).
+  c.report = dict(
+      # SD of one student's test accuracy between replicate students of a trace set (training
+      # and test-set noise), measured by a study at this config's sizes: the report then gives
+      # this run's gap a CI from student noise and the gap it can detect (None: no CI)
+      student_sd=None,
+      student_sd_source="")  # where student_sd was measured (printed beside it)
+
   # A study (job "study", antidistill_jax/study.py): the experiment once per arm and seed, in
   # one workdir, then the study's report (CIs over seeds, the A/A row, a forest plot). An
   # arm is a config file's argument (--config=configs/synthetic_study.py:ARM).

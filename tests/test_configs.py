@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
                for p in glob.glob(os.path.join(CONFIGS, "*.py")) if not p.endswith("__init__.py"))
-EXPERIMENTS = ("tiny", "synthetic", "gsm8k_paper", "math_paper", "mmlu_paper")
+EXPERIMENTS = ("tiny", "synthetic", "quick", "gsm8k_paper", "math_paper", "mmlu_paper")
 STUDIES = ("synthetic_study",)
 PAPER = ("gsm8k_paper", "math_paper", "mmlu_paper")
-NONE_ALLOWED = {"sample.top_p", "sample.top_k", "distill.lora_rank"}
+NONE_ALLOWED = {"sample.top_p", "sample.top_k", "distill.lora_rank", "report.student_sd"}
 SEEDS = ("seed", "data.seed", "tiny.seed", "scratch.seed", "sample.seed", "distill.seed",
          "attacks.seed")
 # The authors' SYSTEM_PROMPT as PAPER.md gives it (two Python string pieces, concatenated).
@@ -89,7 +89,7 @@ def test_the_system_prompt_is_the_authors():
   assert base["SYSTEM_PROMPT"] == prompts.SYSTEM_PROMPT == AUTHORS_SYSTEM_PROMPT
   for name in PAPER + ("generate",):
     assert load(name).prompts.system == AUTHORS_SYSTEM_PROMPT, name
-  for name in ("tiny", "synthetic") + STUDIES:  # departures, each saying why in its config
+  for name in ("tiny", "synthetic", "quick") + STUDIES:  # departures, each saying why in its config
     assert load(name).prompts.system == "", name
 
 
@@ -109,6 +109,25 @@ def test_every_arm_of_a_study_has_the_base_tree_and_names_itself():
       assert config.study.arm == arm and config.job == "study"
     with pytest.raises(ValueError, match="unknown arm"):
       get_config("no_such_arm")
+
+
+def test_the_main_job_is_a_reduced_chain_of_the_studys_arm():
+  """configs/quick.py (the README's main job) differs from its study arm only in the grid, the
+  report's noise figure and the study fields: its task, models, g, sampling, training and
+  evaluation are the arm's, so the study's student noise applies to it (and a workdir that
+  holds the study reuses its models and g)."""
+  import json
+  quick = load("quick")
+  arm = runpy.run_path(config_path("synthetic_study"))["get_config"]("free_writing")
+  a, b = leaves(quick.to_dict()), leaves(arm.to_dict())
+  differ = sorted(k for k in a if a[k] != b[k])
+  assert differ and all(k.split(".")[0] in ("grid", "report", "study", "job") for k in differ), differ
+  assert quick.grid.temperatures == (1.0, 1.6) and quick.grid.calibrate.points == 1
+  # Its noise figure is the committed study's, for this arm (to half a point: update it with
+  # the study's results).
+  with open(os.path.join(ROOT, "docs", "synthetic", "study", "results.json")) as f:
+    measured = json.load(f)["between_students"]["by_arm"]["free_writing"]["sd"]
+  assert abs(quick.report.student_sd - measured) <= 0.005, (quick.report.student_sd, measured)
 
 
 # -- the command line --------------------------------------------------------------------------

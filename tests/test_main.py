@@ -1,4 +1,5 @@
-"""The sampling demo, configs/generate.py (the README's main job, configs/synthetic.py, is
+"""The sampling demo, configs/generate.py (the README's main job, configs/quick.py, runs at
+reduced size in tests/test_notebooks.py; configs/synthetic.py in
 tests/test_pipeline.py::test_the_synthetic_config_runs_at_reduced_size)."""
 
 import json

@@ -39,7 +39,7 @@ def test_quickstart_runs_the_experiment_and_shows_its_results(tmp_path, monkeypa
   namespace = {}
   run_cells("quickstart.ipynb", code_cells("quickstart.ipynb"), namespace)
   assert namespace["config"].data.max_train == 32  # the reduced size
-  workdir = tmp_path / "runs" / "synthetic_reduced"
+  workdir = tmp_path / "runs" / "quick_reduced"
   # Every stage ran (the report is derived: no record), each grid point through each of its
   # stages, and the report holds the table, the matched comparison and both figures.
   records = namespace["records"]

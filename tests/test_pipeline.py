@@ -354,10 +354,13 @@ def test_the_installed_package_finds_its_configs(tmp_path):
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
   default = subprocess.run(
-      [sys.executable, "-c", "from antidistill_jax import main; "
-       "print(main.flags.FLAGS['config'].config_filename)"],
+      [sys.executable, "-c", "import runpy; from antidistill_jax import main; "
+       "path = main.flags.FLAGS['config'].config_filename; "
+       "print(path, runpy.run_path(path)['get_config']().grid.temperatures)"],
       cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
-  assert default.stdout.strip() == str(target / "antidistill_jax" / "configs" / "synthetic.py")
+  # quick.py loads synthetic_study.py, synthetic.py and base.py beside it in the package.
+  assert default.stdout.split()[0] == str(target / "antidistill_jax" / "configs" / "quick.py")
+  assert default.stdout.split(" ", 1)[1].strip() == "(1.0, 1.6)"
   assert [r["stage"] for r in records(tmp_path / "run")] == ["models", "holdout", "grad"]
 
 
@@ -485,6 +488,28 @@ def test_ads_points_are_compared_at_the_same_teacher_accuracy():
   assert outside["temperature_student"] is None and outside["gap"] is None  # above the sweep
   text = report.seeds_table({"a": [inside], "b": [dict(inside, gap=0.15)]})
   assert "| 1 | 2 |" in text and "+0.100 ± 0.071" not in text and "0.100 ± 0.071" in text
+
+
+def test_the_report_gives_one_runs_gap_a_ci_from_a_measured_student_sd(tmp_path):
+  """report.student_sd (configs/quick.py: the study's): the matched table is followed by the
+  gap with its CI from student noise and the gap the run can detect; results.json has them."""
+  index = tmp_path / "index"
+  index.mkdir()
+  for name, kind, teacher, student in (("t1", "temperature", 0.9, 0.6),
+                                       ("t2", "temperature", 0.5, 0.3), ("a", "ads", 0.7, 0.4)):
+    (index / f"{name}.json").write_text(json.dumps(dict(
+        name=name, point=dict(kind=kind, tau=1.0, lam=0.1 * (kind == "ads"), eps=0.01),
+        teacher_eval=dict(accuracy=teacher), student_eval=dict(accuracy=student, n_students=1))))
+  report.write_report(tmp_path, student_sd=0.04, student_sd_source="a study")
+  # gap 0.4 - 0.45; se = 0.04 sqrt(1 + 0.5^2 + 0.5^2) = 0.0490; 1.96 se = 0.096; 2.80 se = 0.137
+  text = (tmp_path / "report" / "results.md").read_text()
+  assert ("At its ADS point, this run's student gap is **-5.0 points, 95% CI [-14.6, +4.6]**"
+          in text)
+  assert "SD 4.0 points: a study" in text and "detects a gap above 13.7 points" in text
+  gap = json.loads((tmp_path / "report" / "results.json").read_text())["run_gap"]
+  assert gap["mean"] == pytest.approx(-0.05) and gap["sd"] == pytest.approx(0.04 * 1.5 ** 0.5)
+  report.write_report(tmp_path)  # no student_sd: no CI claimed
+  assert "this run's student gap" not in (tmp_path / "report" / "results.md").read_text()
 
 
 def test_attacked_students_are_compared_with_like_attacked_temperature_students(tmp_path):

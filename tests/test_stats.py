@@ -44,3 +44,45 @@ def test_the_detectable_effect_is_detected_80_percent_of_the_time():
   hits = np.mean([stats.summarize(list(rng.normal(effect, 0.1, 8)), resamples=0)["p"] < 0.05
                   for _ in range(3000)])
   assert 0.76 <= hits <= 0.84
+
+
+def test_one_runs_gap_interval_has_its_coverage_when_students_vary_as_stated():
+  """report.run_gap: the CI of one run's mean gap from a given per-student SD. Students drawn
+  around their trace sets' true accuracies with that SD (two students at the ADS points, one at
+  the temperature points, a temperature point shared by two ADS points): the interval covers
+  the true gap ~95% of the time, its standard error is the draws' SD, and a true gap of
+  `mde` is detected ~80% of the time."""
+  from antidistill_jax import report
+  sd = 0.04
+  temps = {0.9: 0.6, 0.7: 0.5, 0.5: 0.3}  # teacher accuracy: the temperature students' truth
+  ads = {0.8: 0.55, 0.75: 0.525, 0.6: 0.4}  # on the temperature curve: no true gap
+  truth = 0.0
+
+  def entries(rng, shift=0.0):
+    out = []
+    for kind, points, r in (("temperature", temps, 1), ("ads", ads, 2)):
+      for k, (t, acc) in enumerate(points.items()):
+        student = acc + shift * (kind == "ads") + rng.normal(0, sd, r).mean()
+        out.append(dict(name=f"{kind}{k}", point=dict(kind=kind, tau=1.0, lam=0.1 * k, eps=0.01),
+                        teacher_eval=dict(accuracy=t),
+                        student_eval=dict(accuracy=student, n_students=r)))
+    return out
+
+  rng = np.random.default_rng(0)
+  gaps = [report.run_gap(report.matched(entries(rng)), sd) for _ in range(3000)]
+  means = np.array([g["mean"] for g in gaps])
+  se = gaps[0]["sd"]
+  # Var / sd^2 = 3 / (9 * 2) + c^2 over the temperature points, c = (0.5+0.25, 0.5+0.75+0.5, 0.5) / 3
+  assert se == pytest.approx(sd * np.sqrt(3 / 18 + (0.75 ** 2 + 1.75 ** 2 + 0.5 ** 2) / 9))
+  assert np.std(means) == pytest.approx(se, rel=0.06)
+  assert np.mean(means) == pytest.approx(truth, abs=0.003)
+  covered = np.mean([g["ci"][0] <= truth <= g["ci"][1] for g in gaps])
+  assert 0.935 <= covered <= 0.965
+  mde = gaps[0]["mde"]
+  hits = np.mean([report.run_gap(report.matched(entries(rng, shift=mde)), sd)["p"] < 0.05
+                  for _ in range(2000)])
+  assert 0.76 <= hits <= 0.84
+  # A point outside the sweep (no gap) leaves the run without a primary value.
+  lost = entries(rng)
+  lost[-1]["teacher_eval"]["accuracy"] = 0.95
+  assert report.run_gap(report.matched(lost), sd) is None

@@ -90,4 +90,6 @@ def report(x, out) -> dict:
   for path in index.iterdir():  # a point no longer in the grid (another config's) leaves
     if path.suffix == ".json" and path.stem not in current:
       path.unlink()
-  return report_lib.write_report(x.results_root)
+  r = x.config.report
+  return report_lib.write_report(x.results_root, student_sd=r.student_sd,
+                                 student_sd_source=r.student_sd_source)
