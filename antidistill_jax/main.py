@@ -208,20 +208,8 @@ def _checkpoint(path: str, workdir: str, name: str, **tiny_config) -> str:
 
 def _examples(config, spec: str, n: int, flag: str) -> list:
   """The first n examples of DATASET:SPLIT, read as the experiment reads data (data.*)."""
-  from antidistill_jax import data
-  if ":" not in spec:
-    raise errors.BadValue(f"--config.generate.{flag}={spec!r}: expected DATASET:SPLIT, e.g. "
-                          "gsm8k:train.")
-  name, split = spec.split(":")
-  d = config.data
-  try:
-    examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
-                               data_dir=d.data_dir or None, seed=d.split_seed)
-  except (ValueError, FileNotFoundError) as e:
-    raise errors.MissingInput(f"--config.generate.{flag}={spec}: {e} Put the source files in "
-                              "--config.data.manual_dir=FOLDER, or run where the dataset can be "
-                              "downloaded.") from e
-  return examples[:int(n)]
+  from antidistill_jax.pipeline.inputs import load_examples
+  return load_examples(config.data, spec, f"--config.generate.{flag}")[:int(n)]
 
 
 def _grad_prompts(config, tokenizer, prompts, context: int) -> tuple[list[list[int]], str]:

@@ -256,6 +256,7 @@ def student_rows(rows: list[dict]) -> list[dict]:
         out.append(dict(arm=r["arm"], seed=r["seed"], point=e["name"], kind=e["point"]["kind"],
                         tau=e["point"]["tau"], lam=e["point"]["lam"],
                         teacher=report._acc(e, "teacher_eval"), replicate=s["replicate"],
+                        distill_key=s.get("distill_key"),
                         student=(s.get("student_eval") or {}).get("accuracy"),
                         nll=(s.get("distill") or {}).get("holdout_loss")))
   return out
@@ -265,13 +266,15 @@ def between_students(students: list[dict]) -> dict:
   """The accuracy SD between the replicate students of one trace set (distillation seeds and
   test-set noise; pooled within-set variance), per arm and over every set, with the number of
   sets behind it. Sets two arms share (free_writing_g_tau1 reuses free_writing's temperature
-  and control students) count once in the pooled figure. What a replicate costs in precision:
+  and control students: the same distillation keys) count once in the pooled figure. What a replicate costs in precision:
   the study's main-job reduction is chosen from it and the between-seed SD, not from gaps."""
-  groups: dict[tuple, list[float]] = {}
+  groups: dict[tuple, list[dict]] = {}
   for st in students:
     if st["student"] is not None:
-      groups.setdefault((st["arm"], st["seed"], st["point"]), []).append(float(st["student"]))
-  sets = {k: v for k, v in groups.items() if len(v) >= 2}
+      groups.setdefault((st["arm"], st["seed"], st["point"]), []).append(st)
+  sets = {k: [float(st["student"]) for st in v] for k, v in groups.items() if len(v) >= 2}
+  # One set's identity: its students' distillation keys (shared sets have the same ones).
+  identity = {k: tuple(sorted(str(st.get("distill_key")) for st in groups[k])) for k in sets}
 
   def pooled(values: list[list[float]]) -> dict:
     df = sum(len(v) - 1 for v in values)
@@ -279,7 +282,7 @@ def between_students(students: list[dict]) -> dict:
     return dict(sd=math.sqrt(ss / df) if df else None, sets=len(values))
 
   arms = sorted({k[0] for k in sets})
-  unique = {(k[1], k[2], tuple(v)): v for k, v in sets.items()}
+  unique = {identity[k]: v for k, v in sets.items()}
   return dict(by_arm={a: pooled([v for k, v in sets.items() if k[0] == a]) for a in arms},
               pooled=pooled(list(unique.values())))
 

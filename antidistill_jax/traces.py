@@ -226,6 +226,16 @@ def _statistics(rows: list[dict], answer_forcing: bool, seconds: float) -> dict:
       tokens_per_second=tokens / seconds if seconds > 0 else None)
 
 
+def prompt_limit(sampler: sampling.Sampler, params: sampling.SamplingParams,
+                 max_prompt_length: int | None = None, answer_forcing: bool = True) -> int:
+  """max_prompt_length, or by default the longest prompt for which prompt + max_new_tokens (+
+  the answer-forcing suffix and its FORCED_TOKENS) fits in the teacher's context."""
+  if max_prompt_length is not None:
+    return max_prompt_length
+  reserve = (_forcing_suffix_tokens(sampler.tokenizer) + FORCED_TOKENS) if answer_forcing else 0
+  return sampler.teacher.config.max_position_embeddings - params.max_new_tokens - reserve
+
+
 def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
                     path: str | os.PathLike[str], *, dataset: str,
                     params: sampling.SamplingParams, batch_size: int,
@@ -237,8 +247,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   the sidecar.
 
   examples: `data.Example`s; prompts longer than max_prompt_length are dropped (counted).
-  max_prompt_length: default, the longest prompt for which prompt + max_new_tokens (+ the
-    answer-forcing suffix and its FORCED_TOKENS) fits in the teacher's context.
+  max_prompt_length: default `prompt_limit`'s.
   split, extra_config: recorded in the config (e.g. the teacher's path), so a resume or a
     rerun with other values is refused.
   The sampler's mesh shards each batch over `data`; it is not part of the config (a resumed
@@ -249,10 +258,7 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   if tokenizer is None:
     raise ValueError("generate_traces needs a Sampler built with the tokenizer "
                      "(Sampler(teacher, tokenizer, ...)): rows are decoded and graded.")
-  limit = teacher.config.max_position_embeddings
-  if max_prompt_length is None:
-    reserve = (_forcing_suffix_tokens(tokenizer) + FORCED_TOKENS) if answer_forcing else 0
-    max_prompt_length = limit - params.max_new_tokens - reserve
+  max_prompt_length = prompt_limit(sampler, params, max_prompt_length, answer_forcing)
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   prompts = build_prompts(tokenizer, examples, max_prompt_length, system=system)

@@ -6,7 +6,9 @@ import json
 import os
 import re
 
-from antidistill_jax import main
+import pytest
+
+from antidistill_jax import errors, main
 from configs import generate as generate_config
 
 
@@ -79,3 +81,13 @@ def test_the_demo_takes_g_from_held_out_problems(tmp_path, capsys):
   out = capsys.readouterr().out
   assert len(texts["plain"]) == 2 and config.generate.problems[0] not in out
   assert len(re.findall(r"\n### What is \d+ \+ 1\?\n", out)) == 4  # 2 problems x 2 modes
+  # A split the dataset lacks, or a spec that is not DATASET:SPLIT, names the option and the fix.
+  config.generate.problems_from = "gsm8k:platinum_typo"
+  with pytest.raises(errors.MissingInput,
+                     match="--config.generate.problems_from=gsm8k:platinum_typo: .*has no split.*"
+                           "e.g. --config.generate.problems_from=gsm8k:train"):
+    main.run_generate(config)
+  config.generate.update(dict(problems_from="gsm8k:test", holdout="gsm8k"))
+  with pytest.raises(errors.BadValue, match="--config.generate.holdout='gsm8k': expected "
+                                            "DATASET:SPLIT"):
+    main.run_generate(config)

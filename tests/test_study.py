@@ -266,13 +266,18 @@ def test_the_seeds_table_counts_only_seeds_with_every_value():
 def test_between_students_pools_the_variance_within_each_trace_set():
   """study.between_students: the SD between replicates of one trace set is the pooled
   within-set SD (sets of one student add nothing); a set two arms share counts once pooled."""
-  st = lambda arm, seed, point, acc: dict(arm=arm, seed=seed, point=point, student=acc)
-  students = [st("a", 0, "p", 0.9), st("a", 0, "p", 0.8), st("a", 0, "q", 0.5),
-              st("a", 0, "q", 0.7), st("a", 1, "p", 0.6),  # a set of one: no variance
-              st("b", 0, "q", 0.5), st("b", 0, "q", 0.7), st("b", 0, "r", None)]
+  st = lambda arm, seed, point, acc, key: dict(arm=arm, seed=seed, point=point, student=acc,
+                                               distill_key=key)
+  students = [st("a", 0, "p", 0.9, "k1"), st("a", 0, "p", 0.8, "k2"),
+              st("a", 0, "q", 0.5, "k3"), st("a", 0, "q", 0.7, "k4"),
+              st("a", 1, "p", 0.6, "k5"),  # a set of one: no variance
+              st("b", 0, "q", 0.5, "k3"), st("b", 0, "q", 0.7, "k4"),  # a's set (0, q), shared
+              st("b", 0, "r", None, "k6"),
+              # c's set (0, q) has a's accuracies but its own students: it counts
+              st("c", 0, "q", 0.5, "k7"), st("c", 0, "q", 0.7, "k8")]
   spread = study.between_students(students)
   # a: variances 0.005 and 0.02 (1 df each): pooled 0.0125; b: 0.02; pooled over sets, b's
-  # (0, q) equals a's and counts once.
+  # (0, q) is a's and counts once, c's is another: (0.005 + 0.02 + 0.02) / 3 = 0.015.
   assert spread["by_arm"]["a"] == dict(sd=pytest.approx(0.0125 ** 0.5), sets=2)
   assert spread["by_arm"]["b"] == dict(sd=pytest.approx(0.02 ** 0.5), sets=1)
-  assert spread["pooled"] == dict(sd=pytest.approx(0.0125 ** 0.5), sets=2)
+  assert spread["pooled"] == dict(sd=pytest.approx(0.015 ** 0.5), sets=3)

@@ -101,6 +101,25 @@ def calibrate_settings(cal) -> dict:
   return d
 
 
+def load_examples(d, spec: str, flag: str, *, example: str = "gsm8k:train") -> list:
+  """The examples of DATASET:SPLIT `spec`, read as data.* (`d`) says: manual_dir, data_dir,
+  split_seed. A spec that is not DATASET:SPLIT, or a split that does not load, is a UserError
+  naming `flag` (the option that gave spec) and the fix."""
+  from antidistill_jax import data
+  if not spec or ":" not in spec:
+    raise errors.BadValue(f"{flag}={spec!r}: expected DATASET:SPLIT, e.g. {flag}={example}.")
+  name, split = spec.split(":")
+  try:
+    return data.load_split(name, split, manual_dir=d.manual_dir or None,
+                           data_dir=d.data_dir or None, seed=d.split_seed)
+  except (ValueError, FileNotFoundError) as e:
+    hint = (f" Name a split it has (e.g. {flag}={name}:{example.split(':')[1]}), or put its "
+            "source files in --config.data.manual_dir." if "has no split" in str(e) else
+            " Put the source files in --config.data.manual_dir=FOLDER, or run where the "
+            "dataset can be downloaded.")
+    raise errors.MissingInput(f"{flag}={spec}: {e}{hint}") from e
+
+
 class Inputs:
   """One config and one workdir: the splits, models, settings and keys the stages read."""
 
@@ -161,15 +180,14 @@ class Inputs:
   def split(self, which: str) -> list:
     """The examples of data.<which> ("holdout", "train" or "test"), truncated to max_<which>."""
     if which not in self._splits:
-      from antidistill_jax import data
       d = self.config.data
-      name, split = getattr(d, which).split(":")
+      spec = getattr(d, which)
       limit = int(getattr(d, f"max_{which}", 0) or 0)
-      if name == "synthetic":
-        examples = self.synthetic(split, limit)
+      if spec.startswith("synthetic:"):
+        examples = self.synthetic(spec.split(":")[1], limit)
       else:
-        examples = data.load_split(name, split, manual_dir=d.manual_dir or None,
-                                   data_dir=d.data_dir or None, seed=d.split_seed)
+        examples = load_examples(d, spec, f"--config.data.{which}",
+                                 example=f"gsm8k:{'test' if which == 'test' else which}")
       self._splits[which] = list(examples[:limit] if limit else examples)
     return self._splits[which]
 
@@ -210,23 +228,10 @@ class Inputs:
     for which in ("holdout", "train", "test"):
       if which not in splits:
         continue
-      spec = getattr(c.data, which)
-      if not spec or ":" not in spec:
-        raise errors.BadValue(f"--config.data.{which}={spec!r}: expected DATASET:SPLIT, e.g. "
-                              f"--config.data.{which}=gsm8k:{'test' if which == 'test' else which}.")
-      try:
-        self.split(which)
-      except errors.UserError:
-        raise
-      except (ValueError, FileNotFoundError) as e:
-        hint = (f" Name a split it has (e.g. --config.data.{which}=gsm8k:test), or put its "
-                "source files in --config.data.manual_dir." if "has no split" in str(e) else
-                " Put the source files in --config.data.manual_dir=FOLDER, or run where the "
-                "dataset can be downloaded.")
-        raise errors.MissingInput(f"--config.data.{which}={spec}: {e}{hint}") from e
+      self.split(which)  # a bad or missing split is a UserError naming its flag
       if not self._splits[which]:
-        raise errors.BadValue(f"--config.data.{which}={spec}: no examples (max_{which}="
-                              f"{getattr(c.data, f'max_{which}', 0)}).")
+        raise errors.BadValue(f"--config.data.{which}={getattr(c.data, which)}: no examples "
+                              f"(max_{which}={getattr(c.data, f'max_{which}', 0)}).")
     if self.model_source != "checkpoints":
       return  # the models stage makes them
     roles = [r for r in ROLES if any(r in ROLES_READ.get(s, ()) for s in stages)]

@@ -212,8 +212,9 @@ def calibrate_logprob(x) -> dict:
   sampler = x.teacher_sampler(True)
   params = x.point_params(Point("ads", float(c.grid.ads_taus[0]), 1.0, float(c.sample.eps)))
   settings = x.trace_settings()
-  limit = (settings["max_prompt_length"]
-           or sampler.teacher.config.max_position_embeddings - params.max_new_tokens)
+  # The prompts generate_traces would keep at these settings.
+  limit = traces.prompt_limit(sampler, params, settings["max_prompt_length"],
+                              settings.get("answer_forcing", True))
   prompts = build_prompts(sampler.tokenizer, x.split("holdout")[:cal.n], limit,
                           system=settings["system"]).ids
   lams, searches = [], []
