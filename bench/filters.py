@@ -2,6 +2,7 @@
 
   python bench/filters.py                                  # [32, V], V in {4096, 152064}
   python bench/filters.py --vocabs=4096 --repeats=20 --top_k=50
+  python bench/filters.py --passes --vocabs=152064         # what one pass over [B, V] costs
 
 For each vocabulary size and logit distribution (random normal with std 0.5: near uniform,
 like a random-weight model; std 5; peaked: a few dominant tokens over std-2 noise, like a
@@ -31,6 +32,8 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "top-k before top-p (default: none)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs per cell (best is kept)")
 _SORTED_REPEATS = flags.DEFINE_integer("sorted_repeats", 3, "timed runs of the sorting filter")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON here")
+_PASSES = flags.DEFINE_bool("passes", False, "time the filter's kinds of pass over [B, V] "
+                            "instead (where its time goes, and what a faster search could use)")
 
 
 def make_logits(dist: str, batch: int, vocab: int, seed: int = 0) -> jax.Array:
@@ -74,8 +77,54 @@ def time_cells(fns, args, repeats: int, sorted_repeats: int) -> dict[str, float]
   return best
 
 
+def pass_fns() -> dict:
+  """name -> jitted (x, w, t, hi) -> array: the kinds of full-row pass the filter makes (x the
+  logits, w = exp(x - max), t and hi [B, 1] thresholds), and the alternatives a faster search
+  could use."""
+  masked = lambda x, w, t, hi: jnp.sum(jnp.where((x > t) & (x <= hi), w, 0.0), -1)
+  fns = {
+      "max": lambda x, w, t, hi: jnp.max(x, -1),
+      "exp_sum": lambda x, w, t, hi: jnp.sum(jnp.exp(x - jnp.max(x, -1, keepdims=True)), -1),
+      "sum_w": lambda x, w, t, hi: jnp.sum(w, -1),
+      "search_pass": masked,  # the filter's pass: reads x and w
+      "one_compare": lambda x, w, t, hi: jnp.sum(jnp.where(x > t, w, 0.0), -1),
+      "recompute_exp": lambda x, w, t, hi: jnp.sum(
+          jnp.where((x > t) & (x <= hi), jnp.exp(x - hi), 0.0), -1),
+      "w_space": lambda x, w, t, hi: jnp.sum(jnp.where(w > t, w, 0.0), -1),  # reads w only
+      "2_pivots": lambda x, w, t, hi: [masked(x, w, t, hi), masked(x, w, t + 0.1, hi)],
+      "4_pivots": lambda x, w, t, hi: [masked(x, w, t + 0.1 * k, hi) for k in range(4)],
+      "draw": lambda x, w, t, hi: jax.random.categorical(jax.random.key(0), x),
+  }
+  return {name: jax.jit(fn) for name, fn in fns.items()}
+
+
+def time_passes():
+  fns = pass_fns()
+  rows = []
+  for vocab in map(int, _VOCABS.value):
+    x = make_logits("flat", _BATCH.value, vocab)
+    w = jnp.exp(x - jnp.max(x, -1, keepdims=True))
+    t, hi = jnp.full((_BATCH.value, 1), 0.1), jnp.full((_BATCH.value, 1), 1.0)
+    best = time_cells(fns, (x, w, t, hi), _REPEATS.value, _REPEATS.value)
+    rows += [dict(vocab=vocab, variant=name, ms=round(sec * 1e3, 3)) for name, sec in best.items()]
+  result = dict(bench="filter_passes", backend=jax.default_backend(),
+                device=str(jax.devices()[0]), batch=_BATCH.value, repeats=_REPEATS.value,
+                rows=rows)
+  print(json.dumps(result))
+  print(f"\nOne pass over [{_BATCH.value}, V] float32, {jax.default_backend()}, ms (best of "
+        f"{_REPEATS.value})\n")
+  print("| pass | " + " | ".join(f"V={v}" for v in _VOCABS.value) + " |")
+  print("|---|" + "---:|" * len(_VOCABS.value))
+  for name in fns:
+    print(f"| {name} | " + " | ".join(f"{r['ms']:.2f}" for r in rows if r["variant"] == name)
+          + " |")
+
+
 def main(argv):
   del argv
+  if _PASSES.value:
+    time_passes()
+    return
   fns = step_fns(_TOP_K.value)
   rows = []
   for vocab in map(int, _VOCABS.value):
