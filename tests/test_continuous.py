@@ -36,11 +36,11 @@ def _ragged_eos(pair, prompts, params):
   return (ranked[-1][1],)
 
 
-@pytest.mark.parametrize("method", ["jvp", "fd"])
+@pytest.mark.parametrize("method", ["jvp", "fd", "poe"])
 def test_continuous_batching_gives_the_static_traces(pair, method):
   prompts = _prompts(13)
-  params = sampling.SamplingParams(max_new_tokens=40, tau=2.0, top_p=0.95, lam=0.3,
-                                   method=method, seed=7)
+  params = sampling.SamplingParams(max_new_tokens=40, tau=2.0, top_p=0.95,
+                                   lam=0.6 if method == "poe" else 0.3, method=method, seed=7)
   eos = _ragged_eos(pair, prompts, params)
   static = _sample(pair, prompts, params, eos)
   lengths = static.lengths
@@ -52,7 +52,7 @@ def test_continuous_batching_gives_the_static_traces(pair, method):
   assert cont.tokens == static.tokens
   np.testing.assert_array_equal(cont.finished, static.finished)
   for a, b in zip(cont.logprobs, static.logprobs):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)  # float32 rounding
 
 
 def test_slots_refill_width_chunk_and_mesh_do_not_change_the_traces(pair):

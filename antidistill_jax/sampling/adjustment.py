@@ -27,8 +27,16 @@ log p + lam * Delta. Delta is defined on the vocabulary both models have (arrays
 the proxy's W rows, cut or zero-extended to the teacher's V); ids past the tokenizer (padding
 rows of the embedding) are never sampled.
 
-The proxy side (theta +- eps g, or (theta, g)) is prepared once per (method, eps) by its own
-jitted function and reused by every batch; `_Proxies` runs it inside the decode program.
+method="poe" is the product-of-experts defence (The Distillation Game, arXiv 2605.22737; its
+code: the teacher's and the unperturbed proxy's logits mixed as (1 - gamma) z_T + gamma z_P,
+then the temperature and top-k/top-p): no Delta and no g, the proxy's own log-probs at every
+step, lam carrying gamma in [0, 1]:
+  placement="poe":       softmax(((1 - lam) * log p + lam * log p_P) / tau)
+(equal to the mix of raw logits: the per-row constants cancel). lam = 0 is temperature sampling;
+lam = 1 samples the proxy alone. The sign pulls the teacher toward the proxy, as in that code.
+
+The proxy side (theta +- eps g, (theta, g), or theta for "poe") is prepared once per (method,
+eps) and reused by every batch; `_Proxies` runs it inside the decode program.
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ from flax import nnx
 from antidistill_jax import gradients
 from antidistill_jax.models.transformer import Transformer, stack_tangents
 
-METHODS = ("jvp", "fd")
+METHODS = ("jvp", "fd", "poe")
 PLACEMENTS = ("paper", "reference")
+ADS_METHODS = ("jvp", "fd")  # the methods that compute Delta (and need g)
 
 # fd warns when the realised step (theta+ - theta-), rounded to the proxy's dtype, has a cosine
 # below this with g. bench/numerics.py (3M-parameter proxy): step cosines 0.96 (bf16, eps=0.1)
@@ -62,16 +71,20 @@ def adjusted_logits(teacher_logits_BV, delta_BV, *, lam, tau, placement: str, gr
                     vocab_size: int) -> jax.Array:
   """Logits of the sampling distribution before top-k/top-p (see module docstring).
 
-  delta_BV: Delta on the teacher's V rows, or None (no proxy). lam, tau: scalars (traced in
-  the decode program). greedy: tau=0, the argmax is taken of log p + lam * Delta.
+  delta_BV: Delta on the teacher's V rows (placement "poe": the proxy's log-probs), or None (no
+  proxy). lam, tau: scalars (traced in the decode program). greedy: tau=0, the argmax is taken
+  of log p + lam * Delta ("poe": of (1 - lam) log p + lam log p_P).
   vocab_size: ids from it on are set to -inf.
   """
   teacher_logits_BV = teacher_logits_BV.astype(jnp.float32)
   teacher_logp_BV = jax.nn.log_softmax(teacher_logits_BV, axis=-1)
   lam_delta = 0.0 if delta_BV is None else lam * delta_BV
-  if greedy:
+  if placement == "poe" and delta_BV is not None:
+    mixed = (1.0 - lam) * teacher_logp_BV + lam_delta
+    out = mixed if greedy else mixed / tau
+  elif greedy:
     out = teacher_logp_BV + lam_delta
-  elif placement == "paper":
+  elif placement in ("paper", "poe"):  # "poe" without the proxy: temperature sampling
     out = teacher_logp_BV / tau + lam_delta
   else:
     out = (teacher_logits_BV + lam_delta) / tau
@@ -197,6 +210,7 @@ def _fd_delta(plus_logits_BV, minus_logits_BV, eps):
 class _Proxies:
   """Prefill/decode of the proxy side, returning Delta [B, W] at each step.
 
+  poe: state = theta; returns the proxy's log-probs [B, W] instead of Delta.
   fd:  state = ((theta+, theta-) stacked on a leading axis of 2, for one vmapped call per
        step, or a pair for two calls, eps); each copy has its own cache. The difference is
        divided by the traced eps.
@@ -208,6 +222,9 @@ class _Proxies:
   def __init__(self, graphdef, method: str, fd_stacked: bool, jvp_stacked: bool = True):
     self.graphdef, self.method, self.fd_stacked = graphdef, method, fd_stacked
     self.jvp_stacked = jvp_stacked
+
+  def _poe(self, logits_BW):
+    return jax.nn.log_softmax(logits_BW.astype(jnp.float32), axis=-1)
 
   def _model(self, state) -> Transformer:
     model = nnx.merge(self.graphdef, state)
@@ -226,6 +243,9 @@ class _Proxies:
 
   def prefill(self, state, ids_BP, mask_BP, max_len):
     run = lambda st: self._model(st).prefill(ids_BP, mask_BP, max_len)
+    if self.method == "poe":
+      logits_BW, cache = run(state)
+      return self._poe(logits_BW), cache
     if self.method == "fd":
       return self._fd(run, state)
     theta, g = state
@@ -236,6 +256,9 @@ class _Proxies:
     """`Transformer.refill` of the proxy side: Delta [R, W] of the new prompts, and the caches
     (per-row cursors) with them in rows_R."""
     refill = lambda model, c: model.refill(c, rows_R, ids_RP, mask_RP)
+    if self.method == "poe":
+      logits_RW, cache = refill(self._model(state), cache)
+      return self._poe(logits_RW), cache
     if self.method == "fd":
       return self._fd(lambda st, c: refill(self._model(st), c), state, cache)
     theta, g = state
@@ -252,6 +275,8 @@ class _Proxies:
 
   def with_row_cursors(self, cache):
     """The proxy side's caches with per-row cursors (`KVCache.with_row_cursors`)."""
+    if self.method == "poe":
+      return cache.with_row_cursors()
     if self.method == "fd" and self.fd_stacked:
       return jax.vmap(lambda c: c.with_row_cursors())(cache)
     if self.method == "fd":
@@ -260,6 +285,9 @@ class _Proxies:
     return cache.with_row_cursors(), tangents
 
   def decode(self, state, token_B, cache):
+    if self.method == "poe":
+      logits_BW, cache = self._model(state).decode(token_B, cache)
+      return self._poe(logits_BW), cache
     if self.method == "fd":
       return self._fd(lambda st, c: self._model(st).decode(token_B, c), state, cache)
     theta, g = state

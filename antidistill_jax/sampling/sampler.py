@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from antidistill_jax import gradients, parallel
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.models.transformer import Transformer
-from antidistill_jax.sampling.adjustment import (METHODS, PLACEMENTS, _prepare_fd, _prepare_jvp,
-                                                 warn_if_fd_rounds_away)
+from antidistill_jax.sampling.adjustment import (ADS_METHODS, METHODS, PLACEMENTS, _prepare_fd,
+                                                 _prepare_jvp, warn_if_fd_rounds_away)
 from antidistill_jax.sampling import continuous
 from antidistill_jax.sampling.decode import Knobs, _decode_program, _Static, left_pad
 
@@ -42,8 +42,11 @@ class SamplingParams:
 
   max_new_tokens: decode steps at most (a compile-time shape).
   tau: temperature; 0 is greedy. lam: weight of Delta (0: plain sampling, no proxy work).
-  eps: finite-difference step (method="fd" only). method: "jvp" (exact) or "fd".
-  placement: "paper" or "reference" (`adjustment`).
+  eps: finite-difference step (method="fd" only). method: "jvp" (exact) or "fd"; or "poe",
+    the product-of-experts defence instead of ADS: the teacher's and the proxy's log-probs
+    mixed as (1 - lam) log p_T + lam log p_P, then tau and the filters (lam = gamma in [0, 1];
+    no g; `adjustment`).
+  placement: "paper" or "reference" (`adjustment`; "poe" has its one form).
   top_p, top_k: nucleus / top-k filters (None: off).
   delta_on: where lam * Delta applies. "vocab" (the authors'): on every token, then top-k/top-p
     of the adjusted logits, so Delta can lift tokens the teacher gives almost no mass into the
@@ -89,6 +92,13 @@ class SamplingParams:
       raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
     if self.method == "fd" and self.lam != 0.0 and not self.eps > 0:
       raise ValueError(f"eps={self.eps} must be > 0 for method='fd'.")
+    if self.method == "poe" and not 0.0 <= self.lam <= 1.0:
+      raise ValueError(f"lam={self.lam} with method='poe' is the proxy's weight gamma in the "
+                       "product of experts (1 - gamma) log p_T + gamma log p_P: it must be in "
+                       "[0, 1].")
+    if self.method == "poe" and self.placement != "paper":
+      raise ValueError(f"placement={self.placement!r} with method='poe': the product of experts "
+                       "has one form (adjustment); leave placement at 'paper'.")
 
   @classmethod
   def reference(cls, *, tau: float, lam: float = 0.0, eps: float = 1e-2, method: str = "fd",
@@ -190,8 +200,8 @@ class Sampler:
       raise ValueError(
           "Sampler needs the tokenizer (or vocab_size=): rows of the embedding table past the "
           "tokenizer are padding, and sampling them gives ids that cannot be decoded.")
-    if (proxy is None) != (grad is None):
-      raise ValueError("pass the proxy and its gradient together (proxy=..., grad=...).")
+    if proxy is None and grad is not None:
+      raise ValueError("grad= without proxy=: g is the proxy's gradient; pass the proxy too.")
     if scan_chunk < 1:
       raise ValueError(f"scan_chunk={scan_chunk} must be >= 1.")
     if batching not in BATCHING:
@@ -205,7 +215,8 @@ class Sampler:
     if tokenizer is not None:
       limit = min(limit, len(tokenizer))
     if proxy is not None:
-      gradients.check_compatible(proxy, grad)
+      if grad is not None:  # without g the proxy serves method="poe" only
+        gradients.check_compatible(proxy, grad)
       limit = min(limit, tok_lib.shared_vocab_size(teacher.config, proxy.config, tokenizer))
     self.vocab_size = min(limit, vocab_size) if vocab_size is not None else limit
     if eos_ids is None:
@@ -239,7 +250,7 @@ class Sampler:
         uses_proxy=params.uses_proxy,
         # Without a proxy the method does not matter: every method shares the plain program.
         method=params.method if params.uses_proxy else "",
-        placement=params.placement,
+        placement="poe" if params.uses_proxy and params.method == "poe" else params.placement,
         fd_stacked=self.fd_stacked and params.uses_proxy,
         jvp_stacked=self.jvp_stacked and params.uses_proxy, eos_ids=self.eos_ids, pad_id=self.pad_id,
         vocab_size=self.vocab_size)
@@ -248,12 +259,20 @@ class Sampler:
     """The prepared proxy side for params (None at lam=0): cached per (method, eps)."""
     if not params.uses_proxy:
       return None
+    if self.proxy is None:
+      raise ValueError(f"lam={params.lam} needs a proxy and its gradient: "
+                       "Sampler(teacher, tokenizer, proxy=..., grad=...).")
+    if params.method in ADS_METHODS and self.grad is None:
+      raise ValueError(f"method={params.method!r} (ADS) needs g, the proxy's gradient: "
+                       "Sampler(..., proxy=..., grad=...); without g only method='poe' runs.")
     key = (params.method, params.eps if params.method == "fd" else None)
     if key == self._prepared_key:
       return self._prepared
     theta, grad = self._theta, self.grad
     eps = jnp.float32(params.eps)
-    if _is_abstract(theta):  # abstract weights (memory analysis): shapes, and theta's layouts
+    if params.method == "poe":  # the proxy's own weights, as they are (abstract ones too)
+      state = theta
+    elif _is_abstract(theta):  # abstract weights (memory analysis): shapes, and theta's layouts
       if params.method == "jvp":
         state = _with_layouts(jax.eval_shape(_prepare_jvp, theta, grad), (theta, theta))
       else:
