@@ -22,7 +22,7 @@ from etils import epath
 from antidistill_jax import files
 
 
-DEFENCES = ("ads", "control")  # point kinds matched against the temperature sweep
+DEFENCES = ("ads", "control", "poe")  # point kinds matched against the temperature sweep
 
 
 def _read(path) -> Any:
@@ -240,7 +240,7 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  series = {"ads": ([], [], []), "temperature": ([], [], []), "control": ([], [], [])}
+  series = {kind: ([], [], []) for kind in ("ads", "temperature", "control", "poe")}
   for e in entries:
     t, s = _acc(e, "teacher_eval", forced), _acc(e, "student_eval", forced)
     if t is None or s is None:
@@ -249,13 +249,16 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
     xs, ys, labels = series[p["kind"]]
     xs.append(s)
     ys.append(t)
-    labels.append(f"λ={p['lam']:.3g}" if p["kind"] == "ads" else f"τ={p['tau']:.3g}")
+    labels.append(f"λ={p['lam']:.3g}" if p["kind"] == "ads" else
+                  f"γ={p['lam']:.3g}, τ={p['tau']:.3g}" if p["kind"] == "poe" else
+                  f"τ={p['tau']:.3g}")
   if not any(xs for xs, _, _ in series.values()):
     return False
   fig, ax = plt.subplots(figsize=(5.5, 4.5))
   styles = {"ads": dict(marker="o", color="tab:red", label="antidistillation"),
             "temperature": dict(marker="s", color="tab:blue", label="temperature"),
-            "control": dict(marker="^", color="tab:gray", label="temperature, A/A control")}
+            "control": dict(marker="^", color="tab:gray", label="temperature, A/A control"),
+            "poe": dict(marker="D", color="tab:green", label="product of experts")}
   for kind, (xs, ys, labels) in series.items():
     if xs:
       ax.scatter(xs, ys, **styles[kind])

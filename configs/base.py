@@ -173,6 +173,11 @@ def get_config() -> ml_collections.ConfigDict:
       # analysed exactly as a defence; its gap to the baseline sweep must be consistent with 0.
       controls=(),
       students=1,  # students per trace set (replicates: distillation seeds; R >= 2 for a CI)
+      # The product-of-experts defence (sampling.adjustment, method "poe"): the teacher's and
+      # the unperturbed proxy's log-probs mixed as (1 - gamma) log p_T + gamma log p_P, at each
+      # of these taus and gammas (The Distillation Game reports tau 0.6, gamma 0.6-0.7)
+      poe_taus=(),
+      poe_gammas=(),
       # Lambda calibration (the `calibrate` stage): ADS lams chosen so that the teacher's
       # accuracy under them spans the temperature sweep's, or (logprob_drops) so that the
       # teacher finds the ADS text that many nats per token less likely than plain text, a

@@ -547,3 +547,33 @@ def test_attacked_students_are_compared_with_like_attacked_temperature_students(
   assert rows["clean_mix"]["unattacked_ads_student"] == 0.3
   text = report.attack_seeds_table({"s0": list(rows.values()), "s1": list(rows.values())})
   assert "| keep_correct | 1 | 2 |" in text and "-0.200 ± 0.000" in text
+
+
+def test_product_of_experts_points_sample_with_the_proxy_and_no_g(finished, tmp_path):
+  """grid.poe_taus x grid.poe_gammas: "poe" points sample with method "poe" and lam = gamma;
+  their keys hold the proxy but not g (changing g's settings leaves them, moves ADS points);
+  gamma 0 is the temperature point of that tau. The report matches them like a defence."""
+  import shutil
+  workdir = shutil.copytree(finished, tmp_path / "copy")
+  config = tiny_config.get_config()
+  config.grid.update(dict(poe_taus=(1.0,), poe_gammas=(0.0, 0.5)))
+  x = pipeline.Experiment(config, str(workdir))
+  poe = [p for p in x.points if p.kind == "poe"]
+  assert [(p.tau, p.lam) for p in poe] == [(1.0, 0.5)]
+  assert sum(p.kind == "temperature" and p.tau == 1.0 for p in x.points) == 1  # gamma 0
+  params = x.point_params(poe[0])
+  assert params.method == "poe" and params.lam == 0.5 and params.uses_proxy
+  other_g = tiny_config.get_config()
+  other_g.grid.update(dict(poe_taus=(1.0,), poe_gammas=(0.0, 0.5)))
+  other_g.grad.micro_batch_size = 3  # g's key moves with its settings
+  y = pipeline.Experiment(other_g, str(workdir))
+  assert y.grad_key() != x.grad_key()
+  assert y.sample_key(poe[0]) == x.sample_key(poe[0])
+  ads = next(p for p in x.points if p.kind == "ads")
+  assert y.sample_key(ads) != x.sample_key(ads)
+  x.run(["sample", "eval_teacher", "distill", "eval_student", "report"])
+  meta = json.load(open(os.path.join(workdir, "sample", x.sample_key(poe[0]),
+                                     "traces.jsonl.meta.json")))
+  assert meta["config"]["method"] == "poe" and meta["config"]["lam"] == 0.5
+  rows = json.load(open(os.path.join(workdir, "report", "results.json")))["matched"]
+  assert [r["kind"] for r in rows if r["name"] == poe[0].name] == ["poe"]

@@ -5,8 +5,10 @@ ADS at each tau in grid.ads_taus with lam = b * eps for b in grid.ads_lam_over_e
 the calibrate stage chose), the temperature baseline at each tau in grid.temperatures with
 lam = 0, and the A/A control at each tau in grid.controls: plain sampling again, from another
 sampling stream, analysed exactly as a defence would be (its gap must be consistent with
-zero). Each trace set gets grid.students students (replicates: distillation seeds). `shard=(i,
-n)` runs the points whose index is i mod n.
+zero), and the product-of-experts defence at each tau in grid.poe_taus and gamma in
+grid.poe_gammas (kind "poe", lam = gamma; `sampling.adjustment`). Each trace set gets
+grid.students students (replicates: distillation seeds). `shard=(i, n)` runs the points whose
+index is i mod n.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ REPLICATE_STRIDE = 7_919
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One trace set: its sampling settings and a readable, unique name."""
-  kind: str  # "ads", "temperature" or "control" (the A/A control: temperature, stream 1)
+  kind: str  # "ads", "temperature", "control" (the A/A control: temperature, stream 1) or
+  #            "poe" (product of experts, lam = gamma)
   tau: float
   lam: float
   eps: float
@@ -69,6 +72,8 @@ def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
             for lam in lams]
   points += [Point("temperature", float(t), 0.0, eps) for t in g.temperatures]
   points += [Point("control", float(t), 0.0, eps, stream=1) for t in g.controls]
+  points += [Point("poe" if gamma else "temperature", float(t), float(gamma), eps)
+             for t in g.poe_taus for gamma in g.poe_gammas]
   return list(dict.fromkeys(points))  # the same settings twice are one trace set
 
 

@@ -329,9 +329,11 @@ class Inputs:
 
   def point_params(self, point: Point) -> sampling.SamplingParams:
     s = self.config.sample
+    poe = point.kind == "poe"  # the product of experts: its own method, lam = gamma
     return sampling.SamplingParams(
         max_new_tokens=s.max_new_tokens, tau=point.tau, lam=point.lam, eps=point.eps,
-        method=s.method, placement=s.placement, delta_on=s.delta_on,
+        method="poe" if poe else s.method, placement="paper" if poe else s.placement,
+        delta_on=s.delta_on,
         top_p=s.top_p if point.tau > 0 else None,
         top_k=s.top_k if point.tau > 0 else None, max_length=s.max_length or None,
         seed=s.seed + point.stream * STREAM_STRIDE)
@@ -402,9 +404,10 @@ class Inputs:
 
   def teacher_side(self, point: Point) -> dict:
     """What a teacher-generated output at this point depends on besides its examples."""
-    ads = point.lam != 0.0
+    ads = point.lam != 0.0  # the proxy takes part (ADS, or the product of experts without g)
+    g = ads and point.kind != "poe"
     return dict(teacher=self._model("teacher"),
-                proxy=self._model("proxy") if ads else None, grad=self.grad_key() if ads else None,
+                proxy=self._model("proxy") if ads else None, grad=self.grad_key() if g else None,
                 params=sampling_key(self.point_params(point)), **self.trace_settings())
 
   def calibrate_key(self) -> str:
