@@ -1,7 +1,7 @@
 """Command-line entry point.
 
   python -m antidistill_jax.main     # the default: configs/quick.py in runs/quick, tiny
-                                     # models trained from scratch, offline, ~8 min on 2 CPUs
+                                     # models trained from scratch, offline, ~7 min on 2 CPUs
   python -m antidistill_jax.main --config=configs/tiny.py --workdir=runs/tiny [--stages=a,b]
       [--shard=i/n] [--config.key=value ...]            # the experiment (antidistill_jax.pipeline)
   python -m antidistill_jax.main --config=configs/generate.py [--config.models.teacher=DIR]
