@@ -144,10 +144,9 @@ def _weights(xs: list[float], x: float) -> list[float] | None:
   return w
 
 
-def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
-  """Linear interpolation of y at x through points sorted by x; None outside [xs[0], xs[-1]]."""
-  w = _weights(xs, x)
-  return None if w is None else sum(a * y for a, y in zip(w, ys) if a)
+def _at(w: list[float], ys: list[float]) -> float:
+  """The value interpolated with `_weights` w: sum(w * y) (points of weight 0 left out)."""
+  return sum(a * y for a, y in zip(w, ys) if a)
 
 
 def _students(entry: dict) -> int:
@@ -174,17 +173,16 @@ def matched(entries: list[dict]) -> list[dict]:
     if e["point"]["kind"] not in DEFENCES or teacher is None or student is None:
       continue
     loss = (e.get("distill") or {}).get("holdout_loss")
-    temp_student = _interpolate(xs, [s for _, s, _ in temps], teacher)
-    weights = _weights(xs, teacher) or []
-    temp_loss = (_interpolate(xs, [l for _, _, l in temps], teacher)
-                 if all(l is not None for _, _, l in temps) else None)
+    weights = _weights(xs, teacher)
+    temp_student = None if weights is None else _at(weights, [s for _, s, _ in temps])
+    temp_loss = (_at(weights, [l for _, _, l in temps])
+                 if weights is not None and all(l is not None for _, _, l in temps) else None)
     role_gaps = {}
     roles = (e.get("distill") or {}).get("nll_by_role") or {}
     for role, value in roles.items():
       curve = [((t.get("distill") or {}).get("nll_by_role") or {}).get(role) for t in temp_entries]
       if value is not None and all(v is not None for v in curve):
-        ref = _interpolate(xs, curve, teacher)
-        role_gaps[role] = None if ref is None else value - ref
+        role_gaps[role] = None if weights is None else value - _at(weights, curve)
     rows.append(dict(name=e.get("name"), kind=e["point"]["kind"], tau=e["point"]["tau"],
                      role_loss_gaps=role_gaps,
                      lam=e["point"]["lam"], teacher=teacher,
@@ -192,7 +190,7 @@ def matched(entries: list[dict]) -> list[dict]:
                      temperature_student=temp_student,
                      # the temperature points behind temperature_student: name, weight, students
                      against=[dict(name=t.get("name"), weight=w, students=_students(t))
-                              for t, w in zip(temp_entries, weights) if w],
+                              for t, w in zip(temp_entries, weights or []) if w],
                      gap=None if temp_student is None else student - temp_student,
                      ads_loss=loss, temperature_loss=temp_loss,
                      loss_gap=None if loss is None or temp_loss is None else loss - temp_loss))

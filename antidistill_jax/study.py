@@ -266,8 +266,9 @@ def between_students(students: list[dict]) -> dict:
   """The accuracy SD between the replicate students of one trace set (distillation seeds and
   test-set noise; pooled within-set variance), per arm and over every set, with the number of
   sets behind it. Sets two arms share (free_writing_g_tau1 reuses free_writing's temperature
-  and control students: the same distillation keys) count once in the pooled figure. What a replicate costs in precision:
-  the study's main-job reduction is chosen from it and the between-seed SD, not from gaps."""
+  and control students: the same distillation keys) count once in the pooled figure. What a
+  replicate costs in precision: the study's main-job reduction is chosen from it and the
+  between-seed SD, not from gaps."""
   groups: dict[tuple, list[dict]] = {}
   for st in students:
     if st["student"] is not None:

@@ -239,9 +239,7 @@ class Sampler:
   # -- pieces ------------------------------------------------------------------------------
 
   def _static(self, params: SamplingParams) -> _Static:
-    if params.uses_proxy and self.proxy is None:
-      raise ValueError(f"lam={params.lam} needs a proxy and its gradient: "
-                       "Sampler(teacher, tokenizer, proxy=..., grad=...).")
+    """The static part of params (callers take `proxy_state` first: it checks the proxy)."""
     chunk = min(self.scan_chunk, params.max_new_tokens)
     return _Static(
         num_steps=_round_up(params.max_new_tokens, chunk), chunk=chunk,
