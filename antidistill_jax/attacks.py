@@ -6,7 +6,13 @@ Each attacker sees the same served trace set and changes only what the student t
   clean_mix     adds a few clean (plain-sampled) traces to the served ones;
   reaimed       trains on the served traces, but at the start of every epoch recomputes its own
                 gradient g_s (the student's completion NLL on a few clean traces, at its current
-                weights) and skips, for that epoch, the traces whose score under g_s is highest.
+                weights) and skips, for that epoch, the traces whose score under g_s is highest;
+  reweight      The Distillation Game's adaptive student (`strategic_fd` in the public code of
+                ysfalh/distillation-game): scores each served trace once, before training, by
+                a_i = [l_i(theta - e g_s) - l_i(theta + e g_s)] / 2e (l_i: the trace's per-token
+                mean NLL; g_s: the student's gradient on a few clean traces) and trains on them
+                with weights w_i ~ exp(beta * clip(a_i, -c, c)), normalised to mean 1. The
+                attack id "reweight@B" sets beta = B (otherwise attacks.reweight.beta).
 
 The re-aimed score of a trace x is the directional derivative of its log-likelihood along g_s,
   score(x) = d/de sum_t log p(x_t | x_<t; theta_s + e g_s) = <g_s, grad log p(x; theta_s)>,
@@ -18,6 +24,7 @@ proxy's. Nothing is resampled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -32,45 +39,85 @@ from antidistill_jax import gradients, parallel
 from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
 
-NAMES = ("keep_correct", "clean_mix", "reaimed")
-NEEDS_CLEAN = ("clean_mix", "reaimed")  # attackers that read a clean (plain-sampled) trace set
+NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight")
+NEEDS_CLEAN = ("clean_mix", "reaimed", "reweight")  # they read a clean (plain-sampled) trace set
+WITH_ARGUMENT = {"reweight": "beta"}  # "name@value" sets this setting
 
 
-def settings(name: str, config) -> dict:
-  """The attacker's settings from config.attacks: what its student depends on besides the
-  served traces (and, for NEEDS_CLEAN, the clean trace set)."""
+def parse(attack: str) -> tuple[str, float | None]:
+  """(name, argument) of an attack id: "reaimed" -> ("reaimed", None), "reweight@-0.5" ->
+  ("reweight", -0.5). ValueError names what is wrong."""
+  name, at, arg = attack.partition("@")
   if name not in NAMES:
     raise ValueError(f"unknown attack {name!r}; expected one of {NAMES}.")
+  if not at:
+    return name, None
+  if name not in WITH_ARGUMENT:
+    raise ValueError(f"attack {attack!r}: {name} takes no argument (only "
+                     f"{', '.join(f'{n}@{a}' for n, a in WITH_ARGUMENT.items())} do).")
+  try:
+    return name, float(arg)
+  except ValueError:
+    raise ValueError(f"attack {attack!r}: {arg!r} is not a number; e.g. {name}@0.5.") from None
+
+
+def settings(attack: str, config) -> dict:
+  """The attacker's settings from config.attacks (and its id's argument): what its student
+  depends on besides the served traces (and, for NEEDS_CLEAN, the clean trace set)."""
+  name, arg = parse(attack)
   if name == "keep_correct":
     return dict(name=name)
   if name == "clean_mix":
     return dict(name=name, rows=int(config.clean_mix.rows), seed=int(config.seed))
+  if name == "reweight":
+    r = config.reweight
+    return dict(name=name, rows=int(r.clean_rows), beta=float(r.beta if arg is None else arg),
+                clip=float(r.clip), micro_batch=int(r.micro_batch_size), seed=int(config.seed))
   return dict(name=name, rows=int(config.reaimed.clean_rows),
               drop_fraction=float(config.reaimed.drop_fraction),
               micro_batch=int(config.reaimed.micro_batch_size), seed=int(config.seed))
 
 
+@dataclasses.dataclass
+class Plan:
+  """What an attacker's student trains on: the examples, a per-epoch keep mask (select) and
+  per-example loss weights, each None where the attacker sets none."""
+  examples: list[TokenPair]
+  select: Callable | None = None
+  weights: np.ndarray | None = None
+
+
 def prepare(attack: dict, rows: Sequence[dict[str, Any]], clean: Sequence[dict[str, Any]] | None,
-            to_examples: Callable[[Sequence[dict]], list[TokenPair]], *, pad_id: int = 0,
-            mesh: Mesh | None = None, log: list | None = None
-            ) -> tuple[list[TokenPair], Callable | None] | None:
-  """The one call the distill stage makes: (training examples, per-epoch select or None) for
-  the student of `attack` (settings()) on the served trace `rows`, or None when the attacker
-  leaves nothing to train on. `clean`: the clean trace rows, for NEEDS_CLEAN attackers."""
+            to_examples: Callable[[Sequence[dict]], list[TokenPair]], *,
+            student: Transformer | None = None, pad_id: int = 0, mesh: Mesh | None = None,
+            log: list | None = None) -> Plan | None:
+  """The one call the distill stage makes: the Plan of the student of `attack` (settings())
+  on the served trace `rows`, or None when the attacker leaves nothing to train on. `clean`:
+  the clean trace rows, for NEEDS_CLEAN attackers; `student`: the undistilled student (reweight
+  scores the traces with it); `log`: gets the attacker's statistics (dicts)."""
   name = attack["name"]
   if name == "keep_correct":
     rows = keep_correct(rows)
-    return (to_examples(rows), None) if rows else None
+    return Plan(to_examples(rows)) if rows else None
   if clean is None:
     raise ValueError(f"attack {name} needs a clean trace set.")
   if name == "clean_mix":
-    return to_examples(clean_mix(rows, clean, attack["rows"], attack["seed"])), None
+    return Plan(to_examples(clean_mix(rows, clean, attack["rows"], attack["seed"])))
   train = to_examples(rows)
-  select = reaimed_selector(to_examples(draw(clean, attack["rows"], attack["seed"])), train,
-                            drop_fraction=attack["drop_fraction"],
+  reference = to_examples(draw(clean, attack["rows"], attack["seed"]))
+  if name == "reweight":
+    if student is None:
+      raise ValueError("attack reweight scores the traces with the student: pass student=.")
+    weights, stats = trace_weights(student, reference, train, beta=attack["beta"],
+                                   clip=attack["clip"], micro_batch_size=attack["micro_batch"],
+                                   pad_id=pad_id, mesh=mesh)
+    if log is not None:
+      log.append(stats)
+    return Plan(train, weights=weights)
+  select = reaimed_selector(reference, train, drop_fraction=attack["drop_fraction"],
                             micro_batch_size=attack["micro_batch"], pad_id=pad_id, mesh=mesh,
                             log=log)
-  return train, select
+  return Plan(train, select=select)
 
 
 def keep_correct(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -158,3 +205,34 @@ def reaimed_selector(clean: Sequence[TokenPair], train: Sequence[TokenPair], *,
     return keep
 
   return select
+
+
+def trace_weights(student: Transformer, clean: Sequence[TokenPair], train: Sequence[TokenPair], *,
+                  beta: float, clip: float = 10.0, micro_batch_size: int = 64, pad_id: int = 0,
+                  mesh: Mesh | None = None) -> tuple[np.ndarray, dict]:
+  """(weights [len(train)], statistics): the adaptive student's loss weights, fixed before
+  training.
+
+  g_s = grad of the student's mean completion NLL on `clean` (gradients.proxy_gradient: the
+  mean over traces of each one's per-token mean; the reference code averages over a batch's
+  tokens); a_i = -<g_s, grad l_i> with l_i the trace's per-token mean NLL, which is the
+  reference's central difference [l_i(theta - e g_s) - l_i(theta + e g_s)] / 2e at e -> 0,
+  computed exactly (trace_scores / the trace's completion length); w_i = exp(beta *
+  clip(a_i, -clip, clip)), normalised to mean 1. Signs as in the reference: a gradient step on
+  trace i moves the clean loss by about lr * a_i, so beta > 0 (the reference's 0.5) weights up
+  the traces that would raise it, beta < 0 those that would lower it, and beta = 0 is passive
+  SFT (every weight exactly 1)."""
+  g, meta = gradients.proxy_gradient(student, clean, micro_batch_size=micro_batch_size,
+                                     pad_id=pad_id, mesh=mesh)
+  lengths = np.array([len(c) for _, c in train], np.float64)
+  a = trace_scores(student, g, train, micro_batch_size=micro_batch_size, pad_id=pad_id,
+                   mesh=mesh) / np.maximum(lengths, 1.0)
+  w = np.exp(beta * np.clip(a, -clip, clip))
+  w = w / w.mean()
+  top = np.sort(w)[::-1][:max(1, len(w) // 5)]
+  stats = dict(clean_loss=float(meta["mean_loss"]), beta=float(beta), a_mean=float(a.mean()),
+               a_sd=float(a.std()), clipped=int(np.sum(np.abs(a) > clip)),
+               weight_max=float(w.max()), weight_min=float(w.min()),
+               top20_mass=float(top.sum() / w.sum()))
+  logging.info("reweighting attacker: %s", stats)
+  return w.astype(np.float32), stats

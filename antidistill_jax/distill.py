@@ -186,10 +186,13 @@ def num_steps(n: int, config: DistillConfig) -> int:
   return config.epochs * -(-n // config.batch_size)
 
 
-def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, keep=None):
+def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, keep=None,
+                   weights=None):
   """Fixed-shape right-padded micro-batches ((ids, pad, loss), completion tokens) of the given
   examples; with a keep mask [len(examples)], the loss mask of the examples it drops is zero
-  (same shapes). The token count (the loss mask's, targets only) is read off the host copy."""
+  (same shapes); with weights [len(examples)], the loss mask is float32, each row's ones times
+  its weight. The token count (the unweighted loss mask's, targets only) is read off the host
+  copy."""
   for start in range(0, len(indices), config.micro_batch_size):
     picked = indices[start:start + config.micro_batch_size]
     chunk = [examples[i] for i in picked]
@@ -199,8 +202,11 @@ def _micro_batches(examples, indices, config: DistillConfig, rows: int, mesh, ke
     ids, pad, loss = gradients.pack_examples(chunk, rows, length, config.pad_id)
     if keep is not None:
       loss[:len(chunk)] *= np.asarray(keep, np.int32)[picked][:, None]
-    yield (parallel.shard_batch([jnp.asarray(a) for a in (ids, pad, loss)], mesh),
-           int(loss[:, 1:].sum()))
+    count = int(loss[:, 1:].sum())
+    if weights is not None:
+      loss = loss.astype(np.float32)
+      loss[:len(chunk)] *= np.asarray(weights, np.float32)[picked][:, None]
+    yield parallel.shard_batch([jnp.asarray(a) for a in (ids, pad, loss)], mesh), count
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -345,7 +351,8 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
             workdir: str, config: DistillConfig = DistillConfig(), *, mesh: Mesh | None = None,
             max_steps: int | None = None,
             on_step: Callable[[dict[str, float]], None] | None = None,
-            select: Callable[[Transformer, int], np.ndarray] | None = None
+            select: Callable[[Transformer, int], np.ndarray] | None = None,
+            weights: np.ndarray | None = None
             ) -> tuple[Transformer, list[dict[str, float]]]:
   """Fine-tunes `student` (modified in place) on `train` (prompt ids, completion ids) pairs,
   resuming from the latest checkpoint in workdir/checkpoints if there is one.
@@ -360,9 +367,18 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     epoch; returns a keep mask [len(train)]: the examples it drops add no loss that epoch (the
     batches and the schedule are unchanged). The mask is checkpointed, so a run resumed
     mid-epoch trains on the same examples (attacks.reaimed_selector).
+  weights: [len(train)] loss weights (attacks.trace_weights): the loss is
+    sum_i w_i * (example i's summed completion NLL) / (the batch's completion tokens), so
+    weights of 1 train exactly as none do. Fixed inputs, not checkpointed state: a resumed run
+    must pass the same ones.
   """
   if not train:
     raise ValueError("distill needs at least one training example.")
+  if weights is not None:
+    weights = np.asarray(weights, np.float32)
+    if weights.shape != (len(train),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+      raise ValueError(f"weights: expected {len(train)} finite non-negative numbers (one per "
+                       f"training example); got shape {weights.shape}.")
   if config.lora_rank:
     add_lora(student, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
              targets=config.lora_targets, seed=config.seed)
@@ -429,7 +445,7 @@ def distill(student: Transformer, train: Sequence[TokenPair], holdout: Sequence[
     keep = None if select is None else np.asarray(state["keep"])
     acc, loss_sums, n_tok, step_rngs = None, [], 0, state["rngs"]
     for batch, count in _micro_batches(train, batch_indices(len(train), config, step), config,
-                                       rows, mesh, keep):
+                                       rows, mesh, keep, weights):
       acc, s, step_rngs = grad_step(state["params"], step_rngs, frozen_flat, acc, *batch)
       loss_sums.append(s)
       n_tok += count

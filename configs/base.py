@@ -219,12 +219,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Attackers distilling from the ADS traces (attacks.py), each a student per point it applies
   # to. The settings are configs/synthetic.py's, fixed before any attacker ran.
   c.attacks = dict(
-      names=(),  # some of "keep_correct", "clean_mix", "reaimed" (a,b,c on the command line)
-      seed=seed,  # draw of the clean traces clean_mix and reaimed use
+      # some of "keep_correct", "clean_mix", "reaimed", "reweight" (a,b,c on the command
+      # line); "reweight@B" is reweight at beta = B (several betas, several attackers)
+      names=(),
+      seed=seed,  # draw of the clean traces clean_mix, reaimed and reweight use
       clean_mix=dict(rows=300),  # clean traces added to each trace set (examples)
       reaimed=dict(
           clean_rows=256,  # clean traces the student's own gradient is taken on (examples)
           drop_fraction=0.25,  # traces skipped per epoch, highest score first (fraction)
+          micro_batch_size=128),  # traces per forward/backward when scoring (examples)
+      # The Distillation Game's adaptive student (ysfalh/distillation-game, strategic_fd):
+      # beta and clip are the reference code's (configs/gsm8k.yaml beta_s_values, DELTA_B_CLIP).
+      reweight=dict(
+          clean_rows=256,  # clean traces the student's gradient g_s is taken on (examples)
+          beta=0.5,  # w_i ~ exp(beta * clip(a_i)); > 0 weights up traces that raise clean loss
+          clip=10.0,  # a_i clipped to [-clip, clip] (nats per token per unit of g_s)
           micro_batch_size=128))  # traces per forward/backward when scoring (examples)
 
   # Devices: data x model (-1: the rest); fsdp_teacher also shards the teacher's hidden

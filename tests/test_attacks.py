@@ -130,3 +130,86 @@ def test_keep_correct_and_clean_mix_pick_their_rows():
   assert mixed != attacks.clean_mix(rows, clean, 4, seed=1)
   with pytest.raises(ValueError, match="clean set has 10"):
     attacks.clean_mix(rows, clean, 11)
+
+
+def _mean_nll(model, examples) -> np.ndarray:
+  """Each example's per-token mean completion NLL (the reference's l_i)."""
+  ids, pad, loss = gradients.pack_examples(examples, len(examples), 64)
+  nll, mask = gradients.token_nll(model, jnp.asarray(ids), jnp.asarray(pad), jnp.asarray(loss))
+  return np.asarray(jnp.sum(nll * mask, axis=1) / jnp.sum(mask, axis=1), np.float64)
+
+
+def test_reweighting_scores_are_the_reference_central_difference(student_dir):
+  """a_i = [l_i(theta - e g_s) - l_i(theta + e g_s)] / 2e (strategic_fd's formula), g_s the
+  student's gradient on the clean traces; w = exp(beta * clip(a)) / mean."""
+  model = models.from_pretrained(student_dir)
+  clean, train = random_examples(5, seed=3), random_examples(7, seed=4)
+  g, _ = gradients.proxy_gradient(model, clean, micro_batch_size=4)
+  eps = 1e-3
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  moved = lambda sign: nnx.merge(graphdef, jax.tree.map(lambda p, d: p + sign * eps * d,
+                                                        params, g), rest)
+  a = (_mean_nll(moved(-1), train) - _mean_nll(moved(1), train)) / (2 * eps)
+  assert np.abs(a).min() > 0
+  beta = 3.0 / np.abs(a).max()  # weights far from 1, none clipped
+  w, stats = attacks.trace_weights(model, clean, train, beta=beta, clip=2 * np.abs(a).max(),
+                                   micro_batch_size=4)
+  expected = np.exp(beta * a) / np.exp(beta * a).mean()
+  np.testing.assert_allclose(w, expected, rtol=3e-2)
+  assert w.max() / w.min() > 5 and stats["clipped"] == 0
+  # Clipping: a_i beyond +-clip count as +-clip.
+  c = float(np.sort(np.abs(a))[3:5].mean())
+  w, stats = attacks.trace_weights(model, clean, train, beta=beta, clip=c, micro_batch_size=4)
+  expected = np.exp(beta * np.clip(a, -c, c))
+  np.testing.assert_allclose(w, expected / expected.mean(), rtol=3e-2)
+  assert stats["clipped"] == 3
+
+
+def test_reweighting_at_beta_zero_is_passive_sft(student_dir, tmp_path):
+  train, holdout, clean = (random_examples(8, seed=1), random_examples(3, seed=2),
+                           random_examples(4, seed=6))
+  w, stats = attacks.trace_weights(models.from_pretrained(student_dir), clean, train, beta=0.0,
+                                   micro_batch_size=4)
+  assert np.all(w == 1.0) and stats["a_sd"] > 0  # the scores exist; beta 0 ignores them
+  plain, plain_hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                      str(tmp_path / "plain"), SMALL)
+  ones, ones_hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                    str(tmp_path / "ones"), SMALL, weights=w)
+  assert ones_hist == plain_hist
+  a, b = _params(plain), _params(ones)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def test_weighted_sft_loss_is_the_weighted_token_sum_over_the_batch_tokens(student_dir,
+                                                                          tmp_path):
+  """Step 1's loss is sum_i w_i * (example i's summed NLL) / (the batch's completion tokens),
+  and a weight of 0 is an example that teaches nothing."""
+  train, holdout = random_examples(8, seed=1), random_examples(3, seed=2)
+  weights = np.array([0.0, 3.0, 0.5, 1.0, 2.0, 0.0, 1.5, 0.25], np.float32)
+  model = models.from_pretrained(student_dir)
+  nll = distill.completion_nlls(model, train, SMALL, rows=SMALL.micro_batch_size)
+  batch = distill.batch_indices(len(train), SMALL, 0)
+  expected = (sum(weights[i] * nll[i].astype(np.float64).sum() for i in batch)
+              / sum(len(nll[i]) for i in batch))
+  _, hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                            str(tmp_path / "w"), SMALL, weights=weights, max_steps=1)
+  np.testing.assert_allclose(hist[0]["train_loss"], expected, rtol=1e-5)
+  zero = np.zeros(len(train), np.float32)
+  untouched, hist = distill.distill(models.from_pretrained(student_dir), train, holdout,
+                                    str(tmp_path / "zero"), SMALL, weights=zero)
+  a, b = _params(model), _params(untouched)
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  with pytest.raises(ValueError, match="one per training example"):
+    distill.distill(models.from_pretrained(student_dir), train, holdout, str(tmp_path / "bad"),
+                    SMALL, weights=weights[:3])
+
+
+def test_attack_ids_parse_and_name_their_errors():
+  assert attacks.parse("reaimed") == ("reaimed", None)
+  assert attacks.parse("reweight@-0.5") == ("reweight", -0.5)
+  for bad, message in (("nope", "unknown attack"), ("reaimed@1", "takes no argument"),
+                       ("reweight@x", "not a number")):
+    with pytest.raises(ValueError, match=message):
+      attacks.parse(bad)

@@ -437,8 +437,9 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   c.grid.temperatures = (1.0, 2.0)
   c.grid.calibrate.n, c.grid.calibrate.points, c.grid.calibrate.ladder = 16, 2, (0.0, 10.0, 100.0)
   c.distill.epochs, c.distill.eval_every = 1, 1
-  c.attacks.names = ("keep_correct,clean_mix,reaimed",)  # as --config.attacks.names=a,b,c gives it
-  c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows = 4, 8
+  # as --config.attacks.names=a,b,c gives it
+  c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0",)
+  c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows, c.attacks.reweight.clean_rows = 4, 8, 8
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
   stages = [r["stage"] for r in records(tmp_path)]
@@ -457,7 +458,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   # barely trained teacher writes no correct trace, so keep_correct has nothing to train on.
   ads = [p for p in experiment.points if p.kind == "ads"]
   attacked = report.collect_attacks(str(tmp_path))
-  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed"]
+  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed", "reweight@0"]
   assert len(attacked["keep_correct"]) == len(experiment.points)
   assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces", n_students=1)
              and "student_eval" not in e for e in attacked["keep_correct"])
@@ -469,8 +470,15 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   assert all(e["distill"]["train_rows"] == 32 + 4 for e in attacked["clean_mix"])
   assert all([r["dropped"] for r in e["distill"]["reaimed"]] == [8]
              for e in attacked["reaimed"])  # 25% of 32, re-aimed once per epoch
+  # Reweighting at beta = 0 is passive SFT: each of its students is the point's own student.
+  plain = {e["name"]: e for e in entries}
+  assert sorted(e["base"] for e in attacked["reweight@0"]) == sorted(plain)
+  for e in attacked["reweight@0"]:
+    assert e["distill"]["reweight"]["weight_max"] == e["distill"]["reweight"]["weight_min"] == 1
+    assert e["distill"]["holdout_loss"] == plain[e["base"]]["distill"]["holdout_loss"]
+    assert e["student_eval"]["accuracy"] == plain[e["base"]]["student_eval"]["accuracy"]
   keys = {experiment.distill_key(s) for s in experiment.students()}
-  assert len(keys) == len(experiment.students()) == len(experiment.points) * 3 + len(ads)
+  assert len(keys) == len(experiment.students()) == len(experiment.points) * 4 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text
 

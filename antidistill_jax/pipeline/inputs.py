@@ -367,10 +367,11 @@ class Inputs:
     # --config.attacks.names=a,b arrives as one string: split on commas.
     names = tuple(n.strip() for x in ([names] if isinstance(names, str) else names)
                   for n in str(x).split(",") if n.strip())
-    unknown = [n for n in names if n not in attacks.NAMES]
-    if unknown:
-      raise errors.BadValue(f"--config.attacks.names: unknown attacks {unknown}; expected some "
-                            f"of {', '.join(attacks.NAMES)}.")
+    for n in names:
+      try:
+        attacks.parse(n)
+      except ValueError as e:
+        raise errors.BadValue(f"--config.attacks.names: {e}") from None
     return names
 
   # -- keys: what changes an output, and nothing else -------------------------------------------
@@ -424,7 +425,7 @@ class Inputs:
   def attack(self, point: Point, name: str) -> dict:
     """An attacker's settings, with the key of the clean traces it reads."""
     settings = attacks.settings(name, self.config.attacks)
-    if name in attacks.NEEDS_CLEAN:
+    if settings["name"] in attacks.NEEDS_CLEAN:
       settings["traces"] = self.sample_key(self.clean_point(point))
     return settings
 

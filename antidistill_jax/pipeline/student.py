@@ -31,22 +31,23 @@ def distill_one(x, s: Student, out) -> dict:
   system = x.config.prompts.system or None
   to_examples = lambda rows: distill.sft_examples(student.tokenizer, rows, system=system,
                                                   max_length=cfg.max_length)
-  rows, log, select = trace_rows(x, point), [], None
+  rows, log = trace_rows(x, point), []
+  fresh = models.from_pretrained(student.path, dtype=jnp.dtype(x.config.models.dtype),
+                                 mesh=x.mesh)
   if attack is None:
-    examples = to_examples(rows)
+    plan = attacks.Plan(to_examples(rows))
   else:
     settings = x.attack(point, attack)
-    clean = trace_rows(x, x.clean_point(point)) if attack in attacks.NEEDS_CLEAN else None
-    plan = attacks.prepare(settings, rows, clean, to_examples, pad_id=cfg.pad_id, mesh=x.mesh,
-                           log=log)
+    clean = trace_rows(x, x.clean_point(point)) if settings["name"] in attacks.NEEDS_CLEAN \
+        else None
+    plan = attacks.prepare(settings, rows, clean, to_examples, student=fresh, pad_id=cfg.pad_id,
+                           mesh=x.mesh, log=log)
     if plan is None:  # nothing to learn from: the attacker's student stays undistilled
       logging.warning("%s: nothing of %s to train on; no student.", attack, point.name)
       return dict(train_rows=0, skipped="no correct traces")  # keep_correct's only way out
-    examples, select = plan
+  examples = plan.examples
   held_rows = nll_rows(x)
   held = to_examples(held_rows)
-  fresh = models.from_pretrained(student.path, dtype=jnp.dtype(x.config.models.dtype),
-                                 mesh=x.mesh)
   name = s.name
 
   def on_step(record):
@@ -54,7 +55,8 @@ def distill_one(x, s: Student, out) -> dict:
                      step=int(record["step"]))
 
   trained, history = distill.distill(fresh, examples, held, out / "train", cfg, mesh=x.mesh,
-                                     on_step=on_step, select=select)
+                                     on_step=on_step, select=plan.select,
+                                     weights=plan.weights)
   save_model_dir(trained, student.tokenizer, out / "student")
   last = history[-1]
   evals = [h for h in history if "holdout_loss" in h]
@@ -63,9 +65,9 @@ def distill_one(x, s: Student, out) -> dict:
   if x.config.data.grader == "synthetic":
     metrics["nll_by_role"] = nll_by_role(trained, held_rows, held, cfg, x.mesh)
   if attack:  # traces it trained on (re-aimed: per epoch, after its filter)
-    metrics["train_rows"] = len(examples) - (log[-1]["dropped"] if log else 0)
+    metrics["train_rows"] = len(examples) - (log[-1].get("dropped", 0) if log else 0)
     if log:
-      metrics["reaimed"] = log
+      metrics[settings["name"]] = log if plan.select is not None else log[-1]
   return metrics
 
 
