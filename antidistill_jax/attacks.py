@@ -12,7 +12,12 @@ Each attacker sees the same served trace set and changes only what the student t
                 a_i = [l_i(theta - e g_s) - l_i(theta + e g_s)] / 2e (l_i: the trace's per-token
                 mean NLL; g_s: the student's gradient on a few clean traces) and trains on them
                 with weights w_i ~ exp(beta * clip(a_i, -c, c)), normalised to mean 1. The
-                attack id "reweight@B" sets beta = B (otherwise attacks.reweight.beta).
+                attack id "reweight@B" sets beta = B (otherwise attacks.reweight.beta);
+  resample      drops the degenerate traces (`degeneracy`: the public filter of the same code)
+                and re-queries the teacher for their prompts, round after round, within a
+                budget of Q x the served set's queries ("resample@Q"; Q = 1: the filter alone).
+                The re-queried traces are the sample stage's (teacher side: `Resample` items);
+                the attacker takes them in the order they were asked for, up to its budget.
 
 The re-aimed score of a trace x is the directional derivative of its log-likelihood along g_s,
   score(x) = d/de sum_t log p(x_t | x_<t; theta_s + e g_s) = <g_s, grad log p(x; theta_s)>,
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -35,13 +41,14 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from antidistill_jax import gradients, parallel
+from antidistill_jax import degeneracy, gradients, parallel
 from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
 
-NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight")
+NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight", "resample")
 NEEDS_CLEAN = ("clean_mix", "reaimed", "reweight")  # they read a clean (plain-sampled) trace set
-WITH_ARGUMENT = {"reweight": "beta"}  # "name@value" sets this setting
+NEEDS_TEACHER = ("resample",)  # it reads the teacher's answers to its new queries
+WITH_ARGUMENT = {"reweight": "beta", "resample": "budget"}  # "name@value" sets this setting
 
 
 def parse(attack: str) -> tuple[str, float | None]:
@@ -73,9 +80,23 @@ def settings(attack: str, config) -> dict:
     r = config.reweight
     return dict(name=name, rows=int(r.clean_rows), beta=float(r.beta if arg is None else arg),
                 clip=float(r.clip), micro_batch=int(r.micro_batch_size), seed=int(config.seed))
+  if name == "resample":
+    budget = float(config.resample.budget if arg is None else arg)
+    if budget < 1.0:
+      raise ValueError(f"attack resample@{budget:g}: the budget is total queries over the "
+                       "served set's (>= 1; 1 is the filter alone).")
+    return dict(name=name, budget=budget, rounds=int(config.resample.rounds),
+                rules=dataclasses.asdict(rules(config)))
   return dict(name=name, rows=int(config.reaimed.clean_rows),
               drop_fraction=float(config.reaimed.drop_fraction),
               micro_batch=int(config.reaimed.micro_batch_size), seed=int(config.seed))
+
+
+def rules(config) -> degeneracy.Rules:
+  """The degeneracy rules of config.attacks.resample."""
+  r = config.resample
+  return degeneracy.Rules(min_foreign_run=int(r.min_foreign_run), min_copies=int(r.min_copies),
+                          max_period=int(r.max_period))
 
 
 @dataclasses.dataclass
@@ -89,15 +110,24 @@ class Plan:
 
 def prepare(attack: dict, rows: Sequence[dict[str, Any]], clean: Sequence[dict[str, Any]] | None,
             to_examples: Callable[[Sequence[dict]], list[TokenPair]], *,
-            student: Transformer | None = None, pad_id: int = 0, mesh: Mesh | None = None,
-            log: list | None = None) -> Plan | None:
+            student: Transformer | None = None, rounds: Sequence[Sequence[dict]] | None = None,
+            pad_id: int = 0, mesh: Mesh | None = None, log: list | None = None) -> Plan | None:
   """The one call the distill stage makes: the Plan of the student of `attack` (settings())
   on the served trace `rows`, or None when the attacker leaves nothing to train on. `clean`:
   the clean trace rows, for NEEDS_CLEAN attackers; `student`: the undistilled student (reweight
-  scores the traces with it); `log`: gets the attacker's statistics (dicts)."""
+  scores the traces with it); `rounds`: the teacher's re-queried traces (resample); `log`: gets
+  the attacker's statistics (dicts)."""
   name = attack["name"]
   if name == "keep_correct":
     rows = keep_correct(rows)
+    return Plan(to_examples(rows)) if rows else None
+  if name == "resample":
+    if rounds is None:
+      raise ValueError("attack resample needs the teacher's re-queried traces (rounds=).")
+    rows, stats = resampled(rows, rounds, budget=attack["budget"],
+                            rules=degeneracy.Rules(**attack["rules"]))
+    if log is not None:
+      log.append(stats)
     return Plan(to_examples(rows)) if rows else None
   if clean is None:
     raise ValueError(f"attack {name} needs a clean trace set.")
@@ -127,6 +157,44 @@ def keep_correct(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     raise ValueError(f"trace rows {missing[:5]} have no 'correct' field: keep_correct needs "
                      "graded traces (traces.generate_traces grades them).")
   return [r for r in rows if r["correct"]]
+
+
+def resampled(rows: Sequence[dict[str, Any]], rounds: Sequence[Sequence[dict[str, Any]]], *,
+              budget: float, rules: degeneracy.Rules) -> tuple[list[dict[str, Any]], dict]:
+  """(the traces the attacker keeps, statistics) after filtering and re-querying.
+
+  rows: the served traces (one query per prompt, N of them); rounds[r]: the teacher's answers
+  to round r's re-queries, in the order asked (round r asks again for every prompt whose
+  latest trace breaks a rule; each row's "index" is its prompt's, as in rows). The attacker
+  takes the first floor((budget - 1) * N) re-queries, each replacing its prompt's trace, and
+  keeps the prompts whose latest trace breaks no rule, in prompt order. A budget of 1 is the
+  filter alone; rules that flag nothing keep every row as it is."""
+  n = len(rows)
+  extra = int(math.floor((budget - 1.0) * n + 1e-9))
+  latest = {r["index"]: r for r in rows}
+  order = [r["index"] for r in rows]
+  flagged_first = {i for i in order if degeneracy.check(latest[i], rules)}
+  used = 0
+  for k, answers in enumerate(rounds):
+    for r in answers:
+      if used >= extra:
+        break
+      i = r["index"]
+      if i not in latest or degeneracy.check(latest[i], rules) is None:
+        raise ValueError(f"re-queried trace of prompt {i} (round {k + 1}) answers no flagged "
+                         "trace: the resample rounds were made with other rules or other "
+                         "traces; rerun the sample stage for this config.")
+      latest[i] = r
+      used += 1
+  reasons = [degeneracy.check(latest[i], rules) for i in order]
+  kept = [latest[i] for i, why in zip(order, reasons) if why is None]
+  stats = dict(budget=float(budget), served=n, flagged=len(flagged_first), requeried=used,
+               queries=(n + used) / max(n, 1), kept=len(kept),
+               still_script=reasons.count("script"), still_repeat=reasons.count("repeat"),
+               replaced_kept=sum(1 for i, why in zip(order, reasons)
+                                 if why is None and i in flagged_first))
+  logging.info("resampling attacker: %s", stats)
+  return kept, stats
 
 
 def draw(clean: Sequence[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:

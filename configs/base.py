@@ -219,8 +219,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Attackers distilling from the ADS traces (attacks.py), each a student per point it applies
   # to. The settings are configs/synthetic.py's, fixed before any attacker ran.
   c.attacks = dict(
-      # some of "keep_correct", "clean_mix", "reaimed", "reweight" (a,b,c on the command
-      # line); "reweight@B" is reweight at beta = B (several betas, several attackers)
+      # some of "keep_correct", "clean_mix", "reaimed", "reweight", "resample" (a,b,c on the
+      # command line); "reweight@B" sets beta = B, "resample@Q" the budget Q (one attacker each)
       names=(),
       seed=seed,  # draw of the clean traces clean_mix, reaimed and reweight use
       clean_mix=dict(rows=300),  # clean traces added to each trace set (examples)
@@ -234,7 +234,15 @@ def get_config() -> ml_collections.ConfigDict:
           clean_rows=256,  # clean traces the student's gradient g_s is taken on (examples)
           beta=0.5,  # w_i ~ exp(beta * clip(a_i)); > 0 weights up traces that raise clean loss
           clip=10.0,  # a_i clipped to [-clip, clip] (nats per token per unit of g_s)
-          micro_batch_size=128))  # traces per forward/backward when scoring (examples)
+          micro_batch_size=128),  # traces per forward/backward when scoring (examples)
+      # Degenerate-text filter + re-queries ("What Does It Mean to Break a Distillation
+      # Defense?"); the rules are the public filter's (distillation-game, filtering_traces/).
+      resample=dict(
+          budget=2.0,  # total queries over the served set's ("resample@Q" sets it; 1: filter)
+          rounds=3,  # re-query rounds the sample stage runs (each asks for what is still flagged)
+          min_foreign_run=1,  # foreign-script letters in a row that flag a trace (0: off)
+          min_copies=8,  # copies in a row of one token that flag a trace (0: off)
+          max_period=1))  # also blocks of up to this many tokens repeated min_copies times
 
   # Devices: data x model (-1: the rest); fsdp_teacher also shards the teacher's hidden
   # dimension over `data` (FSDP), for teachers that do not fit on `model` devices.

@@ -1,6 +1,7 @@
 """The experiment as one command: configs/tiny.py end to end through the CLI, a rerun that does
 no work, a changed lam that makes new traces, grid sharding, and the report of a partial grid."""
 
+import copy
 import glob
 import json
 import os
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from antidistill_jax import errors, pipeline, report, traces
+from antidistill_jax import attacks, degeneracy, errors, pipeline, report, traces
+from antidistill_jax.pipeline import teacher
 from configs import tiny as tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,8 +440,10 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   c.grid.calibrate.n, c.grid.calibrate.points, c.grid.calibrate.ladder = 16, 2, (0.0, 10.0, 100.0)
   c.distill.epochs, c.distill.eval_every = 1, 1
   # as --config.attacks.names=a,b,c gives it
-  c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0",)
+  c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0,resample@1,resample@2",)
   c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows, c.attacks.reweight.clean_rows = 4, 8, 8
+  # Rules that flag the barely trained teacher's traces: two copies of a token in a row.
+  c.attacks.resample.min_copies, c.attacks.resample.rounds = 2, 2
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
   stages = [r["stage"] for r in records(tmp_path)]
@@ -458,7 +462,8 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   # barely trained teacher writes no correct trace, so keep_correct has nothing to train on.
   ads = [p for p in experiment.points if p.kind == "ads"]
   attacked = report.collect_attacks(str(tmp_path))
-  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed", "reweight@0"]
+  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed", "resample@1",
+                              "resample@2", "reweight@0"]
   assert len(attacked["keep_correct"]) == len(experiment.points)
   assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces", n_students=1)
              and "student_eval" not in e for e in attacked["keep_correct"])
@@ -477,8 +482,34 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
     assert e["distill"]["reweight"]["weight_max"] == e["distill"]["reweight"]["weight_min"] == 1
     assert e["distill"]["holdout_loss"] == plain[e["base"]]["distill"]["holdout_loss"]
     assert e["student_eval"]["accuracy"] == plain[e["base"]]["student_eval"]["accuracy"]
+  # Resampling: the sample stage re-queried each point's flagged prompts (rounds at their own
+  # streams); the filter alone (budget 1) asks nothing, budget 2 at most one more query per
+  # prompt, and every trace a student trained on breaks no rule.
+  rules = attacks.rules(c.attacks)
+  for p in experiment.points:
+    served = traces.read_traces(experiment.out_dir("sample", experiment.sample_key(p))
+                                / "traces.jsonl")
+    flagged = [r["index"] for r in served if degeneracy.check(r, rules)]
+    rounds = teacher.resampled_rounds(experiment, p)
+    assert flagged and [r["index"] for r in rounds[0]] == flagged
+    assert rounds[0][0]["completion_ids"] != served[flagged[0]]["completion_ids"] or \
+        len(rounds[0]) > 1
+    entry = {e["base"]: e for e in attacked["resample@2"]}[p.name]["distill"]["resample"]
+    assert entry["flagged"] == len(flagged) and 1.0 < entry["queries"] <= 2.0
+    assert entry["requeried"] == min(len(served), sum(len(r) for r in rounds))
+    alone = {e["base"]: e for e in attacked["resample@1"]}[p.name]["distill"]
+    assert alone["resample"]["queries"] == 1.0
+    assert alone.get("train_rows", 0) == len(served) - len(flagged)
+  assert {experiment.resample_key(p) for p in experiment.points} == {
+      r["key"] for r in records(tmp_path) if r["stage"] == "sample"
+      and r["entry"].endswith("+resample")}
+  # Another budget reads the same re-queries: no budget is in their key.
+  other = copy.deepcopy(c)
+  other.attacks.names = ("resample@4",)
+  assert pipeline.Experiment(other, str(tmp_path)).resample_key(ads[0]) == \
+      experiment.resample_key(ads[0])
   keys = {experiment.distill_key(s) for s in experiment.students()}
-  assert len(keys) == len(experiment.students()) == len(experiment.points) * 4 + len(ads)
+  assert len(keys) == len(experiment.students()) == len(experiment.points) * 6 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text
 

@@ -20,6 +20,7 @@ from absl import logging
 
 from antidistill_jax import errors
 from antidistill_jax.pipeline import loop, reporting, student, teacher
+from antidistill_jax.pipeline.grid import Resample
 from antidistill_jax.pipeline.inputs import Inputs
 
 STAGES = ("models", "holdout", "grad", "calibrate", "sample", "distill", "eval_student",
@@ -35,7 +36,7 @@ class Experiment(Inputs):
   def stages(self) -> list[loop.Stage]:
     """The experiment, in order (each reads only what the ones before it wrote)."""
     one = lambda: [None]
-    point = lambda p: dict(entry=p.name, point=dataclasses.asdict(p))
+    point = lambda p: dict(entry=p.name, point=dataclasses.asdict(getattr(p, "point", p)))
     student_fields = lambda s: dict(entry=s.name, point=dataclasses.asdict(s.point),
                                     attack=s.attack, replicate=s.replicate)
     return [
@@ -47,8 +48,9 @@ class Experiment(Inputs):
                    lambda _, out: teacher.grad(self, out)),
         loop.Stage("calibrate", lambda: [None] if self.calibrates else [],
                    lambda _: self.calibrate_key(), lambda _, out: teacher.calibrate(self, out)),
-        loop.Stage("sample", lambda: self.points, self.sample_key,
-                   lambda p, out: teacher.sample(self, p, out), point),
+        # The grid's trace sets, then the resampling attacker's re-queries of them.
+        loop.Stage("sample", lambda: self.points + self.resample_items(), self._sample_key,
+                   self._sample, point),
         loop.Stage("distill", self.students, self.distill_key,
                    lambda s, out: student.distill_one(self, s, out), student_fields),
         loop.Stage("eval_student", lambda: student.trained(self, self.students()),
@@ -60,6 +62,14 @@ class Experiment(Inputs):
                    lambda _, out: student.evaluate_base(self, out), lambda _: dict(entry="base")),
         loop.Stage("report", one, None, lambda _, out: reporting.report(self, out)),
     ]
+
+  def _sample_key(self, item) -> str:
+    return self.resample_key(item.point) if isinstance(item, Resample) else self.sample_key(item)
+
+  def _sample(self, item, out) -> dict:
+    if isinstance(item, Resample):
+      return teacher.resample(self, item.point, out)
+    return teacher.sample(self, item, out)
 
   def _on_record(self, stage: loop.Stage, item, outcome: loop.Outcome) -> None:
     record = outcome.record

@@ -42,6 +42,20 @@ class Point:
 
 
 @dataclasses.dataclass(frozen=True)
+class Resample:
+  """The teacher's answers to the resampling attacker's re-queries of a point's degenerate
+  traces (`attacks.resampled`): round r samples at stream RESAMPLE_STREAM + r - 1."""
+  point: Point
+
+  @property
+  def name(self) -> str:
+    return f"{self.point.name}+resample"
+
+
+RESAMPLE_STREAM = 2  # round 1's sampling stream (stream 1 is the A/A control's)
+
+
+@dataclasses.dataclass(frozen=True)
 class Student:
   """One distilled student: a point's traces, what an attacker makes of them (None: the
   traces as they are), and its replicate (distillation seed; 0 is the first)."""

@@ -20,8 +20,8 @@ from antidistill_jax import (attacks, distill, errors, files, models, monitoring
                              sampling, traces)
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.pipeline import identity
-from antidistill_jax.pipeline.grid import (REPLICATE_STRIDE, STREAM_STRIDE, Point, Student,
-                                           grid, shard_points)
+from antidistill_jax.pipeline.grid import (REPLICATE_STRIDE, RESAMPLE_STREAM, STREAM_STRIDE,
+                                           Point, Resample, Student, grid, shard_points)
 from antidistill_jax.pipeline.store import Store, key_of
 
 ROLES = ("teacher", "proxy", "student")
@@ -422,11 +422,30 @@ class Inputs:
     return key_of(stage="sample", examples=self.split_hash("train"),
                   batch=self.config.sample.batch_size, **self.teacher_side(point))
 
+  def resample_key(self, point: Point) -> str:
+    """The teacher's answers to the resampling attacker's re-queries of a point's traces: its
+    traces, the rules that flag them, the rounds, and the first round's sampling settings."""
+    r = self.config.attacks.resample
+    first = dataclasses.replace(point, stream=RESAMPLE_STREAM)
+    return key_of(stage="sample", resample=dict(
+        traces=self.sample_key(point), rounds=int(r.rounds),
+        rules=dataclasses.asdict(attacks.rules(self.config.attacks))),
+        examples=self.split_hash("train"), batch=self.config.sample.batch_size,
+        **self.teacher_side(first))
+
+  def resample_items(self) -> list[Resample]:
+    """This shard's Resample items (one per point) when a resampling attacker is named."""
+    if not any(attacks.parse(n)[0] == "resample" for n in self.attack_names()):
+      return []
+    return [Resample(p) for p in self.points]
+
   def attack(self, point: Point, name: str) -> dict:
-    """An attacker's settings, with the key of the clean traces it reads."""
+    """An attacker's settings, with the key of the clean traces (or re-queries) it reads."""
     settings = attacks.settings(name, self.config.attacks)
     if settings["name"] in attacks.NEEDS_CLEAN:
       settings["traces"] = self.sample_key(self.clean_point(point))
+    if settings["name"] in attacks.NEEDS_TEACHER:
+      settings["requeries"] = self.resample_key(point)
     return settings
 
   def distill_key(self, s: Student) -> str:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from antidistill_jax import attacks, distill, files, models, sampling, traces
-from antidistill_jax.pipeline import evaluating
+from antidistill_jax.pipeline import evaluating, teacher
 from antidistill_jax.pipeline.grid import Point, Student
 from antidistill_jax.pipeline.teacher import nll_rows, save_model_dir
 
@@ -40,11 +40,14 @@ def distill_one(x, s: Student, out) -> dict:
     settings = x.attack(point, attack)
     clean = trace_rows(x, x.clean_point(point)) if settings["name"] in attacks.NEEDS_CLEAN \
         else None
-    plan = attacks.prepare(settings, rows, clean, to_examples, student=fresh, pad_id=cfg.pad_id,
-                           mesh=x.mesh, log=log)
+    rounds = teacher.resampled_rounds(x, point) if settings["name"] in attacks.NEEDS_TEACHER \
+        else None
+    plan = attacks.prepare(settings, rows, clean, to_examples, student=fresh, rounds=rounds,
+                           pad_id=cfg.pad_id, mesh=x.mesh, log=log)
     if plan is None:  # nothing to learn from: the attacker's student stays undistilled
       logging.warning("%s: nothing of %s to train on; no student.", attack, point.name)
-      return dict(train_rows=0, skipped="no correct traces")  # keep_correct's only way out
+      why = "no correct traces" if settings["name"] == "keep_correct" else "no clean traces"
+      return dict(train_rows=0, skipped=why, **({settings["name"]: log[-1]} if log else {}))
   examples = plan.examples
   held_rows = nll_rows(x)
   held = to_examples(held_rows)

@@ -7,13 +7,15 @@ Each function computes one stage output into `out` and returns its metrics; `x` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
 from antidistill_jax import errors, files, gradients, models, parallel, sampling, traces
 from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.pipeline import evaluating
-from antidistill_jax.pipeline.grid import Point, calibrated_lams, calibration_span
+from antidistill_jax.pipeline.grid import (RESAMPLE_STREAM, Point, calibrated_lams,
+                                           calibration_span)
 
 
 def save_model_dir(model, tokenizer, path) -> None:
@@ -231,6 +233,52 @@ def sample(x, point: Point, out) -> dict:
   """A grid point's training traces: the teacher at (tau, lam) on the train split."""
   return write_traces(x, out, x.teacher_sampler(point.lam != 0.0), x.split("train"),
                       x.point_params(point), x.config.sample.batch_size, "train")
+
+
+def resample(x, point: Point, out) -> dict:
+  """The resampling attacker's re-queries of a point's traces (attacks.resampled): round r
+  asks the teacher again, at sampling stream RESAMPLE_STREAM + r - 1, for every prompt whose
+  latest trace breaks a degeneracy rule; out/round_<r>/ holds its prompts (flagged.json: their
+  indices in the train split) and traces. Stops after attacks.resample.rounds rounds or when
+  nothing is flagged."""
+  from antidistill_jax import attacks, degeneracy
+  rules = attacks.rules(x.config.attacks)
+  latest = traces.read_traces(x.output("sample", x.sample_key(point), f"traces of {point.name}")
+                              / "traces.jsonl")
+  train, asked, served = x.split("train"), [], len(latest)
+  sampler = x.teacher_sampler(point.lam != 0.0)
+  for r in range(1, int(x.config.attacks.resample.rounds) + 1):
+    flagged = [row["index"] for row in latest if degeneracy.check(row, rules)]
+    asked.append(len(flagged))
+    if not flagged:
+      break
+    folder = out / f"round_{r}"
+    files.makedirs(folder)
+    files.write_json(folder / "flagged.json", flagged)
+    params = x.point_params(dataclasses.replace(point, stream=RESAMPLE_STREAM + r - 1))
+    write_traces(x, folder, sampler, [train[i] for i in flagged], params,
+                 x.config.sample.batch_size, "train")
+    latest = _round_rows(folder)
+  return dict(served=served, requeried=asked)
+
+
+def _round_rows(folder) -> list[dict]:
+  """A round's traces, each row's index mapped back to its prompt's index in the train split."""
+  flagged = files.read_json(folder / "flagged.json")
+  rows = traces.read_traces(folder / "traces.jsonl")
+  if len(rows) != len(flagged):
+    raise errors.BadValue(f"{os.fspath(folder)}: {len(rows)} traces for {len(flagged)} "
+                          "re-queried prompts; rerun the sample stage.")
+  return [dict(row, index=flagged[row["index"]]) for row in rows]
+
+
+def resampled_rounds(x, point: Point) -> list[list[dict]]:
+  """The rounds resample() wrote for a point, in order (what attacks.resampled reads)."""
+  out = x.output("sample", x.resample_key(point), f"re-queries of {point.name}")
+  rounds = []
+  while (out / f"round_{len(rounds) + 1}" / "flagged.json").exists():
+    rounds.append(_round_rows(out / f"round_{len(rounds) + 1}"))
+  return rounds
 
 
 def evaluate(x, point: Point, out) -> dict:
