@@ -185,6 +185,20 @@ def _synthetic_answer(text: str) -> str | None:
   return str(int(m.group(1))) if m else None
 
 
+def answer_start(dataset: str, text: str) -> int | None:
+  """Where the final answer of a completion begins (a character offset), or None: synthetic,
+  the last "#" (`data.synthetic.token_roles`' answer span); otherwise the last \\boxed (or
+  \\fbox), else the last "####". What the answer-aligned g takes its loss on (`aligned`)."""
+  if grader(dataset) == "synthetic":
+    cut = text.rfind("#")
+    return None if cut < 0 else cut
+  boxes = [m.start() for m in _BOX.finditer(text)]
+  if boxes:
+    return boxes[-1]
+  cut = text.rfind("####")
+  return None if cut < 0 else cut
+
+
 def extract_answer(dataset: str, text: str) -> str | None:
   """The final answer in `text` (a gold solution or a completion), or None if there is none.
 

@@ -22,7 +22,8 @@ from etils import epath
 from antidistill_jax import files
 
 
-DEFENCES = ("ads", "control", "poe")  # point kinds matched against the temperature sweep
+# Point kinds matched against the temperature sweep.
+DEFENCES = ("ads", "control", "poe", "aligned")
 
 
 def _read(path) -> Any:
@@ -238,7 +239,7 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  series = {kind: ([], [], []) for kind in ("ads", "temperature", "control", "poe")}
+  series = {kind: ([], [], []) for kind in ("ads", "temperature", "control", "poe", "aligned")}
   for e in entries:
     t, s = _acc(e, "teacher_eval", forced), _acc(e, "student_eval", forced)
     if t is None or s is None:
@@ -247,7 +248,7 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
     xs, ys, labels = series[p["kind"]]
     xs.append(s)
     ys.append(t)
-    labels.append(f"λ={p['lam']:.3g}" if p["kind"] == "ads" else
+    labels.append(f"λ={p['lam']:.3g}" if p["kind"] in ("ads", "aligned") else
                   f"γ={p['lam']:.3g}, τ={p['tau']:.3g}" if p["kind"] == "poe" else
                   f"τ={p['tau']:.3g}")
   if not any(xs for xs, _, _ in series.values()):
@@ -256,7 +257,8 @@ def figure3(entries: list[dict], base: dict | None, path: str, forced: bool = Fa
   styles = {"ads": dict(marker="o", color="tab:red", label="antidistillation"),
             "temperature": dict(marker="s", color="tab:blue", label="temperature"),
             "control": dict(marker="^", color="tab:gray", label="temperature, A/A control"),
-            "poe": dict(marker="D", color="tab:green", label="product of experts")}
+            "poe": dict(marker="D", color="tab:green", label="product of experts"),
+            "aligned": dict(marker="v", color="tab:purple", label="ADS, answer-aligned g")}
   for kind, (xs, ys, labels) in series.items():
     if xs:
       ax.scatter(xs, ys, **styles[kind])

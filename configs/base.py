@@ -178,6 +178,10 @@ def get_config() -> ml_collections.ConfigDict:
       # of these taus and gammas (The Distillation Game reports tau 0.6, gamma 0.6-0.7)
       poe_taus=(),
       poe_gammas=(),
+      # ADS with the answer-aligned g (`aligned`: the proxy's gradient on the answer tokens
+      # only, rescaled to g's norm): a twin of every ADS point, same tau and lam (kind
+      # "aligned"); False: none
+      aligned=False,
       # Lambda calibration (the `calibrate` stage): ADS lams chosen so that the teacher's
       # accuracy under them spans the temperature sweep's, or (logprob_drops) so that the
       # teacher finds the ADS text that many nats per token less likely than plain text, a

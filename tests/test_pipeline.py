@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from antidistill_jax import attacks, degeneracy, errors, pipeline, report, traces
@@ -424,10 +425,14 @@ def test_lams_calibrated_to_a_logprob_drop(tmp_path):
     pipeline.Experiment(c, str(tmp_path / "both")).run()
 
 
-def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
+def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   """configs/synthetic.py (models trained from scratch, lambda calibration, both sweeps) end to
   end at a size that checks it runs, not that it shows the effect."""
+  from antidistill_jax import grading
   from configs import synthetic
+  # The barely trained teacher writes no "#": its answer is said to be its second half, so that
+  # the answer-aligned g has answers to take (the rule itself: tests/test_aligned.py).
+  monkeypatch.setattr(grading, "answer_start", lambda dataset, text: len(text) // 2)
   c = synthetic.get_config()
   c.data.max_holdout, c.data.max_train, c.data.max_test = 16, 32, 16
   c.scratch.eval_rows = 8
@@ -438,6 +443,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
     c.scratch[role].train.epochs = 1
   c.grid.temperatures = (1.0, 2.0)
   c.grid.calibrate.n, c.grid.calibrate.points, c.grid.calibrate.ladder = 16, 2, (0.0, 10.0, 100.0)
+  c.grid.aligned = True  # a twin of each ADS point with the answer-aligned g
   c.distill.epochs, c.distill.eval_every = 1, 1
   # as --config.attacks.names=a,b,c gives it
   c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0,resample@1,resample@2",)
@@ -447,11 +453,27 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
   stages = [r["stage"] for r in records(tmp_path)]
-  assert stages[:4] == ["models", "holdout", "grad", "calibrate"]
+  assert stages[:5] == ["models", "holdout", "grad", "grad", "calibrate"]  # g, aligned g
   lams = experiment.calibrated_lams()
   assert 1 <= len(lams) <= 2 and all(lam > 0 for lam in lams)
   kinds = sorted(p.kind for p in experiment.points)
-  assert kinds == ["ads"] * len(lams) + ["temperature"] * 2
+  assert kinds == ["ads"] * len(lams) + ["aligned"] * len(lams) + ["temperature"] * 2
+  # The answer-aligned g: its own grad record, g's norm, its own trace sets.
+  grads = {r.get("entry", "standard"): r for r in records(tmp_path) if r["stage"] == "grad"}
+  assert sorted(grads) == ["aligned", "standard"]
+  assert grads["aligned"]["key"] == experiment.grad_key("aligned") != experiment.grad_key()
+  np.testing.assert_allclose(grads["aligned"]["metrics"]["global_norm"],
+                             grads["standard"]["metrics"]["global_norm"], rtol=1e-5)
+  assert grads["aligned"]["metrics"]["answer_norm"] != grads["aligned"]["metrics"]["global_norm"]
+  twins = {(p.tau, p.lam): p for p in experiment.points if p.kind == "aligned"}
+  for p in (p for p in experiment.points if p.kind == "ads"):
+    twin = twins[(p.tau, p.lam)]
+    assert experiment.point_params(twin) == experiment.point_params(p)
+    assert experiment.teacher_side(twin)["grad"] == experiment.grad_key("aligned")
+    assert experiment.sample_key(twin) != experiment.sample_key(p)
+    served = [traces.read_traces(experiment.out_dir("sample", experiment.sample_key(q))
+                                 / "traces.jsonl") for q in (p, twin)]
+    assert [r["completion"] for r in served[0]] != [r["completion"] for r in served[1]]
   # Each trained model is a checkpoint the pipeline loaded: the student is another family.
   assert experiment.model("student").model.config.model_type != \
       experiment.model("teacher").model.config.model_type
@@ -460,14 +482,14 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path):
   assert os.path.exists(tmp_path / "report" / "figure3.png")
   # Attackers: one student per (attack, point it applies to), each its own distill key; the
   # barely trained teacher writes no correct trace, so keep_correct has nothing to train on.
-  ads = [p for p in experiment.points if p.kind == "ads"]
+  ads = [p for p in experiment.points if p.kind != "temperature"]  # both ADS kinds
   attacked = report.collect_attacks(str(tmp_path))
   assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed", "resample@1",
                               "resample@2", "reweight@0"]
   assert len(attacked["keep_correct"]) == len(experiment.points)
   assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces", n_students=1)
              and "student_eval" not in e for e in attacked["keep_correct"])
-  assert [e["base"] for e in attacked["clean_mix"]] == [p.name for p in ads]
+  assert sorted(e["base"] for e in attacked["clean_mix"]) == sorted(p.name for p in ads)
   assert sorted(e["base"] for e in attacked["reaimed"]) == sorted(
       p.name for p in experiment.points)  # a filter: the temperature sets are filtered too
   for name in ("clean_mix", "reaimed"):

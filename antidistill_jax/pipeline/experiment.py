@@ -44,8 +44,9 @@ class Experiment(Inputs):
                    lambda _: self.models_key(), lambda _, out: teacher.make_models(self, out)),
         loop.Stage("holdout", one, lambda _: self.holdout_key(),
                    lambda _, out: teacher.holdout(self, out)),
-        loop.Stage("grad", one, lambda _: self.grad_key(),
-                   lambda _, out: teacher.grad(self, out)),
+        loop.Stage("grad", self._gradients, self.grad_key,
+                   lambda which, out: teacher.grad(self, out, which),
+                   lambda which: dict(entry=which) if which != "standard" else {}),
         loop.Stage("calibrate", lambda: [None] if self.calibrates else [],
                    lambda _: self.calibrate_key(), lambda _, out: teacher.calibrate(self, out)),
         # The grid's trace sets, then the resampling attacker's re-queries of them.
@@ -62,6 +63,10 @@ class Experiment(Inputs):
                    lambda _, out: student.evaluate_base(self, out), lambda _: dict(entry="base")),
         loop.Stage("report", one, None, lambda _, out: reporting.report(self, out)),
     ]
+
+  def _gradients(self) -> list[str]:
+    """g, and the answer-aligned g when grid.aligned asks for it."""
+    return ["standard", "aligned"] if self.config.grid.aligned else ["standard"]
 
   def _sample_key(self, item) -> str:
     return self.resample_key(item.point) if isinstance(item, Resample) else self.sample_key(item)

@@ -6,7 +6,8 @@ the calibrate stage chose), the temperature baseline at each tau in grid.tempera
 lam = 0, and the A/A control at each tau in grid.controls: plain sampling again, from another
 sampling stream, analysed exactly as a defence would be (its gap must be consistent with
 zero), and the product-of-experts defence at each tau in grid.poe_taus and gamma in
-grid.poe_gammas (kind "poe", lam = gamma; `sampling.adjustment`). Each trace set gets
+grid.poe_gammas (kind "poe", lam = gamma; `sampling.adjustment`), and with grid.aligned a twin
+of each ADS point sampled with the answer-aligned g (kind "aligned"). Each trace set gets
 grid.students students (replicates: distillation seeds). `shard=(i, n)` runs the points whose
 index is i mod n.
 """
@@ -29,8 +30,8 @@ REPLICATE_STRIDE = 7_919
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One trace set: its sampling settings and a readable, unique name."""
-  kind: str  # "ads", "temperature", "control" (the A/A control: temperature, stream 1) or
-  #            "poe" (product of experts, lam = gamma)
+  kind: str  # "ads", "temperature", "control" (the A/A control: temperature, stream 1),
+  #            "poe" (product of experts, lam = gamma) or "aligned" (ADS, answer-aligned g)
   tau: float
   lam: float
   eps: float
@@ -88,6 +89,8 @@ def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
   points += [Point("control", float(t), 0.0, eps, stream=1) for t in g.controls]
   points += [Point("poe" if gamma else "temperature", float(t), float(gamma), eps)
              for t in g.poe_taus for gamma in g.poe_gammas]
+  if g.aligned:  # ADS with the answer-aligned g at each ADS point's settings
+    points += [Point("aligned", p.tau, p.lam, eps) for p in points if p.kind == "ads"]
   return list(dict.fromkeys(points))  # the same settings twice are one trace set
 
 

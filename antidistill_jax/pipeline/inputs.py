@@ -133,8 +133,8 @@ class Inputs:
     self._hashes: dict[str, str] = {}
     self._models: dict[str, Loaded] = {}
     self._ids: dict[str, str] = {}
-    self._samplers: dict[bool, sampling.Sampler] = {}
-    self._grad = None
+    self._samplers: dict[str | None, sampling.Sampler] = {}
+    self._grads: dict[str, Any] = {}
     self._events = None
 
   def _check_shared_workdir(self) -> None:
@@ -299,23 +299,31 @@ class Inputs:
       self._models[role] = Loaded(path, model, tok_lib.load_tokenizer(path))
     return self._models[role]
 
-  def gradient(self):
-    if self._grad is None:
+  def gradient(self, which: str = "standard"):
+    """g ("standard") or the answer-aligned g ("aligned"), loaded once."""
+    if which not in self._grads:
       from antidistill_jax import gradients
-      out = self.output("grad", self.grad_key(), "proxy gradient")
-      self._grad = gradients.load_gradient(out / "grad", self.model("proxy").model)[0]
-    return self._grad
+      out = self.output("grad", self.grad_key(which), f"{which} proxy gradient")
+      self._grads[which] = gradients.load_gradient(out / "grad", self.model("proxy").model)[0]
+    return self._grads[which]
 
-  def teacher_sampler(self, ads: bool) -> sampling.Sampler:
-    """The teacher's Sampler, with the proxy and g when ads (one of each per run)."""
-    if ads not in self._samplers:
+  def teacher_sampler(self, ads: bool, which: str = "standard") -> sampling.Sampler:
+    """The teacher's Sampler, with the proxy and g (`which` of them) when ads; one each."""
+    name = which if ads else None
+    if name not in self._samplers:
       t = self.model("teacher")
-      kw = dict(proxy=self.model("proxy").model, grad=self.gradient()) if ads else {}
+      kw = dict(proxy=self.model("proxy").model, grad=self.gradient(which)) if ads else {}
       slots = int(self.config.sample.get("slots", 0) or 0)
       if slots:  # the same traces as static batches (tests/test_continuous.py): not in keys
         kw.update(batching="continuous", batch_size=slots)
-      self._samplers[ads] = sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw)
-    return self._samplers[ads]
+      self._samplers[name] = sampling.Sampler(t.model, t.tokenizer, mesh=self.mesh, **kw)
+    return self._samplers[name]
+
+  def point_sampler(self, point: Point) -> sampling.Sampler:
+    """The teacher's Sampler for a grid point: plain at lam 0, with the proxy otherwise (and
+    the answer-aligned g for kind "aligned")."""
+    return self.teacher_sampler(point.lam != 0.0,
+                                "aligned" if point.kind == "aligned" else "standard")
 
   # -- settings --------------------------------------------------------------------------------
 
@@ -394,7 +402,14 @@ class Inputs:
                   params=sampling_key(self.holdout_params()),
                   batch=self.config.holdout.batch_size, **self.trace_settings())
 
-  def grad_key(self) -> str:
+  def grad_key(self, which: str = "standard") -> str:
+    """g's key; the answer-aligned g's ("aligned") adds the answer rule to g's (it reads g's
+    traces and takes g's norm)."""
+    if which == "aligned":
+      return key_of(stage="grad", aligned="answer_start", standard=self.grad_key(),
+                    dataset=self.config.data.grader)
+    if which != "standard":
+      raise ValueError(f"no gradient {which!r}: 'standard' or 'aligned'.")
     extra = dict(rows=self.grad_rows) if self.grad_rows else {}
     if float(self.config.grad.tau):  # g's own traces: the teacher, the problems, the settings
       extra["traces"] = dict(teacher=self._model("teacher"), examples=self.split_hash("holdout"),
@@ -407,8 +422,9 @@ class Inputs:
     """What a teacher-generated output at this point depends on besides its examples."""
     ads = point.lam != 0.0  # the proxy takes part (ADS, or the product of experts without g)
     g = ads and point.kind != "poe"
-    return dict(teacher=self._model("teacher"),
-                proxy=self._model("proxy") if ads else None, grad=self.grad_key() if g else None,
+    which = "aligned" if point.kind == "aligned" else "standard"
+    return dict(teacher=self._model("teacher"), proxy=self._model("proxy") if ads else None,
+                grad=self.grad_key(which) if g else None,
                 params=sampling_key(self.point_params(point)), **self.trace_settings())
 
   def calibrate_key(self) -> str:

@@ -144,10 +144,12 @@ def nll_rows(x) -> list[dict]:
   return _split_holdout(x)[1]
 
 
-def grad(x, out) -> dict:
+def grad(x, out, which: str = "standard") -> dict:
   """g: the gradient of the proxy's completion NLL on the holdout traces (the first
   grad.rows), or with grad.tau > 0 on the teacher's traces sampled at grad.tau on those
-  problems (out/traces.jsonl)."""
+  problems (out/traces.jsonl). which="aligned": the answer-aligned g on g's traces."""
+  if which == "aligned":
+    return aligned_grad(x, out)
   rows = grad_rows(x)
   if float(x.config.grad.tau):
     problems = x.split("holdout")[:len(rows)]
@@ -163,10 +165,29 @@ def grad(x, out) -> dict:
               sequences=meta["num_sequences"])
 
 
+def aligned_grad(x, out) -> dict:
+  """The answer-aligned g (`aligned`): the proxy's gradient on the answer tokens of g's own
+  traces, rescaled to g's global norm."""
+  from antidistill_jax import aligned
+  standard = x.output("grad", x.grad_key(), "proxy gradient")
+  rows = (traces.read_traces(standard / "traces.jsonl") if float(x.config.grad.tau)
+          else grad_rows(x))
+  rows = [r for r in rows if r["completion_ids"]]
+  norm = float(gradients.global_norm(x.gradient()))
+  proxy = x.model("proxy")
+  g, meta = aligned.aligned_gradient(proxy.model, proxy.tokenizer, rows, x.config.data.grader,
+                                     norm, micro_batch_size=x.config.grad.micro_batch_size,
+                                     mesh=x.mesh)
+  gradients.save_gradient(out / "grad", g, meta)
+  return dict(mean_loss=meta["mean_loss"], global_norm=meta["global_norm"],
+              answer_norm=meta["answer_norm"], sequences=meta["num_sequences"],
+              without_answer=meta["without_answer"], answer_tokens=meta["answer_tokens"])
+
+
 def accuracy(x, point: Point, examples, path) -> float:
   """The teacher's raw accuracy on `examples` at a point's settings: the same trace path as
   every other accuracy (traces.generate_traces, resumable), without answer forcing."""
-  meta = traces.generate_traces(x.teacher_sampler(point.lam != 0.0), examples, path,
+  meta = traces.generate_traces(x.point_sampler(point), examples, path,
                                 params=x.point_params(point), batch_size=x.config.sample.batch_size,
                                 split="holdout", **dict(x.trace_settings(), answer_forcing=False))
   return meta["statistics"]["accuracy"]
@@ -231,7 +252,7 @@ def calibrate_logprob(x) -> dict:
 
 def sample(x, point: Point, out) -> dict:
   """A grid point's training traces: the teacher at (tau, lam) on the train split."""
-  return write_traces(x, out, x.teacher_sampler(point.lam != 0.0), x.split("train"),
+  return write_traces(x, out, x.point_sampler(point), x.split("train"),
                       x.point_params(point), x.config.sample.batch_size, "train")
 
 
@@ -246,7 +267,7 @@ def resample(x, point: Point, out) -> dict:
   latest = traces.read_traces(x.output("sample", x.sample_key(point), f"traces of {point.name}")
                               / "traces.jsonl")
   train, asked, served = x.split("train"), [], len(latest)
-  sampler = x.teacher_sampler(point.lam != 0.0)
+  sampler = x.point_sampler(point)
   for r in range(1, int(x.config.attacks.resample.rounds) + 1):
     flagged = [row["index"] for row in latest if degeneracy.check(row, rules)]
     asked.append(len(flagged))
@@ -283,4 +304,4 @@ def resampled_rounds(x, point: Point) -> list[list[dict]]:
 
 def evaluate(x, point: Point, out) -> dict:
   """The teacher on the test split at a point's settings (what its users get)."""
-  return evaluating.evaluate_with(x, out, x.teacher_sampler(point.lam != 0.0), x.point_params(point))
+  return evaluating.evaluate_with(x, out, x.point_sampler(point), x.point_params(point))
