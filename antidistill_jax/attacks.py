@@ -17,7 +17,10 @@ Each attacker sees the same served trace set and changes only what the student t
                 and re-queries the teacher for their prompts, round after round, within a
                 budget of Q x the served set's queries ("resample@Q"; Q = 1: the filter alone).
                 The re-queried traces are the sample stage's (teacher side: `Resample` items);
-                the attacker takes them in the order they were asked for, up to its budget.
+                the attacker takes them in the order they were asked for, up to its budget;
+  prefill       makes the teacher's every response begin with attacks.prefill.text (the
+                defence samples from there; teacher side: `Prefill` items of the sample stage)
+                and trains on prefill + continuation. An empty text is no prefill.
 
 The re-aimed score of a trace x is the directional derivative of its log-likelihood along g_s,
   score(x) = d/de sum_t log p(x_t | x_<t; theta_s + e g_s) = <g_s, grad log p(x; theta_s)>,
@@ -45,9 +48,9 @@ from antidistill_jax import degeneracy, gradients, parallel
 from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
 
-NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight", "resample")
+NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight", "resample", "prefill")
 NEEDS_CLEAN = ("clean_mix", "reaimed", "reweight")  # they read a clean (plain-sampled) trace set
-NEEDS_TEACHER = ("resample",)  # it reads the teacher's answers to its new queries
+NEEDS_TEACHER = ("resample", "prefill")  # they read the teacher's answers to their own queries
 WITH_ARGUMENT = {"reweight": "beta", "resample": "budget"}  # "name@value" sets this setting
 
 
@@ -80,6 +83,8 @@ def settings(attack: str, config) -> dict:
     r = config.reweight
     return dict(name=name, rows=int(r.clean_rows), beta=float(r.beta if arg is None else arg),
                 clip=float(r.clip), micro_batch=int(r.micro_batch_size), seed=int(config.seed))
+  if name == "prefill":
+    return dict(name=name, text=str(config.prefill.text))
   if name == "resample":
     budget = float(config.resample.budget if arg is None else arg)
     if budget < 1.0:
@@ -121,6 +126,8 @@ def prepare(attack: dict, rows: Sequence[dict[str, Any]], clean: Sequence[dict[s
   if name == "keep_correct":
     rows = keep_correct(rows)
     return Plan(to_examples(rows)) if rows else None
+  if name == "prefill":  # `rows` are the prefilled traces: trained on as they are
+    return Plan(to_examples(rows))
   if name == "resample":
     if rounds is None:
       raise ValueError("attack resample needs the teacher's re-queried traces (rounds=).")

@@ -182,22 +182,25 @@ def _batch_rows(sampler, forcer, examples, prompts, start: int, *, config: dict,
                 params: sampling.SamplingParams, dataset: str) -> tuple[list[dict], int]:
   """Generates, forces and grades the rows of one batch; returns them and their token count."""
   tokenizer, bs = sampler.tokenizer, config["batch_size"]
-  chunk = prompts.ids[start:start + bs]
+  prefill = config.get("prefill", "")
+  pre = tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
+  chunk = [list(p) + pre for p in prompts.ids[start:start + bs]]
   gen = sampler(_pad_chunk(chunk, bs), params, first_row=start)
   forced_texts = None
   if config["answer_forcing"]:
-    forced_prompts = [forcing_prompt(tokenizer, p, t, sampler.eos_ids)
-                      for p, t in zip(chunk, gen.tokens)]
+    forced_prompts = [forcing_prompt(tokenizer, p[:len(p) - len(pre)], pre + list(t),
+                                     sampler.eos_ids) for p, t in zip(chunk, gen.tokens)]
     forced = forcer(_pad_chunk(forced_prompts, bs),
                     sampling.SamplingParams(max_new_tokens=config["forced_tokens"], tau=0.0))
     forced_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in forced.tokens]
   rows, n_tokens = [], 0
   for i, prompt in enumerate(chunk):
     example = examples[prompts.indices[start + i]]
-    ids = [int(t) for t in gen.tokens[i]]
+    ids = pre + [int(t) for t in gen.tokens[i]]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     row = dict(index=prompts.indices[start + i], source_index=int(example.source_index),
-               problem=example.problem, solution=example.solution, prompt_ids=list(prompt),
+               problem=example.problem, solution=example.solution,
+               prompt_ids=list(prompt)[:len(prompt) - len(pre)],
                completion_ids=ids, completion=text, finished=bool(gen.finished[i]),
                teacher_logprob=float(np.sum(gen.logprobs[i], dtype=np.float64)),
                num_tokens=len(ids),
@@ -241,13 +244,17 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
                     params: sampling.SamplingParams, batch_size: int,
                     system: str | None = SYSTEM_PROMPT, max_prompt_length: int | None = None,
                     answer_forcing: bool = True, split: str | None = None,
-                    extra_config: dict | None = None) -> dict:
+                    extra_config: dict | None = None, prefill: str = "") -> dict:
   """Samples one trace per example with `sampler` (its teacher, antidistilled by its proxy
   when params.lam != 0), grades it, and writes `path` (JSONL) and `path`.meta.json; returns
   the sidecar.
 
   examples: `data.Example`s; prompts longer than max_prompt_length are dropped (counted).
-  max_prompt_length: default `prompt_limit`'s.
+  max_prompt_length: default `prompt_limit`'s (it counts the prefill).
+  prefill: text the response is made to begin with (the prefill attacker's): the teacher
+    continues prompt + its tokens; a row's completion (text and ids) starts with it, its
+    prompt_ids do not hold it, teacher_logprob counts only what the teacher sampled. "" is
+    no prefill, to the bit.
   split, extra_config: recorded in the config (e.g. the teacher's path), so a resume or a
     rerun with other values is refused.
   The sampler's mesh shards each batch over `data`; it is not part of the config (a resumed
@@ -261,7 +268,9 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   max_prompt_length = prompt_limit(sampler, params, max_prompt_length, answer_forcing)
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
-  prompts = build_prompts(tokenizer, examples, max_prompt_length, system=system)
+  prefill_ids = tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
+  prompts = build_prompts(tokenizer, examples, max_prompt_length - len(prefill_ids),
+                          system=system)
   if params.uses_proxy and proxy is None:
     raise ValueError(f"lam={params.lam} needs a Sampler with a proxy and its gradient.")
   ads = params.uses_proxy
@@ -277,6 +286,8 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
       grad_fingerprint=pytrees.fingerprint(sampler.grad) if ads else None,
       answer_forcing=answer_forcing, forced_tokens=FORCED_TOKENS if answer_forcing else None,
       extra=extra_config or {})
+  if prefill:  # absent otherwise: an earlier run's sidecar still matches
+    config["prefill"] = prefill
   config = json.loads(json.dumps(config))  # as it reads back from disk
 
   # Finished already? (process 0's view decides, on every process)

@@ -224,7 +224,8 @@ def get_config() -> ml_collections.ConfigDict:
   # to. The settings are configs/synthetic.py's, fixed before any attacker ran.
   c.attacks = dict(
       # some of "keep_correct", "clean_mix", "reaimed", "reweight", "resample" (a,b,c on the
-      # command line); "reweight@B" sets beta = B, "resample@Q" the budget Q (one attacker each)
+      # command line), "prefill"; "reweight@B" sets beta = B, "resample@Q" the budget Q (one
+      # attacker each)
       names=(),
       seed=seed,  # draw of the clean traces clean_mix, reaimed and reweight use
       clean_mix=dict(rows=300),  # clean traces added to each trace set (examples)
@@ -246,7 +247,9 @@ def get_config() -> ml_collections.ConfigDict:
           rounds=3,  # re-query rounds the sample stage runs (each asks for what is still flagged)
           min_foreign_run=1,  # foreign-script letters in a row that flag a trace (0: off)
           min_copies=8,  # copies in a row of one token that flag a trace (0: off)
-          max_period=1))  # also blocks of up to this many tokens repeated min_copies times
+          max_period=1),  # also blocks of up to this many tokens repeated min_copies times
+      # The attacker fixes the first words of every response; the teacher continues them.
+      prefill=dict(text=""))  # the prefill ("": none, the served traces as they are)
 
   # Devices: data x model (-1: the rest); fsdp_teacher also shards the teacher's hidden
   # dimension over `data` (FSDP), for teachers that do not fit on `model` devices.

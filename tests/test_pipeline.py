@@ -446,7 +446,8 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   c.grid.aligned = True  # a twin of each ADS point with the answer-aligned g
   c.distill.epochs, c.distill.eval_every = 1, 1
   # as --config.attacks.names=a,b,c gives it
-  c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0,resample@1,resample@2",)
+  c.attacks.names = ("keep_correct,clean_mix,reaimed,reweight@0,resample@1,resample@2,prefill",)
+  c.attacks.prefill.text = "1+"
   c.attacks.clean_mix.rows, c.attacks.reaimed.clean_rows, c.attacks.reweight.clean_rows = 4, 8, 8
   # Rules that flag the barely trained teacher's traces: two copies of a token in a row.
   c.attacks.resample.min_copies, c.attacks.resample.rounds = 2, 2
@@ -484,8 +485,24 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   # barely trained teacher writes no correct trace, so keep_correct has nothing to train on.
   ads = [p for p in experiment.points if p.kind != "temperature"]  # both ADS kinds
   attacked = report.collect_attacks(str(tmp_path))
-  assert sorted(attacked) == ["clean_mix", "keep_correct", "reaimed", "resample@1",
+  assert sorted(attacked) == ["clean_mix", "keep_correct", "prefill", "reaimed", "resample@1",
                               "resample@2", "reweight@0"]
+  # Prefill: each point's prefilled set (its own key) begins every response with the text, and
+  # its student trained on all of it; an empty text reads the point's own traces instead.
+  for p in experiment.points:
+    key = experiment.sample_key(p, "1+")
+    assert key != experiment.sample_key(p) == \
+        pipeline.Experiment(c, str(tmp_path)).sample_key(p)
+    rows = traces.read_traces(experiment.out_dir("sample", key) / "traces.jsonl")
+    assert rows and all(r["completion"].startswith("1+") for r in rows)
+    entry = {e["base"]: e for e in attacked["prefill"]}[p.name]
+    assert entry["distill"]["train_rows"] == len(rows) and entry["student_eval"]["n"] == 16
+  empty = copy.deepcopy(c)
+  empty.attacks.prefill.text = ""
+  no_prefill = pipeline.Experiment(empty, str(tmp_path))
+  assert no_prefill.prefill_items() == [] and all(
+      no_prefill.attack(p, "prefill")["traces"] == no_prefill.sample_key(p)
+      for p in experiment.points)
   assert len(attacked["keep_correct"]) == len(experiment.points)
   assert all(e["distill"] == dict(train_rows=0, skipped="no correct traces", n_students=1)
              and "student_eval" not in e for e in attacked["keep_correct"])
@@ -531,7 +548,7 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   assert pipeline.Experiment(other, str(tmp_path)).resample_key(ads[0]) == \
       experiment.resample_key(ads[0])
   keys = {experiment.distill_key(s) for s in experiment.students()}
-  assert len(keys) == len(experiment.students()) == len(experiment.points) * 6 + len(ads)
+  assert len(keys) == len(experiment.students()) == len(experiment.points) * 7 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text
 

@@ -366,3 +366,37 @@ def test_rows_whose_text_holds_unicode_line_separators_read_back(tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_bytes(b"".join(traces._row_line(r) for r in rows))
   assert traces.read_traces(path) == rows
+
+
+def test_a_prefill_is_continued_and_kept_in_the_completion(tiny_pair, tokenizer, tmp_path):
+  """The teacher continues prompt + prefill (the same draws as sampling from those ids), each
+  row's completion begins with the prefill, its prompt_ids do not, and its log-prob counts only
+  the sampled tokens; an empty prefill is no prefill, to the bit."""
+  teacher, _, _ = tiny_pair
+  examples = make_examples(3)
+  kw = dict(KW, dataset="gsm8k", seed=5, max_prompt_length=64)
+  plain = run_traces(teacher, tokenizer, examples, str(tmp_path / "plain.jsonl"), **kw)
+  empty = run_traces(teacher, tokenizer, examples, str(tmp_path / "empty.jsonl"), prefill="",
+                     **kw)
+  assert without_timing(empty) == without_timing(plain)
+  assert (tmp_path / "empty.jsonl").read_bytes() == \
+      (tmp_path / "plain.jsonl").read_bytes()
+  text = "Okay, so"
+  meta = run_traces(teacher, tokenizer, examples, str(tmp_path / "pre.jsonl"), prefill=text,
+                    **kw)
+  assert meta["config"]["prefill"] == text
+  pre = tokenizer.encode(text, add_special_tokens=False)
+  rows, base = traces.read_traces(tmp_path / "pre.jsonl"), traces.read_traces(
+      tmp_path / "plain.jsonl")
+  gen = sampling.generate(teacher, [r["prompt_ids"] + pre for r in rows],
+                          sampling.SamplingParams(max_new_tokens=12, tau=1.0, top_p=0.9, seed=5),
+                          tokenizer, batch_size=2)
+  for r, b, ids, logp in zip(rows, base, gen.tokens, gen.logprobs):
+    assert r["prompt_ids"] == b["prompt_ids"]
+    assert r["completion_ids"] == pre + list(ids) and r["completion"].startswith(text)
+    assert r["completion"] == tokenizer.decode(pre + list(ids), skip_special_tokens=True)
+    assert r["teacher_logprob"] == pytest.approx(float(np.sum(logp)), rel=1e-5)
+  # The prefill counts against the prompt limit.
+  tight = run_traces(teacher, tokenizer, examples, str(tmp_path / "tight.jsonl"),
+                     prefill=text, **dict(kw, max_prompt_length=len(base[0]["prompt_ids"])))
+  assert tight["counts"]["dropped"] == 3

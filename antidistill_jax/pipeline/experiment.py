@@ -20,7 +20,7 @@ from absl import logging
 
 from antidistill_jax import errors
 from antidistill_jax.pipeline import loop, reporting, student, teacher
-from antidistill_jax.pipeline.grid import Resample
+from antidistill_jax.pipeline.grid import Prefill, Resample
 from antidistill_jax.pipeline.inputs import Inputs
 
 STAGES = ("models", "holdout", "grad", "calibrate", "sample", "distill", "eval_student",
@@ -50,7 +50,8 @@ class Experiment(Inputs):
         loop.Stage("calibrate", lambda: [None] if self.calibrates else [],
                    lambda _: self.calibrate_key(), lambda _, out: teacher.calibrate(self, out)),
         # The grid's trace sets, then the resampling attacker's re-queries of them.
-        loop.Stage("sample", lambda: self.points + self.resample_items(), self._sample_key,
+        loop.Stage("sample", lambda: self.points + self.resample_items() + self.prefill_items(),
+                   self._sample_key,
                    self._sample, point),
         loop.Stage("distill", self.students, self.distill_key,
                    lambda s, out: student.distill_one(self, s, out), student_fields),
@@ -69,11 +70,17 @@ class Experiment(Inputs):
     return ["standard", "aligned"] if self.config.grid.aligned else ["standard"]
 
   def _sample_key(self, item) -> str:
-    return self.resample_key(item.point) if isinstance(item, Resample) else self.sample_key(item)
+    if isinstance(item, Resample):
+      return self.resample_key(item.point)
+    if isinstance(item, Prefill):
+      return self.sample_key(item.point, self.prefill)
+    return self.sample_key(item)
 
   def _sample(self, item, out) -> dict:
     if isinstance(item, Resample):
       return teacher.resample(self, item.point, out)
+    if isinstance(item, Prefill):
+      return teacher.sample(self, item.point, out, prefill=self.prefill)
     return teacher.sample(self, item, out)
 
   def _on_record(self, stage: loop.Stage, item, outcome: loop.Outcome) -> None:

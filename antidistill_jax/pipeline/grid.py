@@ -57,6 +57,16 @@ RESAMPLE_STREAM = 2  # round 1's sampling stream (stream 1 is the A/A control's)
 
 
 @dataclasses.dataclass(frozen=True)
+class Prefill:
+  """A point's trace set sampled with the prefill attacker's text as every response's start."""
+  point: Point
+
+  @property
+  def name(self) -> str:
+    return f"{self.point.name}+prefill"
+
+
+@dataclasses.dataclass(frozen=True)
 class Student:
   """One distilled student: a point's traces, what an attacker makes of them (None: the
   traces as they are), and its replicate (distillation seed; 0 is the first)."""

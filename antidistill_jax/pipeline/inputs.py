@@ -21,7 +21,8 @@ from antidistill_jax import (attacks, distill, errors, files, models, monitoring
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.pipeline import identity
 from antidistill_jax.pipeline.grid import (REPLICATE_STRIDE, RESAMPLE_STREAM, STREAM_STRIDE,
-                                           Point, Resample, Student, grid, shard_points)
+                                           Point, Prefill, Resample, Student, grid,
+                                           shard_points)
 from antidistill_jax.pipeline.store import Store, key_of
 
 ROLES = ("teacher", "proxy", "student")
@@ -434,9 +435,21 @@ class Inputs:
                   temperatures=list(c.grid.temperatures),
                   **self.teacher_side(Point("ads", 1.0, 1.0, float(c.sample.eps))))
 
-  def sample_key(self, point: Point) -> str:
+  def sample_key(self, point: Point, prefill: str = "") -> str:
+    """A point's trace set; with `prefill`, the one whose responses begin with it."""
+    extra = dict(prefill=prefill) if prefill else {}
     return key_of(stage="sample", examples=self.split_hash("train"),
-                  batch=self.config.sample.batch_size, **self.teacher_side(point))
+                  batch=self.config.sample.batch_size, **self.teacher_side(point), **extra)
+
+  @property
+  def prefill(self) -> str:
+    """The prefill attacker's text ("" when it is not named, or names none)."""
+    named = any(attacks.parse(n)[0] == "prefill" for n in self.attack_names())
+    return str(self.config.attacks.prefill.text) if named else ""
+
+  def prefill_items(self) -> list[Prefill]:
+    """This shard's Prefill items (one per point) when the prefill attacker has a text."""
+    return [Prefill(p) for p in self.points] if self.prefill else []
 
   def resample_key(self, point: Point) -> str:
     """The teacher's answers to the resampling attacker's re-queries of a point's traces: its
@@ -460,8 +473,10 @@ class Inputs:
     settings = attacks.settings(name, self.config.attacks)
     if settings["name"] in attacks.NEEDS_CLEAN:
       settings["traces"] = self.sample_key(self.clean_point(point))
-    if settings["name"] in attacks.NEEDS_TEACHER:
+    if settings["name"] == "resample":
       settings["requeries"] = self.resample_key(point)
+    if settings["name"] == "prefill":  # an empty one reads the point's own traces
+      settings["traces"] = self.sample_key(point, settings["text"])
     return settings
 
   def distill_key(self, s: Student) -> str:

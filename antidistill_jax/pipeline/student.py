@@ -32,6 +32,9 @@ def distill_one(x, s: Student, out) -> dict:
   to_examples = lambda rows: distill.sft_examples(student.tokenizer, rows, system=system,
                                                   max_length=cfg.max_length)
   rows, log = trace_rows(x, point), []
+  if attack is not None and attacks.parse(attack)[0] == "prefill" and x.prefill:
+    rows = traces.read_traces(x.output("sample", x.sample_key(point, x.prefill),
+                                       f"prefilled traces of {point.name}") / "traces.jsonl")
   fresh = models.from_pretrained(student.path, dtype=jnp.dtype(x.config.models.dtype),
                                  mesh=x.mesh)
   if attack is None:

@@ -104,9 +104,11 @@ def _scratch(x, out) -> dict:
               served_accuracy=served["statistics"]["accuracy"])
 
 
-def write_traces(x, out, sampler, examples, params, batch_size: int, split: str) -> dict:
+def write_traces(x, out, sampler, examples, params, batch_size: int, split: str,
+                 prefill: str = "") -> dict:
   meta = traces.generate_traces(sampler, examples, out / "traces.jsonl", params=params,
-                                batch_size=batch_size, split=split, **x.trace_settings())
+                                batch_size=batch_size, split=split, prefill=prefill,
+                                **x.trace_settings())
   s = meta["statistics"]
   return dict(accuracy=s["accuracy"], forced_accuracy=s["forced_accuracy"],
               length_mean=s["length_mean"], rows=meta["counts"]["rows"])
@@ -250,10 +252,12 @@ def calibrate_logprob(x) -> dict:
   return dict(lams=sorted(lams), target="logprob_drop", searches=searches)
 
 
-def sample(x, point: Point, out) -> dict:
-  """A grid point's training traces: the teacher at (tau, lam) on the train split."""
+def sample(x, point: Point, out, prefill: str = "") -> dict:
+  """A grid point's training traces: the teacher at (tau, lam) on the train split; with
+  `prefill`, every response made to begin with it (the prefill attacker's set)."""
   return write_traces(x, out, x.point_sampler(point), x.split("train"),
-                      x.point_params(point), x.config.sample.batch_size, "train")
+                      x.point_params(point), x.config.sample.batch_size, "train",
+                      prefill=prefill)
 
 
 def resample(x, point: Point, out) -> dict:
