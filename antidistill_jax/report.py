@@ -351,8 +351,13 @@ def write_report(workdir, *, student_sd: float | None = None, student_sd_source:
              "temperature students at the same teacher accuracy:\n\n" + attack_table(attacked))
   files.write_atomic(md, text.encode("utf-8"))
   written["table"] = str(md)
+  attacked_points = [dict(attack=a, name=e["name"], kind=e["point"]["kind"],
+                          tau=e["point"]["tau"], lam=e["point"]["lam"],
+                          teacher=_acc(e, "teacher_eval"), student=_acc(e, "student_eval"))
+                     for a, es in collect_attacks(workdir).items() for e in es]
   files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows,
-                                              run_gap=gap, attacks=attacked))
+                                              run_gap=gap, attacks=attacked,
+                                              attacked_points=attacked_points))
   for name, make in (("figure3", lambda p: figure3(entries, base, p)),
                      ("figure3_forced", lambda p: figure3(entries, base, p, forced=True)),
                      ("figure5", lambda p: figure5(entries, p))):

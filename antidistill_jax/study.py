@@ -369,4 +369,10 @@ def write_study_report(config, workdir) -> dict:
   written = dict(table=os.fspath(out / "results.md"))
   if forest_plot(summary, out / "forest.png"):
     written["forest"] = os.fspath(out / "forest.png")
+  if config.study.matrix:  # the defence x attacker matrix (configs/matrix.py)
+    from antidistill_jax import matrix
+    finished = [r for r in (_results(workdir, c) for c in chains(config)) if r is not None]
+    if finished:
+      written.update({f"matrix_{k}": v for k, v in matrix.write_matrix_report(
+          finished, finished[0].get("points") or [], out).items()})
   return written

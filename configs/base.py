@@ -228,6 +228,9 @@ def get_config() -> ml_collections.ConfigDict:
       # attacker each)
       names=(),
       seed=seed,  # draw of the clean traces clean_mix, reaimed and reweight use
+      # point kinds the attackers distil from (e.g. ("ads", "temperature")); (): every kind
+      kinds=(),
+      students=0,  # replicate students per attacked trace set (0: grid.students)
       clean_mix=dict(rows=300),  # clean traces added to each trace set (examples)
       reaimed=dict(
           clean_rows=256,  # clean traces the student's own gradient is taken on (examples)
@@ -283,6 +286,8 @@ def get_config() -> ml_collections.ConfigDict:
       # ("a", "b") pairs: arm a's primary value minus arm b's, paired by seed (the effect of
       # what a changes)
       contrasts=(),
+      # also write the defence x attacker matrix (antidistill_jax/matrix.py) beside the report
+      matrix=False,
       out="")  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)
 
   # The sampling demo (job "generate"): models.teacher/proxy/dtype, prompts.system and

@@ -21,7 +21,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
                for p in glob.glob(os.path.join(CONFIGS, "*.py")) if not p.endswith("__init__.py"))
 EXPERIMENTS = ("tiny", "synthetic", "quick", "gsm8k_paper", "math_paper", "mmlu_paper")
-STUDIES = ("synthetic_study",)
+STUDIES = ("synthetic_study", "matrix")
 PAPER = ("gsm8k_paper", "math_paper", "mmlu_paper")
 NONE_ALLOWED = {"sample.top_p", "sample.top_k", "distill.lora_rank", "report.student_sd"}
 SEEDS = ("seed", "data.seed", "tiny.seed", "scratch.seed", "sample.seed", "distill.seed",
@@ -128,6 +128,30 @@ def test_the_main_job_is_a_reduced_chain_of_the_studys_arm():
   with open(os.path.join(ROOT, "docs", "synthetic", "study", "results.json")) as f:
     measured = json.load(f)["between_students"]["by_arm"]["free_writing"]["sd"]
   assert abs(quick.report.student_sd - measured) <= 0.005, (quick.report.student_sd, measured)
+
+
+def test_the_matrix_reuses_the_studys_free_writing_chains(tmp_path):
+  """configs/matrix.py's chain at a seed has the study's free_writing chain's keys for what
+  they share (models, holdout, g, calibration, the plain and control trace sets, their passive
+  students): run in the study's workdir, it computes only its defences and attackers."""
+  from antidistill_jax import pipeline, study
+  matrix = study.chain_config(study.file_loader(config_path("matrix")), study.Chain("matrix", 1))
+  arm = study.chain_config(study.file_loader(config_path("synthetic_study")),
+                           study.Chain("free_writing", 1))
+  m, a = (pipeline.Experiment(c, str(tmp_path)) for c in (matrix, arm))
+  for key in ("models_key", "holdout_key", "grad_key", "calibrate_key", "eval_base_key"):
+    assert getattr(m, key)() == getattr(a, key)(), key
+  shared = pipeline.grid(arm, [])  # every point but ADS (their lams are calibrated)
+  assert {p.kind for p in shared} == {"temperature", "control"}
+  assert set(shared) < set(pipeline.grid(matrix, []))
+  for p in shared:
+    assert m.sample_key(p) == a.sample_key(p)
+  passive = lambda x: sorted(x.distill_key(s) for s in x.students(shared) if s.attack is None)
+  assert passive(m) == passive(a) and len(passive(a)) == 2 * len(shared)
+  # Attackers only on defence and temperature points, one student each.
+  attacked = [s for s in m.students(shared) if s.attack]
+  assert attacked and all(s.point.kind == "temperature" and s.replicate == 0 for s in attacked)
+  assert m.config.grid.aligned and m.config.study.matrix
 
 
 # -- the command line --------------------------------------------------------------------------

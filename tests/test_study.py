@@ -156,6 +156,13 @@ def test_the_study_report_counts_the_seeds_behind_every_value(tmp_path):
   assert "| a | A/A control, mean over its 1 points | 3 |" in text
   assert "| a | ADS | 3 | +0.020 [+0.020, +0.020] | -0.010 [-0.010, -0.010] |" in text
   assert os.path.getsize(written["forest"]) > 0
+  assert not any(k.startswith("matrix") for k in written)
+  # study.matrix: the defence x attacker matrix beside it, from the same chains.
+  config.study.matrix = True
+  written = study.write_study_report(config, str(tmp_path))
+  matrix_text = open(written["matrix_table"]).read()
+  assert "| ADS, mean over its points | 0.700 | - | 2 | -12.5 [" in matrix_text
+  assert os.path.getsize(written["matrix_heatmap"]) > 0
 
 
 def test_an_arm_is_its_config_files_argument():

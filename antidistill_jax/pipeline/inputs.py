@@ -449,7 +449,12 @@ class Inputs:
 
   def prefill_items(self) -> list[Prefill]:
     """This shard's Prefill items (one per point) when the prefill attacker has a text."""
-    return [Prefill(p) for p in self.points] if self.prefill else []
+    return [Prefill(p) for p in self._attacked_points()] if self.prefill else []
+
+  def _attacked_points(self) -> list[Point]:
+    """This shard's points of the kinds attackers apply to (attacks.kinds; (): all)."""
+    allowed = tuple(self.config.attacks.kinds)
+    return [p for p in self.points if not allowed or p.kind in allowed]
 
   def resample_key(self, point: Point) -> str:
     """The teacher's answers to the resampling attacker's re-queries of a point's traces: its
@@ -466,7 +471,7 @@ class Inputs:
     """This shard's Resample items (one per point) when a resampling attacker is named."""
     if not any(attacks.parse(n)[0] == "resample" for n in self.attack_names()):
       return []
-    return [Resample(p) for p in self.points]
+    return [Resample(p) for p in self._attacked_points()]
 
   def attack(self, point: Point, name: str) -> dict:
     """An attacker's settings, with the key of the clean traces (or re-queries) it reads."""
@@ -532,12 +537,19 @@ class Inputs:
     applies to, each grid.students times (replicates, replicate-major: a partial run has
     whole first replicates). The filters (keep_correct, reaimed) run on the temperature sets
     too, so that a filtered ADS student is compared with students filtered the same way;
-    clean_mix only on the ADS sets (and the control's, which stands in for a defence)."""
+    clean_mix only on the ADS sets (and the control's, which stands in for a defence);
+    attackers only on the point kinds in attacks.kinds when it names some, attacks.students
+    times when it is set (> 0)."""
     points = self.points if points is None else points
     kinds = [(p, None) for p in points]
+    allowed = tuple(self.config.attacks.kinds)  # (): every kind
     for name in self.attack_names():
-      kinds += [(p, name) for p in points if name != "clean_mix" or p.kind != "temperature"]
-    return [Student(p, a, r) for r in range(int(self.config.grid.students)) for p, a in kinds]
+      kinds += [(p, name) for p in points if (name != "clean_mix" or p.kind != "temperature")
+                and (not allowed or p.kind in allowed)]
+    replicates = int(self.config.grid.students)
+    attacked = int(self.config.attacks.students) or replicates
+    return [Student(p, a, r) for r in range(max(replicates, attacked)) for p, a in kinds
+            if r < (replicates if a is None else attacked)]
 
   def clean_point(self, point: Point) -> Point:
     """The clean traces clean_mix and reaimed use: the plain trace set at the first ADS tau

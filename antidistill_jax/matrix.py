@@ -1,0 +1,257 @@
+"""The defence x attacker matrix of a study (configs/matrix.py): per defence and strength, per
+attacker, the students' accuracy minus the temperature students' under the same attacker at
+the same teacher accuracy, with a 95% t interval over seeds; the teacher's cost per token; a
+heat map and the teacher-vs-student frontier per attacker.
+
+Reads each finished chain's report/results.json (`report.write_report`): `matched` holds the
+passive students' rows (attacker "none"), `attacks` the attacked ones (`report.attack_rows`:
+filters are matched against temperature students filtered alike). A cell's value per seed is
+the mean gap over its points (None unless every point has one); a row per strength ranks a
+defence's points by lam (ADS, aligned), gamma (poe) or tau (the A/A control) in each seed.
+
+  cells = matrix_cells(config, workdir)      # [{kind, rank, attack, summary, teacher}]
+  write_matrix_report(config, workdir, out)  # matrix.md, matrix.json, heatmap.png, frontier.png
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from etils import epath
+
+from antidistill_jax import files, stats, traces
+
+KINDS = ("ads", "aligned", "poe", "control")  # defences, then the A/A control
+TITLES = dict(ads="ADS", aligned="ADS, answer-aligned g", poe="product of experts",
+              control="A/A control (plain, other seeds)")
+STRENGTH = dict(ads="lam", aligned="lam", poe="gamma", control="tau")
+NONE = "none"  # the passive student: no attacker
+
+
+def _strength(row: dict) -> float:
+  return row["tau"] if row["kind"] == "control" else row["lam"]
+
+
+def seed_cells(results: dict) -> dict[tuple[str, int, str], dict]:
+  """{(kind, rank, attack): dict(gap, teacher, student, strength)} of one chain's results;
+  rank 0 is the mean over the kind's points (complete: None if one lacks a gap)."""
+  rows = [dict(r, attack=NONE) for r in results.get("matched") or []]
+  rows += [r for r in results.get("attacks") or [] if r.get("kind", "ads") in KINDS]
+  out = {}
+  for kind in KINDS:
+    for attack in sorted({r["attack"] for r in rows}):
+      mine = sorted((r for r in rows if r.get("kind", "ads") == kind and r["attack"] == attack),
+                    key=_strength)
+      if not mine:
+        continue
+      for k, r in enumerate(mine, 1):
+        out[(kind, k, attack)] = dict(gap=r["gap"], teacher=r["teacher"],
+                                      student=r["ads_student"], strength=_strength(r),
+                                      temperature_student=r["temperature_student"])
+      gaps = [r["gap"] for r in mine]
+      out[(kind, 0, attack)] = dict(
+          gap=None if None in gaps else sum(gaps) / len(gaps),
+          teacher=float(np.mean([r["teacher"] for r in mine])), student=None, strength=None)
+  return out
+
+
+def matrix_cells(per_seed: Sequence[dict]) -> list[dict]:
+  """Every (kind, rank, attack) over the seeds' seed_cells: the gap's summary
+  (stats.summarize: mean, 95% t CI, p, n) and the mean teacher accuracy and strength."""
+  keys = sorted({k for cells in per_seed for k in cells},
+                key=lambda k: (KINDS.index(k[0]), k[1], k[2] != NONE, k[2]))
+  out = []
+  for kind, rank, attack in keys:
+    values = [c.get((kind, rank, attack)) for c in per_seed]
+    present = [v for v in values if v is not None]
+    strengths = [v["strength"] for v in present if v["strength"] is not None]
+    out.append(dict(kind=kind, rank=rank, attack=attack,
+                    summary=stats.summarize([v["gap"] if v else None for v in values]),
+                    teacher=float(np.mean([v["teacher"] for v in present])),
+                    strength=float(np.mean(strengths)) if strengths else None,
+                    seeds=len(present)))
+  return out
+
+
+def teacher_cost(points: Sequence[dict]) -> dict[str, float]:
+  """{kind: the teacher's seconds per sampled token at the kind's points over the temperature
+  points'} from the trace sets' own timings (one chain; the machine that sampled them)."""
+  rate: dict[str, list[float]] = {}
+  for e in points:
+    path = e.get("traces_path")
+    if not path or not os.path.exists(traces.meta_path(path)):
+      continue
+    s = traces.read_meta(path)["statistics"]
+    if s.get("tokens_per_second"):
+      rate.setdefault(e["point"]["kind"], []).append(float(s["tokens_per_second"]))
+  if "temperature" not in rate:
+    return {}
+  plain = float(np.mean(rate["temperature"]))
+  return {k: plain / float(np.mean(v)) for k, v in rate.items()}
+
+
+def _row_label(c: dict) -> str:
+  if c["rank"] == 0:
+    return f"{TITLES[c['kind']]}, mean over its points"
+  s = "-" if c["strength"] is None else f"{c['strength']:.3g}"
+  return f"{TITLES[c['kind']]} {c['rank']} ({STRENGTH[c['kind']]} ~ {s})"
+
+
+def _cell_text(c: dict | None, seeds: int) -> str:
+  """"gap [CI]" in points, with its seed count where it has fewer than its row."""
+  if c is None or c["summary"]["mean"] is None:
+    return "-"
+  s = c["summary"]
+  ci = "" if s["ci"] is None else f" [{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
+  return f"{100 * s['mean']:+.1f}{ci}" + (f" (n={s['n']})" if s["n"] < seeds else "")
+
+
+def table(cells: Sequence[dict], cost: dict[str, float]) -> str:
+  """Rows: defence and strength (teacher accuracy, cost per token); columns: attackers."""
+  attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
+  rows = sorted({(c["kind"], c["rank"]) for c in cells},
+                key=lambda r: (KINDS.index(r[0]), r[1]))
+  at = {(c["kind"], c["rank"], c["attack"]): c for c in cells}
+  lines = ["| defence | teacher acc | cost per token | seeds | "
+           + " | ".join(a if a != NONE else "passive" for a in attacks) + " |",
+           "|---|---:|---:|---:|" + "---|" * len(attacks)]
+  for kind, rank in rows:
+    first = next(at[(kind, rank, a)] for a in attacks if (kind, rank, a) in at)
+    c = cost.get(kind)
+    seeds = max(at[(kind, rank, a)]["summary"]["n"] for a in attacks if (kind, rank, a) in at)
+    lines.append(f"| {_row_label(first)} | {first['teacher']:.3f} | "
+                 f"{'-' if c is None else f'{c:.2f}x'} | {seeds} | "
+                 + " | ".join(_cell_text(at.get((kind, rank, a)), seeds) for a in attacks)
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
+def heatmap(cells: Sequence[dict], path) -> bool:
+  """Mean gap per (defence row, attacker), each cell printed with its CI; a cell whose CI
+  excludes 0 is framed. False when there is nothing to draw."""
+  drawn = [c for c in cells if c["summary"]["mean"] is not None]
+  if not drawn:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from antidistill_jax import report
+  attacks = sorted({c["attack"] for c in drawn}, key=lambda a: (a != NONE, a))
+  rows = sorted({(c["kind"], c["rank"]) for c in drawn}, key=lambda r: (KINDS.index(r[0]), r[1]))
+  at = {(c["kind"], c["rank"], c["attack"]): c for c in drawn}
+  grid = np.full((len(rows), len(attacks)), np.nan)
+  for i, (kind, rank) in enumerate(rows):
+    for j, a in enumerate(attacks):
+      if (kind, rank, a) in at:
+        grid[i, j] = 100 * at[(kind, rank, a)]["summary"]["mean"]
+  span = 1.5 * max(float(np.nanmax(np.abs(grid))), 1.0)  # no cell darker than 2/3 of the scale
+  fig, ax = plt.subplots(figsize=(max(1.6 * len(attacks) + 4.0, 8.0), 0.55 * len(rows) + 1.8))
+  ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
+  for i, (kind, rank) in enumerate(rows):
+    for j, a in enumerate(attacks):
+      c = at.get((kind, rank, a))
+      if c is None:
+        continue
+      s = c["summary"]
+      ci = "" if s["ci"] is None else f"\n[{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
+      ax.text(j, i, f"{100 * s['mean']:+.1f}{ci}", ha="center", va="center", fontsize=7)
+      if s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0):
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=2))
+  ax.set_xticks(range(len(attacks)))
+  ax.set_xticklabels([a if a != NONE else "passive" for a in attacks], fontsize=8, rotation=20)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([_row_label(at[next((k, r, a) for a in attacks if (k, r, a) in at)])
+                      for k, r in rows], fontsize=7)
+  n = max(c["summary"]["n"] for c in drawn)
+  ax.set_title("Student accuracy minus temperature students' at the same teacher accuracy\n"
+               f"(points; 95% t CI over up to {n} seeds)\n"
+               "framed: CI excludes 0; red: students learned less", fontsize=8)
+  fig.tight_layout()
+  report._save_png(fig, path)
+  plt.close(fig)
+  return True
+
+
+def frontier(per_seed_points: Sequence[list[dict]], path) -> bool:
+  """Teacher against student accuracy per attacker (one panel each), each point the mean over
+  seeds of its rank's values, by kind; the temperature curve drawn as a line."""
+  series: dict[str, dict[tuple[str, int], list[tuple[float, float]]]] = {}
+  for rows in per_seed_points:
+    for r in rows:
+      series.setdefault(r["attack"], {}).setdefault((r["kind"], r["rank"]), []).append(
+          (r["student"], r["teacher"]))
+  if not series:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from antidistill_jax import report
+  attacks = sorted(series, key=lambda a: (a != NONE, a))
+  fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.6), squeeze=False,
+                           sharey=True)
+  colors = dict(temperature="tab:blue", ads="tab:red", aligned="tab:purple", poe="tab:green",
+                control="tab:gray")
+  for ax, attack in zip(axes[0], attacks):
+    for kind, color in colors.items():
+      pts = sorted(((np.mean([s for s, _ in v]), np.mean([t for _, t in v]))
+                    for (k, _), v in series[attack].items() if k == kind), key=lambda p: p[1])
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "-" if kind == "temperature" else "", marker="o", color=color,
+                label=kind, markersize=4)
+    ax.set_title(attack if attack != NONE else "passive", fontsize=9)
+    ax.set_xlabel("student accuracy", fontsize=8)
+  axes[0][0].set_ylabel("teacher accuracy", fontsize=8)
+  axes[0][-1].legend(fontsize=7)
+  fig.suptitle(f"Teacher vs student accuracy per attacker (means over {len(per_seed_points)} "
+               "seeds)", fontsize=9)
+  fig.tight_layout()
+  report._save_png(fig, path)
+  plt.close(fig)
+  return True
+
+
+def frontier_rows(results: dict) -> list[dict]:
+  """(kind, rank, attack, teacher, student) of every point of one chain, the passive students'
+  (`points`) and each attacker's (`attacked_points`), temperature points included; rank: the
+  point's place by strength among its kind's under that attacker in this chain."""
+  points = [dict(attack=NONE, kind=e["point"]["kind"], tau=e["point"]["tau"],
+                 lam=e["point"]["lam"], teacher=(e.get("teacher_eval") or {}).get("accuracy"),
+                 student=(e.get("student_eval") or {}).get("accuracy"))
+            for e in results.get("points") or []]
+  points += list(results.get("attacked_points") or [])
+  points = [p for p in points if p["teacher"] is not None and p["student"] is not None]
+  out = []
+  for key in sorted({(p["attack"], p["kind"]) for p in points}):
+    mine = sorted((p for p in points if (p["attack"], p["kind"]) == key),
+                  key=lambda p: p["tau"] if p["kind"] in ("control", "temperature") else p["lam"])
+    out += [dict(attack=key[0], kind=key[1], rank=k, teacher=p["teacher"], student=p["student"])
+            for k, p in enumerate(mine, 1)]
+  return out
+
+
+def write_matrix_report(per_seed: Sequence[dict], points: Sequence[dict], out) -> dict:
+  """matrix.md, matrix.json, heatmap.png and frontier.png in `out` from the chains' results
+  (report/results.json of each finished chain) and one chain's index entries (`points`, for
+  the teacher's cost)."""
+  out = epath.Path(out)
+  files.makedirs(out)
+  cells = matrix_cells([seed_cells(r) for r in per_seed])
+  cost = teacher_cost(points)
+  text = ["# Defences x attackers\n\n",
+          f"{len(per_seed)} seeds. Each cell: the students' mean accuracy minus the temperature "
+          "students' under the same attacker, interpolated at the defence's teacher accuracy "
+          "(points; negative: the defence kept the students from learning), mean over seeds "
+          "with its 95% t interval. Cost per token: the teacher's sampling seconds per token "
+          "at the defence over plain sampling's (one chain, the machine that sampled it).\n\n",
+          table(cells, cost)]
+  files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
+  files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed)))
+  written = dict(table=os.fspath(out / "matrix.md"))
+  if heatmap(cells, out / "heatmap.png"):
+    written["heatmap"] = os.fspath(out / "heatmap.png")
+  if frontier([frontier_rows(r) for r in per_seed], out / "frontier.png"):
+    written["frontier"] = os.fspath(out / "frontier.png")
+  return written

@@ -1,0 +1,57 @@
+"""Defences x attackers on the laptop task (issue 21): which defence survives which attacker, at
+matched teacher accuracy, with seeds.
+
+  python -m antidistill_jax.main --config=configs/matrix.py --workdir=runs/study \
+      --config.study.out=docs/matrix          # [--shard=i/n: chain k where k % n == i]
+
+Each seed is the study's free_writing chain (configs/synthetic_study.py: the same models, g,
+lambda calibration, temperature sweep, A/A control and passive students, under the same keys:
+run it in the study's workdir and all of that is reused) plus:
+
+Defences (points; strength traced, one compile per sweep):
+  temperature  0.8 ... 1.9, the curve every cell is matched against;
+  ADS          3 lams calibrated between the teacher's accuracy at tau 1.0 and 1.6 (jvp);
+  aligned      ADS with the answer-aligned g at the same tau and lams (antidistill_jax/aligned.py);
+  poe          product of experts (The Distillation Game; ysfalh/distillation-game:
+               ((1 - gamma) log p_T + gamma log p_P) / tau) at gamma 0.3 and 0.6 (reported:
+               0.6-0.7) and tau 1.0, the ADS tau: the reported tau 0.6 lies below this study's
+               temperature curve (0.8-1.9), where no gap can be matched; no top-p (reported:
+               0.95; this task's sampling has none);
+  control      the A/A control: plain sampling at tau 1.0, 1.3, 1.6 from other seeds (passive
+               students only: it checks the matching, not the attackers).
+Attackers (attacks.kinds: on every defence and temperature point, so each is matched against
+temperature students it attacked alike; one student per attacked set, attacks.students):
+  passive, keep_correct, clean_mix (300 plain traces; defence points only), reaimed (existing);
+  reweight (beta 0.5, the reference code's sign and value: weights up traces whose SFT step
+  raises the student's clean loss) and reweight@-0.5 (the opposite sign);
+  resample@1 (the public degeneracy filter alone) and resample@2 (filter + re-queries up to 2x
+  the served queries, 3 rounds).
+Not here: prefill. Every trace of this task begins with the problem's own first number, so no
+fixed opening words exist to prefill; the attacker is built and tested (attacks.prefill.text)
+for tasks that have them (an R1-style teacher's "Okay, so ...").
+
+The report (study.matrix): docs/matrix/matrix.md (rows defence and strength with the teacher's
+accuracy and cost per token, columns attackers, each cell the gap and its 95% t CI over seeds),
+heatmap.png, frontier.png, beside the study's own tables.
+"""
+
+import os
+import runpy
+
+_here = os.path.dirname(os.path.abspath(__file__))
+study = runpy.run_path(os.path.join(_here, "synthetic_study.py"))
+
+SEEDS = (0, 1, 2, 3)
+
+
+def get_config(arm: str = "matrix"):
+  if arm != "matrix":
+    raise ValueError(f"unknown arm {arm!r}: configs/matrix.py has one arm, 'matrix'.")
+  c = study["get_config"]("free_writing")
+  c.study.update(dict(arm="matrix", arms=("matrix",), seeds=SEEDS, contrasts=(), matrix=True))
+  c.grid.update(dict(aligned=True, poe_taus=(1.0,), poe_gammas=(0.3, 0.6)))
+  c.attacks.update(dict(
+      names=("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@1",
+             "resample@2"),
+      kinds=("ads", "aligned", "poe", "temperature"), students=1))
+  return c

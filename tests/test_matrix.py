@@ -1,0 +1,70 @@
+"""The defence x attacker matrix: each cell is the mean over seeds of the per-seed gap (a
+kind's points averaged, None when one lacks a gap), with the study's t interval; ranks follow
+each defence's strength; the report writes its table, heat map and frontier."""
+
+import numpy as np
+import pytest
+
+from antidistill_jax import matrix, stats
+
+
+def row(kind, lam, gap, teacher=0.8, student=0.5, tau=1.0, attack=None):
+  r = dict(kind=kind, lam=lam, tau=tau, gap=gap, teacher=teacher, ads_student=student,
+           temperature_student=None if gap is None else student - gap, name=f"{kind}{lam}")
+  if attack:
+    r["attack"] = attack
+  return r
+
+
+def chain(seed_gaps):
+  """One chain's results: ADS at two lams (the larger listed first), poe at one gamma, the
+  control at one tau, each passive and under reweight."""
+  a1, a2, p, c, ra1, ra2 = seed_gaps
+  matched = [row("ads", 0.4, a2), row("ads", 0.2, a1), row("poe", 0.6, p),
+             row("control", 0.0, c, tau=1.3)]
+  attacks = [row("ads", 0.2, ra1, attack="reweight"), row("ads", 0.4, ra2, attack="reweight")]
+  points = [dict(point=dict(kind="temperature", tau=t, lam=0.0), teacher_eval=dict(accuracy=acc),
+                 student_eval=dict(accuracy=0.5)) for t, acc in ((1.0, 0.9), (1.6, 0.6))]
+  attacked_points = [dict(attack="reweight", kind="temperature", tau=1.0, lam=0.0, teacher=0.9,
+                          student=0.55)]
+  return dict(matched=matched, attacks=attacks, points=points, attacked_points=attacked_points)
+
+
+SEEDS = [(-0.02, -0.06, 0.01, 0.00, -0.01, -0.03),
+         (-0.04, -0.10, 0.03, 0.01, 0.00, None),
+         (0.00, -0.02, -0.01, -0.01, -0.02, -0.05)]
+
+
+def test_cells_are_seed_means_of_kind_means_with_the_study_interval():
+  per_seed = [matrix.seed_cells(chain(g)) for g in SEEDS]
+  assert per_seed[0][("ads", 1, "none")]["strength"] == 0.2  # ranked by lam, not listed order
+  assert per_seed[0][("ads", 2, "none")]["gap"] == -0.06
+  cells = {(c["kind"], c["rank"], c["attack"]): c for c in matrix.matrix_cells(per_seed)}
+  ads = cells[("ads", 0, "none")]
+  expected = [(g[0] + g[1]) / 2 for g in SEEDS]
+  assert ads["summary"] == stats.summarize(expected) and ads["summary"]["n"] == 3
+  np.testing.assert_allclose(ads["summary"]["mean"], np.mean(expected))
+  # A seed where one point lacks a gap gives the kind's mean no value there: n drops.
+  attacked = cells[("ads", 0, "reweight")]["summary"]
+  assert attacked["n"] == 2
+  assert attacked["mean"] == pytest.approx(np.mean([-0.02, -0.035]))
+  assert cells[("ads", 2, "reweight")]["summary"]["n"] == 2
+  assert cells[("poe", 1, "none")]["strength"] == pytest.approx(0.6)
+  assert cells[("control", 1, "none")]["strength"] == pytest.approx(1.3)
+  order = [(c["kind"], c["rank"], c["attack"]) for c in matrix.matrix_cells(per_seed)]
+  assert order.index(("ads", 0, "none")) < order.index(("ads", 0, "reweight")) < \
+      order.index(("poe", 0, "none")) < order.index(("control", 0, "none"))
+
+
+def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
+  written = matrix.write_matrix_report([chain(g) for g in SEEDS], [], tmp_path)
+  assert set(written) == {"table", "heatmap", "frontier"}
+  text = (tmp_path / "matrix.md").read_text()
+  assert "| passive | reweight |" in text
+  mean = np.mean([(g[0] + g[1]) / 2 for g in SEEDS])
+  ci = stats.summarize([(g[0] + g[1]) / 2 for g in SEEDS])["ci"]
+  assert f"| ADS, mean over its points | 0.800 | - | 3 | {100 * mean:+.1f} " \
+         f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |" in text
+  rows = matrix.frontier_rows(chain(SEEDS[0]))
+  assert {(r["attack"], r["kind"]) for r in rows} == {("none", "temperature"),
+                                                      ("reweight", "temperature")}
