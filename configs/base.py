@@ -179,8 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
       poe_taus=(),
       poe_gammas=(),
       # ADS with the answer-aligned g (`aligned`: the proxy's gradient on the answer tokens
-      # only, rescaled to g's norm): a twin of every ADS point, same tau and lam (kind
-      # "aligned"); False: none
+      # only, rescaled to g's norm) at the ADS taus, kind "aligned", its lams calibrated like
+      # ADS's (the calibrate stage's second item) or the ADS lams without calibration; False:
+      # none
       aligned=False,
       # Lambda calibration (the `calibrate` stage): ADS lams chosen so that the teacher's
       # accuracy under them spans the temperature sweep's, or (logprob_drops) so that the

@@ -11,7 +11,9 @@ run it in the study's workdir and all of that is reused) plus:
 Defences (points; strength traced, one compile per sweep):
   temperature  0.8 ... 1.9, the curve every cell is matched against;
   ADS          3 lams calibrated between the teacher's accuracy at tau 1.0 and 1.6 (jvp);
-  aligned      ADS with the answer-aligned g at the same tau and lams (antidistill_jax/aligned.py);
+  aligned      ADS with the answer-aligned g (antidistill_jax/aligned.py), 3 lams calibrated
+               the same way: at the ADS lams it took the teacher to 5-11% (seed 0, train
+               split), far below the temperature curve, where nothing can be matched;
   poe          product of experts (The Distillation Game; ysfalh/distillation-game:
                ((1 - gamma) log p_T + gamma log p_P) / tau) at gamma 0.3 and 0.6 (reported:
                0.6-0.7) and tau 1.0, the ADS tau: the reported tau 0.6 lies below this study's
@@ -24,8 +26,10 @@ temperature students it attacked alike; one student per attacked set, attacks.st
   passive, keep_correct, clean_mix (300 plain traces; defence points only), reaimed (existing);
   reweight (beta 0.5, the reference code's sign and value: weights up traces whose SFT step
   raises the student's clean loss) and reweight@-0.5 (the opposite sign);
-  resample@1 (the public degeneracy filter alone) and resample@2 (filter + re-queries up to 2x
-  the served queries, 3 rounds).
+  resample@2 (the public degeneracy filter + re-queries up to 2x the served queries, 3 rounds).
+  The filter flags almost nothing on this task (seed 0: 0-2 of 3,000 traces per ADS, PoE and
+  aligned set, 0-40 per temperature set), so every budget above 1.02x re-queries all it flags
+  and budgets 1, 1.5, 2 and 4 train on sets that differ by at most those traces: one column.
 Not here: prefill. Every trace of this task begins with the problem's own first number, so no
 fixed opening words exist to prefill; the attacker is built and tested (attacks.prefill.text)
 for tasks that have them (an R1-style teacher's "Okay, so ...").
@@ -51,7 +55,6 @@ def get_config(arm: str = "matrix"):
   c.study.update(dict(arm="matrix", arms=("matrix",), seeds=SEEDS, contrasts=(), matrix=True))
   c.grid.update(dict(aligned=True, poe_taus=(1.0,), poe_gammas=(0.3, 0.6)))
   c.attacks.update(dict(
-      names=("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@1",
-             "resample@2"),
+      names=("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@2"),
       kinds=("ads", "aligned", "poe", "temperature"), students=1))
   return c

@@ -454,27 +454,33 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   experiment = pipeline.Experiment(c, str(tmp_path))
   experiment.run()
   stages = [r["stage"] for r in records(tmp_path)]
-  assert stages[:5] == ["models", "holdout", "grad", "grad", "calibrate"]  # g, aligned g
+  assert stages[:6] == ["models", "holdout", "grad", "grad", "calibrate", "calibrate"]
   lams = experiment.calibrated_lams()
   assert 1 <= len(lams) <= 2 and all(lam > 0 for lam in lams)
+  aligned_lams = experiment.calibrated_lams("aligned")
   kinds = sorted(p.kind for p in experiment.points)
-  assert kinds == ["ads"] * len(lams) + ["aligned"] * len(lams) + ["temperature"] * 2
-  # The answer-aligned g: its own grad record, g's norm, its own trace sets.
+  assert kinds == ["ads"] * len(lams) + ["aligned"] * len(aligned_lams) + ["temperature"] * 2
+  # The answer-aligned g: its own grad record at g's norm, its own calibration (the same
+  # ladder of lams, other accuracies: another g), its own trace sets.
   grads = {r.get("entry", "standard"): r for r in records(tmp_path) if r["stage"] == "grad"}
   assert sorted(grads) == ["aligned", "standard"]
   assert grads["aligned"]["key"] == experiment.grad_key("aligned") != experiment.grad_key()
   np.testing.assert_allclose(grads["aligned"]["metrics"]["global_norm"],
                              grads["standard"]["metrics"]["global_norm"], rtol=1e-5)
   assert grads["aligned"]["metrics"]["answer_norm"] != grads["aligned"]["metrics"]["global_norm"]
-  twins = {(p.tau, p.lam): p for p in experiment.points if p.kind == "aligned"}
-  for p in (p for p in experiment.points if p.kind == "ads"):
-    twin = twins[(p.tau, p.lam)]
-    assert experiment.point_params(twin) == experiment.point_params(p)
-    assert experiment.teacher_side(twin)["grad"] == experiment.grad_key("aligned")
-    assert experiment.sample_key(twin) != experiment.sample_key(p)
-    served = [traces.read_traces(experiment.out_dir("sample", experiment.sample_key(q))
-                                 / "traces.jsonl") for q in (p, twin)]
-    assert [r["completion"] for r in served[0]] != [r["completion"] for r in served[1]]
+  calibrations = {r.get("entry", "standard"): r["metrics"] for r in records(tmp_path)
+                  if r["stage"] == "calibrate"}
+  ladder = lambda which: [r["lam"] for r in calibrations[which]["ladder"]]
+  assert ladder("aligned") == ladder("standard")
+  rung = lambda which: [r["completion"] for r in traces.read_traces(experiment.out_dir(
+      "calibrate", experiment.calibrate_key(which)) / "ladder_1.jsonl")]
+  assert rung("aligned") != rung("standard")  # the same lam, another g
+  assert calibrations["aligned"]["lams"] == aligned_lams
+  for p in (p for p in experiment.points if p.kind == "aligned"):
+    ads = pipeline.Point("ads", p.tau, p.lam, p.eps)
+    assert experiment.point_params(p) == experiment.point_params(ads)
+    assert experiment.teacher_side(p)["grad"] == experiment.grad_key("aligned")
+    assert experiment.sample_key(p) != experiment.sample_key(ads)
   # Each trained model is a checkpoint the pipeline loaded: the student is another family.
   assert experiment.model("student").model.config.model_type != \
       experiment.model("teacher").model.config.model_type

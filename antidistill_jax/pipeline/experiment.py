@@ -47,8 +47,9 @@ class Experiment(Inputs):
         loop.Stage("grad", self._gradients, self.grad_key,
                    lambda which, out: teacher.grad(self, out, which),
                    lambda which: dict(entry=which) if which != "standard" else {}),
-        loop.Stage("calibrate", lambda: [None] if self.calibrates else [],
-                   lambda _: self.calibrate_key(), lambda _, out: teacher.calibrate(self, out)),
+        loop.Stage("calibrate", self._calibrations, self.calibrate_key,
+                   lambda which, out: teacher.calibrate(self, out, which),
+                   lambda which: dict(entry=which) if which != "standard" else {}),
         # The grid's trace sets, then the resampling attacker's re-queries of them.
         loop.Stage("sample", lambda: self.points + self.resample_items() + self.prefill_items(),
                    self._sample_key,
@@ -67,6 +68,12 @@ class Experiment(Inputs):
 
   def _gradients(self) -> list[str]:
     """g, and the answer-aligned g when grid.aligned asks for it."""
+    return ["standard", "aligned"] if self.config.grid.aligned else ["standard"]
+
+  def _calibrations(self) -> list[str]:
+    """The ADS lams' calibration, and the answer-aligned ADS's (its own lams) with grid.aligned."""
+    if not self.calibrates:
+      return []
     return ["standard", "aligned"] if self.config.grid.aligned else ["standard"]
 
   def _sample_key(self, item) -> str:

@@ -6,8 +6,9 @@ the calibrate stage chose), the temperature baseline at each tau in grid.tempera
 lam = 0, and the A/A control at each tau in grid.controls: plain sampling again, from another
 sampling stream, analysed exactly as a defence would be (its gap must be consistent with
 zero), and the product-of-experts defence at each tau in grid.poe_taus and gamma in
-grid.poe_gammas (kind "poe", lam = gamma; `sampling.adjustment`), and with grid.aligned a twin
-of each ADS point sampled with the answer-aligned g (kind "aligned"). Each trace set gets
+grid.poe_gammas (kind "poe", lam = gamma; `sampling.adjustment`), and with grid.aligned ADS
+with the answer-aligned g (kind "aligned") at the ADS taus and its own calibrated lams (the ADS
+lams without calibration). Each trace set gets
 grid.students students (replicates: distillation seeds). `shard=(i, n)` runs the points whose
 index is i mod n.
 """
@@ -84,9 +85,11 @@ class Student:
     return self.entry + (f"_r{self.replicate}" if self.replicate else "")
 
 
-def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
+def grid(config, lams: Sequence[float] | None = None,
+         aligned_lams: Sequence[float] | None = None) -> list[Point]:
   """Every point of the config's grid, in order; `lams` (the calibrated ones) replaces
-  ads_lam_over_eps * eps when given."""
+  ads_lam_over_eps * eps when given, and `aligned_lams` (the answer-aligned ADS's own
+  calibration) replaces `lams` for the kind "aligned"."""
   g = config.grid
   eps = float(config.sample.eps)
   if lams is None:
@@ -99,8 +102,9 @@ def grid(config, lams: Sequence[float] | None = None) -> list[Point]:
   points += [Point("control", float(t), 0.0, eps, stream=1) for t in g.controls]
   points += [Point("poe" if gamma else "temperature", float(t), float(gamma), eps)
              for t in g.poe_taus for gamma in g.poe_gammas]
-  if g.aligned:  # ADS with the answer-aligned g at each ADS point's settings
-    points += [Point("aligned", p.tau, p.lam, eps) for p in points if p.kind == "ads"]
+  if g.aligned:  # ADS with the answer-aligned g at the ADS taus, at its own lams
+    points += [Point("aligned", float(t), float(lam), eps) for t in g.ads_taus
+               for lam in (lams if aligned_lams is None else aligned_lams) if lam]
   return list(dict.fromkeys(points))  # the same settings twice are one trace set
 
 

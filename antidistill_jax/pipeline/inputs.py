@@ -428,12 +428,14 @@ class Inputs:
                 grad=self.grad_key(which) if g else None,
                 params=sampling_key(self.point_params(point)), **self.trace_settings())
 
-  def calibrate_key(self) -> str:
+  def calibrate_key(self, which: str = "standard") -> str:
+    """The ADS lams' calibration ("standard") or the answer-aligned ADS's ("aligned")."""
     c = self.config
+    kind = "aligned" if which == "aligned" else "ads"
     return key_of(stage="calibrate", examples=self.split_hash("holdout"),
                   calibrate=calibrate_settings(c.grid.calibrate), taus=list(c.grid.ads_taus),
                   temperatures=list(c.grid.temperatures),
-                  **self.teacher_side(Point("ads", 1.0, 1.0, float(c.sample.eps))))
+                  **self.teacher_side(Point(kind, 1.0, 1.0, float(c.sample.eps))))
 
   def sample_key(self, point: Point, prefill: str = "") -> str:
     """A point's trace set; with `prefill`, the one whose responses begin with it."""
@@ -516,8 +518,8 @@ class Inputs:
     cal = self.config.grid.calibrate
     return int(cal.points) > 0 or bool(cal.logprob_drops)
 
-  def calibrated_lams(self) -> list[float]:
-    out = self.store.record("calibrate", self.calibrate_key())
+  def calibrated_lams(self, which: str = "standard") -> list[float]:
+    out = self.store.record("calibrate", self.calibrate_key(which))
     if out is None:
       raise errors.MissingInput(f"no lambda calibration in {os.fspath(self.workdir)}: run the "
                                 "calibrate stage first (--stages=...,calibrate).")
@@ -525,7 +527,10 @@ class Inputs:
 
   def all_points(self) -> list[Point]:
     """Every shard's points; with grid.calibrate, at the lams the calibrate stage chose."""
-    return grid(self.config, self.calibrated_lams() if self.calibrates else None)
+    if not self.calibrates:
+      return grid(self.config)
+    aligned = self.calibrated_lams("aligned") if self.config.grid.aligned else None
+    return grid(self.config, self.calibrated_lams(), aligned)
 
   @property
   def points(self) -> list[Point]:

@@ -195,17 +195,19 @@ def accuracy(x, point: Point, examples, path) -> float:
   return meta["statistics"]["accuracy"]
 
 
-def calibrate(x, out) -> dict:
+def calibrate(x, out, which: str = "standard") -> dict:
   """Chooses the ADS lams so that the teacher's accuracy under them spans the temperature
   sweep's: the teacher's accuracy on grid.calibrate.n holdout problems at each temperature
   and along a ladder of lams (lam = b * eps for b in grid.calibrate.ladder, at the first ADS
   tau), then grid.calibrate.points lams interpolated (in log lam) at accuracies evenly spaced
   from the best temperature accuracy to the worst (of the taus in grid.calibrate.between, when
-  it names some). With grid.calibrate.logprob_drops, `calibrate_logprob` instead."""
+  it names some). With grid.calibrate.logprob_drops, `calibrate_logprob` instead.
+  which="aligned": the same for ADS with the answer-aligned g (its own lams)."""
   c = x.config
   cal, eps = c.grid.calibrate, float(c.sample.eps)
+  kind = "aligned" if which == "aligned" else "ads"
   if cal.logprob_drops:
-    return calibrate_logprob(x)
+    return calibrate_logprob(x, kind)
   outside = [t for t in cal.between if float(t) not in [float(u) for u in c.grid.temperatures]]
   if outside:
     raise errors.BadValue(f"grid.calibrate.between={tuple(cal.between)}: {outside} not in "
@@ -216,7 +218,7 @@ def calibrate(x, out) -> dict:
                               out / f"temperature_{k}.jsonl")
            for k, t in enumerate(c.grid.temperatures)}
   tau = float(c.grid.ads_taus[0])
-  ladder = [(float(b) * eps, accuracy(x, Point("ads", tau, float(b) * eps, eps), examples,
+  ladder = [(float(b) * eps, accuracy(x, Point(kind, tau, float(b) * eps, eps), examples,
                                       out / f"ladder_{k}.jsonl"))
             for k, b in enumerate(cal.ladder)]
   best, worst = calibration_span(temps, cal.between)
@@ -225,7 +227,7 @@ def calibrate(x, out) -> dict:
               ladder=[dict(lam=lam, accuracy=acc) for lam, acc in ladder])
 
 
-def calibrate_logprob(x) -> dict:
+def calibrate_logprob(x, kind: str = "ads") -> dict:
   """The ADS lams at which the teacher's mean log-prob per generated token, on the first
   grid.calibrate.n holdout prompts at the first ADS tau, falls by each of
   grid.calibrate.logprob_drops nats below plain sampling with the same seeds
@@ -234,8 +236,8 @@ def calibrate_logprob(x) -> dict:
   from antidistill_jax.sampling import calibration
   c = x.config
   cal = c.grid.calibrate
-  sampler = x.teacher_sampler(True)
-  params = x.point_params(Point("ads", float(c.grid.ads_taus[0]), 1.0, float(c.sample.eps)))
+  point = Point(kind, float(c.grid.ads_taus[0]), 1.0, float(c.sample.eps))
+  sampler, params = x.point_sampler(point), x.point_params(point)
   settings = x.trace_settings()
   # The prompts generate_traces would keep at these settings.
   limit = traces.prompt_limit(sampler, params, settings["max_prompt_length"],
