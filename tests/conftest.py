@@ -21,6 +21,29 @@ from antidistill_jax import random_checkpoints  # noqa: E402
 VOCAB = 320  # tokenizer size; tables are padded past it like real checkpoints
 
 
+def _memory_maps() -> tuple[int, int] | None:
+  """(this process's memory maps, the kernel's limit per process), or None off Linux."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f), limit
+  except OSError:
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Each XLA:CPU executable holds ~15 memory maps of JIT code until its cache entry goes; a
+  worker that runs half the suite compiles thousands of programs, and at vm.max_map_count
+  (65,530 by default) the next compile's mmap fails and XLA segfaults. When a test leaves the
+  process past half the limit, the compilation caches are cleared (later tests recompile)."""
+  yield
+  maps = _memory_maps()
+  if maps is not None and maps[0] > maps[1] // 2:
+    jax.clear_caches()
+
+
 def _randomize(model, seed: int):
   """HF zero-initialises biases and one-initialises norms, which hides bugs: randomize all."""
   import torch
