@@ -72,9 +72,7 @@ class Experiment(Inputs):
 
   def _calibrations(self) -> list[str]:
     """The ADS lams' calibration, and the answer-aligned ADS's (its own lams) with grid.aligned."""
-    if not self.calibrates:
-      return []
-    return ["standard", "aligned"] if self.config.grid.aligned else ["standard"]
+    return self._gradients() if self.calibrates else []
 
   def _sample_key(self, item) -> str:
     if isinstance(item, Resample):

@@ -10,15 +10,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from absl import logging
 
-from antidistill_jax import attacks, distill, files, models, sampling, traces
+from antidistill_jax import attacks, distill, files, models, sampling
 from antidistill_jax.pipeline import evaluating, teacher
-from antidistill_jax.pipeline.grid import Point, Student
-from antidistill_jax.pipeline.teacher import nll_rows, save_model_dir
-
-
-def trace_rows(x, point: Point) -> list[dict]:
-  return traces.read_traces(x.output("sample", x.sample_key(point), f"traces of {point.name}")
-                            / "traces.jsonl")
+from antidistill_jax.pipeline.grid import Student
+from antidistill_jax.pipeline.teacher import nll_rows, save_model_dir, trace_rows
 
 
 def distill_one(x, s: Student, out) -> dict:
@@ -31,10 +26,8 @@ def distill_one(x, s: Student, out) -> dict:
   system = x.config.prompts.system or None
   to_examples = lambda rows: distill.sft_examples(student.tokenizer, rows, system=system,
                                                   max_length=cfg.max_length)
-  rows, log = trace_rows(x, point), []
-  if attack is not None and attacks.parse(attack)[0] == "prefill" and x.prefill:
-    rows = traces.read_traces(x.output("sample", x.sample_key(point, x.prefill),
-                                       f"prefilled traces of {point.name}") / "traces.jsonl")
+  prefilled = attack is not None and attacks.parse(attack)[0] == "prefill"
+  rows, log = trace_rows(x, point, x.prefill if prefilled else ""), []
   fresh = models.from_pretrained(student.path, dtype=jnp.dtype(x.config.models.dtype),
                                  mesh=x.mesh)
   if attack is None:

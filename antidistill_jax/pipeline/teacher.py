@@ -104,6 +104,13 @@ def _scratch(x, out) -> dict:
               served_accuracy=served["statistics"]["accuracy"])
 
 
+def trace_rows(x, point: Point, prefill: str = "") -> list[dict]:
+  """A finished trace set of a point (with `prefill`: the prefill attacker's)."""
+  what = f"{'prefilled ' if prefill else ''}traces of {point.name}"
+  return traces.read_traces(x.output("sample", x.sample_key(point, prefill), what)
+                            / "traces.jsonl")
+
+
 def write_traces(x, out, sampler, examples, params, batch_size: int, split: str,
                  prefill: str = "") -> dict:
   meta = traces.generate_traces(sampler, examples, out / "traces.jsonl", params=params,
@@ -270,8 +277,7 @@ def resample(x, point: Point, out) -> dict:
   nothing is flagged."""
   from antidistill_jax import attacks, degeneracy
   rules = attacks.rules(x.config.attacks)
-  latest = traces.read_traces(x.output("sample", x.sample_key(point), f"traces of {point.name}")
-                              / "traces.jsonl")
+  latest = trace_rows(x, point)
   train, asked, served = x.split("train"), [], len(latest)
   sampler = x.point_sampler(point)
   for r in range(1, int(x.config.attacks.resample.rounds) + 1):
