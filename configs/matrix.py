@@ -34,6 +34,22 @@ Not here: prefill. Every trace of this task begins with the problem's own first 
 fixed opening words exist to prefill; the attacker is built and tested (attacks.prefill.text)
 for tasks that have them (an R1-style teacher's "Okay, so ...").
 
+The arm gsm8k_paper (`--config=configs/matrix.py:gsm8k_paper`) is the same matrix on the paper's
+GSM8K setup (configs/gsm8k_paper.py: its models, prompts, sampling, top-k 50 / top-p 0.95 and
+LoRA distillation, unchanged) for a pod:
+  launch/tpu.sh run --config=configs/matrix.py:gsm8k_paper --workdir=gs://BUCKET/matrix \
+      --shard=i/n
+Its grid replaces the paper's 59-point sweep with what the matrix needs: temperatures 0.6 ... 2.0
+(0.6 for the product of experts at its reported tau 0.6, gammas 0.6 and 0.7, with top-p 0.95), 3
+ADS and 3 answer-aligned lams calibrated between the teacher's accuracy at tau 1.0 and 1.6 on
+256 holdout problems, the A/A control at tau 1.0 and 1.4, R = 2 passive students per set; every
+attacker above on every defence and temperature point, and prefill with "Okay" (R1-style traces
+open "Okay, so ..."): the teacher samples every attacked set a second time from there, and the
+resampling attacker re-queries what the filter flags, so the sampling is about twice the 18
+served sets'. Three seeds (sampling, distillation and attacker draws; g and the splits are
+shared): with the synthetic study's between-seed SD of ~4 points a 3-seed t interval is about
++-10 points; add seeds (--config.study.seeds=0,1,2,3,4) for less.
+
 The report (study.matrix): docs/matrix/matrix.md (rows defence and strength with the teacher's
 accuracy and cost per token, columns attackers, each cell the gap and its 95% t CI over seeds),
 heatmap.png, frontier.png, beside the study's own tables.
@@ -44,17 +60,33 @@ import runpy
 
 _here = os.path.dirname(os.path.abspath(__file__))
 study = runpy.run_path(os.path.join(_here, "synthetic_study.py"))
+paper = runpy.run_path(os.path.join(_here, "gsm8k_paper.py"))
 
-SEEDS = (0, 1, 2, 3)
+# Each arm is its own study (study.arms is the arm alone): the laptop matrix, or the pod's.
+ARMS = ("matrix", "gsm8k_paper")
+SEEDS = {"matrix": (0, 1, 2, 3), "gsm8k_paper": (0, 1, 2)}
+ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@2")
+DEFENCES_AND_BASELINE = ("ads", "aligned", "poe", "temperature")
 
 
 def get_config(arm: str = "matrix"):
-  if arm != "matrix":
-    raise ValueError(f"unknown arm {arm!r}: configs/matrix.py has one arm, 'matrix'.")
-  c = study["get_config"]("free_writing")
-  c.study.update(dict(arm="matrix", arms=("matrix",), seeds=SEEDS, contrasts=(), matrix=True))
-  c.grid.update(dict(aligned=True, poe_taus=(1.0,), poe_gammas=(0.3, 0.6)))
-  c.attacks.update(dict(
-      names=("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@2"),
-      kinds=("ads", "aligned", "poe", "temperature"), students=1))
+  if arm not in ARMS:
+    raise ValueError(f"unknown arm {arm!r}: expected one of {', '.join(ARMS)} "
+                     "(--config=configs/matrix.py:ARM).")
+  if arm == "matrix":
+    c = study["get_config"]("free_writing")
+    c.grid.update(dict(aligned=True, poe_taus=(1.0,), poe_gammas=(0.3, 0.6)))
+    names = ATTACKERS
+  else:
+    c = paper["get_config"]()
+    c.job = "study"
+    c.grid.update(dict(ads_taus=(1.0,), ads_lam_over_eps=(),
+                       temperatures=(0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0),
+                       controls=(1.0, 1.4), students=2, aligned=True, poe_taus=(0.6,),
+                       poe_gammas=(0.6, 0.7)))
+    c.grid.calibrate.update(dict(points=3, between=(1.0, 1.6)))
+    c.attacks.prefill.text = "Okay"
+    names = ATTACKERS + ("prefill",)
+  c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), matrix=True))
+  c.attacks.update(dict(names=names, kinds=DEFENCES_AND_BASELINE, students=1))
   return c

@@ -102,8 +102,9 @@ def test_the_job_dispatch():
 def test_every_arm_of_a_study_has_the_base_tree_and_names_itself():
   base = leaves(load("base").to_dict())
   for name in STUDIES:
-    get_config = runpy.run_path(config_path(name))["get_config"]
-    for arm in get_config().study.arms:
+    module = runpy.run_path(config_path(name))
+    get_config = module["get_config"]
+    for arm in module.get("ARMS", get_config().study.arms):
       config = get_config(arm)
       assert set(leaves(config.to_dict())) == set(base), (name, arm)
       assert config.study.arm == arm and config.job == "study"
@@ -152,6 +153,34 @@ def test_the_matrix_reuses_the_studys_free_writing_chains(tmp_path):
   attacked = [s for s in m.students(shared) if s.attack]
   assert attacked and all(s.point.kind == "temperature" and s.replicate == 0 for s in attacked)
   assert m.config.grid.aligned and m.config.study.matrix
+
+
+def test_the_gsm8k_matrix_is_the_paper_setup_with_the_matrix_grid():
+  """configs/matrix.py:gsm8k_paper runs the paper's GSM8K models, prompts, sampling and
+  distillation unchanged (so its trace sets and students are the paper config's under its
+  keys); only the grid, the attackers and the study differ, and the attackers reach every
+  defence and temperature point, the prefill attacker with its text."""
+  from antidistill_jax import pipeline, study
+  c = study.chain_config(study.file_loader(config_path("matrix")), study.Chain("gsm8k_paper", 2))
+  paper = load("gsm8k_paper")
+  paper.seed = 2
+  a, b = leaves(c.to_dict()), leaves(paper.to_dict())
+  differ = sorted(k for k in a if a[k] != b[k])
+  assert all(k.split(".")[0] in ("grid", "attacks", "study", "job", "pipeline") for k in differ), differ
+  x, p = pipeline.Experiment(c, "/nonexistent"), pipeline.Experiment(paper, "/nonexistent")
+  plain = pipeline.Point("temperature", 1.0, 0.0, 1e-2)
+  assert x.point_params(plain) == p.point_params(plain)
+  assert x.distill_config() == p.distill_config()
+  points = pipeline.grid(c, [0.01, 0.05, 0.1], [0.02, 0.06, 0.12])
+  kinds = {k: [q for q in points if q.kind == k] for k in ("ads", "aligned", "poe", "control")}
+  assert [len(v) for v in kinds.values()] == [3, 3, 2, 2]
+  poe = x.point_params(kinds["poe"][0])
+  assert (poe.method, poe.tau, poe.top_p, poe.top_k) == ("poe", 0.6, 0.95, 50)
+  assert 0.6 in c.grid.temperatures  # the product of experts' tau is on the curve it is matched on
+  attacked = {s.attack for s in x.students(points) if s.attack}
+  assert attacked == set(c.attacks.names) and "prefill" in attacked and x.prefill == "Okay"
+  assert not any(s.attack for s in x.students(kinds["control"]))
+  assert c.study.arms == ("gsm8k_paper",) and c.study.matrix
 
 
 # -- the command line --------------------------------------------------------------------------

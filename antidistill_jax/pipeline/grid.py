@@ -57,6 +57,17 @@ class Resample:
 RESAMPLE_STREAM = 2  # round 1's sampling stream (stream 1 is the A/A control's)
 
 
+def gradient_of(kind: str) -> str:
+  """The g a point kind's ADS ascends: "aligned" (the answer-aligned g) for kind "aligned",
+  else "standard" (for kinds without g, the one they would take)."""
+  return "aligned" if kind == "aligned" else "standard"
+
+
+def kind_of(which: str) -> str:
+  """The ADS point kind that ascends g `which` ("standard" or "aligned")."""
+  return "aligned" if which == "aligned" else "ads"
+
+
 @dataclasses.dataclass(frozen=True)
 class Prefill:
   """A point's trace set sampled with the prefill attacker's text as every response's start."""

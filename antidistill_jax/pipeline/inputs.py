@@ -21,8 +21,8 @@ from antidistill_jax import (attacks, distill, errors, files, models, monitoring
 from antidistill_jax import tokenizer as tok_lib
 from antidistill_jax.pipeline import identity
 from antidistill_jax.pipeline.grid import (REPLICATE_STRIDE, RESAMPLE_STREAM, STREAM_STRIDE,
-                                           Point, Prefill, Resample, Student, grid,
-                                           shard_points)
+                                           Point, Prefill, Resample, Student, gradient_of,
+                                           grid, kind_of, shard_points)
 from antidistill_jax.pipeline.store import Store, key_of
 
 ROLES = ("teacher", "proxy", "student")
@@ -323,8 +323,7 @@ class Inputs:
   def point_sampler(self, point: Point) -> sampling.Sampler:
     """The teacher's Sampler for a grid point: plain at lam 0, with the proxy otherwise (and
     the answer-aligned g for kind "aligned")."""
-    return self.teacher_sampler(point.lam != 0.0,
-                                "aligned" if point.kind == "aligned" else "standard")
+    return self.teacher_sampler(point.lam != 0.0, gradient_of(point.kind))
 
   # -- settings --------------------------------------------------------------------------------
 
@@ -423,19 +422,17 @@ class Inputs:
     """What a teacher-generated output at this point depends on besides its examples."""
     ads = point.lam != 0.0  # the proxy takes part (ADS, or the product of experts without g)
     g = ads and point.kind != "poe"
-    which = "aligned" if point.kind == "aligned" else "standard"
     return dict(teacher=self._model("teacher"), proxy=self._model("proxy") if ads else None,
-                grad=self.grad_key(which) if g else None,
+                grad=self.grad_key(gradient_of(point.kind)) if g else None,
                 params=sampling_key(self.point_params(point)), **self.trace_settings())
 
   def calibrate_key(self, which: str = "standard") -> str:
     """The ADS lams' calibration ("standard") or the answer-aligned ADS's ("aligned")."""
     c = self.config
-    kind = "aligned" if which == "aligned" else "ads"
     return key_of(stage="calibrate", examples=self.split_hash("holdout"),
                   calibrate=calibrate_settings(c.grid.calibrate), taus=list(c.grid.ads_taus),
                   temperatures=list(c.grid.temperatures),
-                  **self.teacher_side(Point(kind, 1.0, 1.0, float(c.sample.eps))))
+                  **self.teacher_side(Point(kind_of(which), 1.0, 1.0, float(c.sample.eps))))
 
   def sample_key(self, point: Point, prefill: str = "") -> str:
     """A point's trace set; with `prefill`, the one whose responses begin with it."""
@@ -446,17 +443,24 @@ class Inputs:
   @property
   def prefill(self) -> str:
     """The prefill attacker's text ("" when it is not named, or names none)."""
-    named = any(attacks.parse(n)[0] == "prefill" for n in self.attack_names())
-    return str(self.config.attacks.prefill.text) if named else ""
+    return str(self.config.attacks.prefill.text) if self._named("prefill") else ""
 
   def prefill_items(self) -> list[Prefill]:
     """This shard's Prefill items (one per point) when the prefill attacker has a text."""
     return [Prefill(p) for p in self._attacked_points()] if self.prefill else []
 
-  def _attacked_points(self) -> list[Point]:
-    """This shard's points of the kinds attackers apply to (attacks.kinds; (): all)."""
+  def _named(self, attacker: str) -> bool:
+    """Whether attacks.names has the attacker `attacker` (at any value: resample@2)."""
+    return any(attacks.parse(n)[0] == attacker for n in self.attack_names())
+
+  def _attacked(self, point: Point) -> bool:
+    """Whether attackers apply to the point's kind (attacks.kinds; (): every kind)."""
     allowed = tuple(self.config.attacks.kinds)
-    return [p for p in self.points if not allowed or p.kind in allowed]
+    return not allowed or point.kind in allowed
+
+  def _attacked_points(self) -> list[Point]:
+    """This shard's points of the kinds attackers apply to."""
+    return [p for p in self.points if self._attacked(p)]
 
   def resample_key(self, point: Point) -> str:
     """The teacher's answers to the resampling attacker's re-queries of a point's traces: its
@@ -471,7 +475,7 @@ class Inputs:
 
   def resample_items(self) -> list[Resample]:
     """This shard's Resample items (one per point) when a resampling attacker is named."""
-    if not any(attacks.parse(n)[0] == "resample" for n in self.attack_names()):
+    if not self._named("resample"):
       return []
     return [Resample(p) for p in self._attacked_points()]
 
@@ -547,10 +551,9 @@ class Inputs:
     times when it is set (> 0)."""
     points = self.points if points is None else points
     kinds = [(p, None) for p in points]
-    allowed = tuple(self.config.attacks.kinds)  # (): every kind
     for name in self.attack_names():
       kinds += [(p, name) for p in points if (name != "clean_mix" or p.kind != "temperature")
-                and (not allowed or p.kind in allowed)]
+                and self._attacked(p)]
     replicates = int(self.config.grid.students)
     attacked = int(self.config.attacks.students) or replicates
     return [Student(p, a, r) for r in range(max(replicates, attacked)) for p, a in kinds

@@ -15,7 +15,7 @@ from antidistill_jax import errors, files, gradients, models, parallel, sampling
 from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.pipeline import evaluating
 from antidistill_jax.pipeline.grid import (RESAMPLE_STREAM, Point, calibrated_lams,
-                                           calibration_span)
+                                           calibration_span, kind_of)
 
 
 def save_model_dir(model, tokenizer, path) -> None:
@@ -212,7 +212,7 @@ def calibrate(x, out, which: str = "standard") -> dict:
   which="aligned": the same for ADS with the answer-aligned g (its own lams)."""
   c = x.config
   cal, eps = c.grid.calibrate, float(c.sample.eps)
-  kind = "aligned" if which == "aligned" else "ads"
+  kind = kind_of(which)
   if cal.logprob_drops:
     return calibrate_logprob(x, kind)
   outside = [t for t in cal.between if float(t) not in [float(u) for u in c.grid.temperatures]]
