@@ -208,6 +208,54 @@ def contrast_rows(config, rows: list[dict]) -> list[dict]:
   return out
 
 
+OUTCOMES = ("too few seeds", "no control", "unreliable", "poisons", "helps", "none detected")
+
+
+def decision(ads: dict, control: dict | None, planned: int, finished: int) -> dict:
+  """The plan's decision rules (docs/synthetic/PLAN.md, "Decision rules") applied to an arm's
+  primary summary `ads` and its A/A control's `control` (stats.summarize dicts), with
+  `finished` of the `planned` chains done (a finished chain without a value is left out, not
+  waited for): {outcome (one of OUTCOMES), interim (chains left to run), text}."""
+  n = ads["n"]
+  interim = finished < planned
+  head = (f"Interim, {finished} of {planned} seeds (the plan decides at {planned}; looking "
+          "early raises the chance of a false positive), so far: " if interim else "")
+  ci = lambda s: f"[{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
+  if ads["p"] is None:
+    outcome, text = "too few seeds", f"too few seeds for a test ({n})."
+  else:
+    shown = f"G = {100 * ads['mean']:+.1f} points {ci(ads)}, p = {ads['p']:.3f}"
+    if control is None or control["ci"] is None:
+      outcome, text = "no control", f"{shown}: no A/A interval to check the matching; no decision."
+    elif control["ci"][0] > 0 or control["ci"][1] < 0:
+      outcome = "unreliable"
+      text = (f"{shown}, but the A/A control's interval excludes 0 (C = "
+              f"{100 * control['mean']:+.1f} {ci(control)}): the matching is biased in this arm, "
+              "its result unreliable.")
+    elif ads["p"] < stats.ALPHA:
+      outcome = "poisons" if ads["mean"] < 0 else "helps"
+      text = f"**ADS {outcome} students** here: {shown}; A/A control consistent with 0."
+    else:
+      outcome = "none detected"
+      text = (f"no difference detected: {shown}; A/A control consistent with 0. Gaps inside "
+              "the interval remain possible; this does not show that ADS has no effect.")
+  return dict(outcome=outcome, interim=interim, text=head + text)
+
+
+def decisions(config, summary: list[dict]) -> dict[str, dict]:
+  """{arm: decision} for each of the plan's primary arms (study.primary) that has a primary
+  row."""
+  rows = {(r["arm"], r["kind"]): r for r in summary if r["rank"] == 0}
+  planned = len(tuple(config.study.seeds))
+  out = {}
+  for arm in tuple(config.study.primary):
+    ads, control = rows.get((arm, "ads")), rows.get((arm, "control"))
+    if ads is not None:
+      out[arm] = decision(ads["summary"], control and control["summary"], planned,
+                          ads["n"] + ads["left_out"])
+  return out
+
+
 def results_table(rows: list[dict]) -> str:
   pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
   ci = lambda c: "-" if c is None else f"[{100 * c[0]:+.1f}, {100 * c[1]:+.1f}]"
@@ -343,6 +391,17 @@ def write_study_report(config, workdir) -> dict:
           "seeds) analysed the same way: it should be consistent with 0. NLL gap: the same "
           "for the students' NLL on clean teacher traces.\n\n",
           results_table(summary)]
+  decided = decisions(config, summary)
+  if decided:
+    significant = sum(d["outcome"] in ("poisons", "helps") for d in decided.values())
+    text += ["\n## The plan's decisions\n\nThe decision rules of the plan, applied as written "
+             "to each primary arm's ADS row (G) and A/A row (C), two-sided alpha "
+             f"{stats.ALPHA}:\n\n"] + [f"- {arm}: {d['text']}\n" for arm, d in decided.items()]
+    if len(decided) > 1:
+      text.append(f"\n{len(decided)} primary tests at alpha {stats.ALPHA} each: the chance "
+                  "of at least one false positive is up to "
+                  f"{100 * (1 - (1 - stats.ALPHA) ** len(decided)):.0f}%"
+                  + (" (only one arm is significant)." if significant == 1 else ".") + "\n")
   contrasts = contrast_rows(config, rows)
   if contrasts:
     text += ["\n## Arms against each other\n\nOne arm's per-seed student gap minus "
@@ -363,7 +422,8 @@ def write_study_report(config, workdir) -> dict:
                          for a, v in spread["by_arm"].items()) + ".\n"]
   text += ["\n## Every student\n\n", student_table(students)]
   files.write_atomic(out / "results.md", "".join(text).encode("utf-8"))
-  files.write_json(out / "results.json", dict(summary=summary, contrasts=contrasts, seeds=[
+  files.write_json(out / "results.json", dict(summary=summary, decisions=decided,
+                                              contrasts=contrasts, seeds=[
       {k: v for k, v in r.items() if k != "points"} for r in rows], students=students,
       between_students=spread))
   written = dict(table=os.fspath(out / "results.md"))

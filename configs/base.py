@@ -287,6 +287,9 @@ def get_config() -> ml_collections.ConfigDict:
       # ("a", "b") pairs: arm a's primary value minus arm b's, paired by seed (the effect of
       # what a changes)
       contrasts=(),
+      # the arms whose ADS row a pre-registered plan's decision rules are applied to, in the
+      # report's "The plan's decisions" (study.decision; (): none)
+      primary=(),
       # also write the defence x attacker matrix (antidistill_jax/matrix.py) beside the report
       matrix=False,
       out="")  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)

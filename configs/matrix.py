@@ -87,6 +87,7 @@ def get_config(arm: str = "matrix"):
     c.grid.calibrate.update(dict(points=3, between=(1.0, 1.6)))
     c.attacks.prefill.text = "Okay"
     names = ATTACKERS + ("prefill",)
-  c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), matrix=True))
+  c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), primary=(),
+                      matrix=True))
   c.attacks.update(dict(names=names, kinds=DEFENCES_AND_BASELINE, students=1))
   return c

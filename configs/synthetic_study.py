@@ -48,7 +48,8 @@ def get_config(arm: str = "free_writing"):
   c.job = "study"
   c.study.update(dict(arm=arm, arms=ARMS, seeds=SEEDS,
                       contrasts=(("free_writing_g_tau1", "free_writing"),
-                                 ("fixed_writing", "free_writing"))))
+                                 ("fixed_writing", "free_writing")),
+                      primary=("fixed_writing", "free_writing")))
   c.data.update(dict(max_holdout=1024, max_test=2048))
   c.grad.rows = 512
   c.grid.update(dict(temperatures=(0.8, 1.0, 1.3, 1.6, 1.9), controls=(1.0, 1.3, 1.6),

@@ -288,3 +288,38 @@ def test_between_students_pools_the_variance_within_each_trace_set():
   assert spread["by_arm"]["a"] == dict(sd=pytest.approx(0.0125 ** 0.5), sets=2)
   assert spread["by_arm"]["b"] == dict(sd=pytest.approx(0.02 ** 0.5), sets=1)
   assert spread["pooled"] == dict(sd=pytest.approx(0.015 ** 0.5), sets=3)
+
+
+def test_the_plans_decision_rules_are_applied_as_written():
+  """study.decision: docs/synthetic/PLAN.md's rules. A biased A/A control makes the arm
+  unreliable whatever its ADS test says; otherwise p < alpha decides the sign; else nothing
+  was detected. Fewer finished chains than planned is interim."""
+  from antidistill_jax import stats
+  s = lambda *xs: stats.summarize(list(xs), resamples=0)
+  zero = s(-0.01, 0.01, 0.02, -0.02)
+  low, high, flat = s(-0.10, -0.12, -0.11, -0.09), s(0.10, 0.12, 0.11, 0.09), s(-0.2, 0.1, 0.15, -0.1)
+  assert study.decision(low, zero, 4, 4)["outcome"] == "poisons"
+  assert study.decision(high, zero, 4, 4)["outcome"] == "helps"
+  assert study.decision(flat, zero, 4, 4)["outcome"] == "none detected"
+  biased = study.decision(low, s(0.05, 0.06, 0.05, 0.06), 4, 4)
+  assert biased["outcome"] == "unreliable" and "excludes 0" in biased["text"]
+  assert study.decision(low, None, 4, 4)["outcome"] == "no control"
+  assert study.decision(s(-0.1), zero, 4, 4)["outcome"] == "too few seeds"
+  early = study.decision(low, zero, 8, 4)
+  assert early["interim"] and early["text"].startswith("Interim, 4 of 8 seeds")
+  assert not study.decision(low, zero, 8, 8)["interim"]
+
+
+def test_the_report_applies_the_decision_rules_to_the_primary_arms(tmp_path):
+  config = tiny()
+  config.study.update(dict(arms=("a", "b"), seeds=(0, 1, 2), primary=("a",)))
+  for seed, gap in enumerate([-0.10, -0.12, -0.11]):
+    chain_results(tmp_path, "a", seed, [gap], [0.01 * (seed - 1)])
+    chain_results(tmp_path, "b", seed, [gap], [0.0])
+  text = open(study.write_study_report(config, str(tmp_path))["table"]).read()
+  section = text.split("## The plan's decisions")[1].split("##")[0]
+  assert "- a: **ADS poisons students** here: G = -11.0 points" in section
+  assert "- b:" not in section  # not a primary arm
+  config.study.primary = ()
+  text = open(study.write_study_report(config, str(tmp_path))["table"]).read()
+  assert "## The plan's decisions" not in text
