@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-from antidistill_jax import files, stats, traces
+from antidistill_jax import files, stats
 
 KINDS = ("ads", "aligned", "poe", "control")  # defences, then the A/A control
 TITLES = dict(ads="ADS", aligned="ADS, answer-aligned g", poe="product of experts",
@@ -75,21 +75,21 @@ def matrix_cells(per_seed: Sequence[dict]) -> list[dict]:
   return out
 
 
-def teacher_cost(points: Sequence[dict]) -> dict[str, float]:
-  """{kind: the teacher's seconds per sampled token at the kind's points over the temperature
-  points'} from the trace sets' own timings (one chain; the machine that sampled them)."""
-  rate: dict[str, list[float]] = {}
-  for e in points:
-    path = e.get("traces_path")
-    if not path or not os.path.exists(traces.meta_path(path)):
-      continue
-    s = traces.read_meta(path)["statistics"]
-    if s.get("tokens_per_second"):
-      rate.setdefault(e["point"]["kind"], []).append(float(s["tokens_per_second"]))
-  if "temperature" not in rate:
-    return {}
-  plain = float(np.mean(rate["temperature"]))
-  return {k: plain / float(np.mean(v)) for k, v in rate.items()}
+COST_FILE = "cost.json"  # bench/defences.py --out=<the matrix's folder>/cost.json
+
+
+def read_cost(out) -> tuple[dict[str, float], str]:
+  """({kind: the teacher's seconds per served token over plain sampling's}, where it was
+  measured) from `out`/cost.json, written by bench/defences.py (interleaved rounds on one
+  machine); ({}, "") when it is absent. The trace sets' own timings are not used: a long study
+  samples them hours apart under other loads (3x apart for one program, measured)."""
+  path = epath.Path(out) / COST_FILE
+  if not path.exists():
+    return {}, ""
+  bench = files.read_json(path)
+  where = (f"{bench['device']} ({bench['platform']}), {bench['config']} seed {bench['seed']}, "
+           f"{bench['prompts']} prompts per point, best of {bench['repeats']} interleaved rounds")
+  return {k: float(v["ratio"]) for k, v in bench["kinds"].items()}, where
 
 
 def _row_label(c: dict) -> str:
@@ -232,20 +232,22 @@ def frontier_rows(results: dict) -> list[dict]:
   return out
 
 
-def write_matrix_report(per_seed: Sequence[dict], points: Sequence[dict], out) -> dict:
+def write_matrix_report(per_seed: Sequence[dict], out) -> dict:
   """matrix.md, matrix.json, heatmap.png and frontier.png in `out` from the chains' results
-  (report/results.json of each finished chain) and one chain's index entries (`points`, for
-  the teacher's cost)."""
+  (report/results.json of each finished chain), with the teacher's cost from `out`/cost.json
+  where bench/defences.py wrote one."""
   out = epath.Path(out)
   files.makedirs(out)
   cells = matrix_cells([seed_cells(r) for r in per_seed])
-  cost = teacher_cost(points)
+  cost, where = read_cost(out)
+  measured = (f"measured by bench/defences.py on {where}" if cost else
+              f"not measured (python bench/defences.py --out={os.fspath(out / COST_FILE)})")
   text = ["# Defences x attackers\n\n",
           f"{len(per_seed)} seeds. Each cell: the students' mean accuracy minus the temperature "
           "students' under the same attacker, interpolated at the defence's teacher accuracy "
           "(points; negative: the defence kept the students from learning), mean over seeds "
-          "with its 95% t interval. Cost per token: the teacher's sampling seconds per token "
-          "at the defence over plain sampling's (one chain, the machine that sampled it).\n\n",
+          "with its 95% t interval. Cost per token: the teacher's sampling seconds per served "
+          f"token at the defence over plain sampling's, {measured}.\n\n",
           table(cells, cost)]
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
   files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed)))

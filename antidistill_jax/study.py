@@ -434,5 +434,5 @@ def write_study_report(config, workdir) -> dict:
     finished = [r for r in (_results(workdir, c) for c in chains(config)) if r is not None]
     if finished:
       written.update({f"matrix_{k}": v for k, v in matrix.write_matrix_report(
-          finished, finished[0].get("points") or [], out).items()})
+          finished, out).items()})
   return written

@@ -57,7 +57,7 @@ def test_cells_are_seed_means_of_kind_means_with_the_study_interval():
 
 
 def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
-  written = matrix.write_matrix_report([chain(g) for g in SEEDS], [], tmp_path)
+  written = matrix.write_matrix_report([chain(g) for g in SEEDS], tmp_path)
   assert set(written) == {"table", "heatmap", "frontier"}
   text = (tmp_path / "matrix.md").read_text()
   assert "| passive | reweight |" in text
@@ -65,6 +65,15 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
   ci = stats.summarize([(g[0] + g[1]) / 2 for g in SEEDS])["ci"]
   assert f"| ADS, mean over its points | 0.800 | - | 3 | {100 * mean:+.1f} " \
          f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |" in text
+  assert "not measured (python bench/defences.py" in text
+  # bench/defences.py's cost.json in the folder: the cost column reads it.
+  import json
+  (tmp_path / "cost.json").write_text(json.dumps(dict(
+      device="cpu", platform="cpu", config="matrix.py:matrix", seed=0, prompts=8, repeats=1,
+      kinds=dict(temperature=dict(ratio=1.0), ads=dict(ratio=2.25), poe=dict(ratio=1.5)))))
+  text = open(matrix.write_matrix_report([chain(g) for g in SEEDS], tmp_path)["table"]).read()
+  assert "| ADS, mean over its points | 0.800 | 2.25x | 3 |" in text
+  assert "measured by bench/defences.py on cpu (cpu), matrix.py:matrix seed 0" in text
   rows = matrix.frontier_rows(chain(SEEDS[0]))
   assert {(r["attack"], r["kind"]) for r in rows} == {("none", "temperature"),
                                                       ("reweight", "temperature")}
