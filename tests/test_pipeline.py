@@ -557,6 +557,15 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   assert len(keys) == len(experiment.students()) == len(experiment.points) * 7 + len(ads)
   text = (tmp_path / "report" / "results.md").read_text()
   assert "| clean_mix |" in text and "| reaimed |" in text
+  # The defence x attacker matrix reads this report: a cell per defence kind and attacker
+  # that trained students (keep_correct trained none here), passive included.
+  from antidistill_jax import matrix
+  results = json.loads((tmp_path / "report" / "results.json").read_text())
+  cells = {(c["kind"], c["rank"], c["attack"]): c
+           for c in matrix.matrix_cells([matrix.seed_cells(results)])}
+  for kind in ("ads", "aligned"):
+    for attack in ("none", "clean_mix", "reaimed", "prefill", "resample@2", "reweight@0"):
+      assert cells[(kind, 0, attack)]["summary"]["n"] == 1, (kind, attack)
 
 
 def test_ads_points_are_compared_at_the_same_teacher_accuracy():
