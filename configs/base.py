@@ -236,14 +236,16 @@ def get_config() -> ml_collections.ConfigDict:
       reaimed=dict(
           clean_rows=256,  # clean traces the student's own gradient is taken on (examples)
           drop_fraction=0.25,  # traces skipped per epoch, highest score first (fraction)
-          micro_batch_size=128),  # traces per forward/backward when scoring (examples)
+          # traces per forward/backward when scoring (examples; like grad.micro_batch_size, sized
+          # for a hub student at the paper's lengths)
+          micro_batch_size=8),
       # The Distillation Game's adaptive student (ysfalh/distillation-game, strategic_fd):
       # beta and clip are the reference code's (configs/gsm8k.yaml beta_s_values, DELTA_B_CLIP).
       reweight=dict(
           clean_rows=256,  # clean traces the student's gradient g_s is taken on (examples)
           beta=0.5,  # w_i ~ exp(beta * clip(a_i)); > 0 weights up traces that raise clean loss
           clip=10.0,  # a_i clipped to [-clip, clip] (nats per token per unit of g_s)
-          micro_batch_size=128),  # traces per forward/backward when scoring (examples)
+          micro_batch_size=8),  # traces per forward/backward when scoring (examples; as reaimed)
       # Degenerate-text filter + re-queries ("What Does It Mean to Break a Distillation
       # Defense?"); the rules are the public filter's (distillation-game, filtering_traces/).
       resample=dict(

@@ -71,4 +71,5 @@ def get_config():
   #   --config.attacks.names=keep_correct,clean_mix,reaimed
   c.attacks.update(dict(names=(), clean_mix=dict(rows=300),
                         reaimed=dict(clean_rows=256, drop_fraction=0.25, micro_batch_size=128)))
+  c.attacks.reweight.micro_batch_size = 128  # tiny models: many traces per scoring pass
   return c
