@@ -43,7 +43,8 @@ Its grid replaces the paper's 59-point sweep with what the matrix needs: tempera
 (0.6 for the product of experts at its reported tau 0.6, gammas 0.6 and 0.7, with top-p 0.95), 3
 ADS and 3 answer-aligned lams calibrated between the teacher's accuracy at tau 1.0 and 1.6 on
 256 holdout problems, the A/A control at tau 1.0 and 1.4, R = 2 passive students per set; every
-attacker above on every defence and temperature point, and prefill with "Okay" (R1-style traces
+attacker above on every defence and temperature point, the resampling budget as a column (1x,
+1.5x, 2x, 4x: its re-queries are sampled once and shared), and prefill with "Okay" (R1-style traces
 open "Okay, so ..."): the teacher samples every attacked set a second time from there, and the
 resampling attacker re-queries what the filter flags, so the sampling is about twice the 18
 served sets'. Three seeds (sampling, distillation and attacker draws; g and the splits are
@@ -86,7 +87,10 @@ def get_config(arm: str = "matrix"):
                        poe_gammas=(0.6, 0.7)))
     c.grid.calibrate.update(dict(points=3, between=(1.0, 1.6)))
     c.attacks.prefill.text = "Okay"
-    names = ATTACKERS + ("prefill",)
+    # R1-style traces under ADS are reported to degenerate, so the query budget is a column here:
+    # 1x (the filter alone), 1.5x, 2x, 4x (the re-queries are shared: only students are added).
+    names = tuple(a for a in ATTACKERS if not a.startswith("resample")) + (
+        "resample@1", "resample@1.5", "resample@2", "resample@4", "prefill")
   c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), primary=(),
                       matrix=True))
   c.attacks.update(dict(names=names, kinds=DEFENCES_AND_BASELINE, students=1))

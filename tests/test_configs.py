@@ -179,6 +179,8 @@ def test_the_gsm8k_matrix_is_the_paper_setup_with_the_matrix_grid():
   assert 0.6 in c.grid.temperatures  # the product of experts' tau is on the curve it is matched on
   attacked = {s.attack for s in x.students(points) if s.attack}
   assert attacked == set(c.attacks.names) and "prefill" in attacked and x.prefill == "Okay"
+  budgets = sorted(a for a in attacked if a.startswith("resample"))
+  assert budgets == ["resample@1", "resample@1.5", "resample@2", "resample@4"]
   assert not any(s.attack for s in x.students(kinds["control"]))
   assert c.study.arms == ("gsm8k_paper",) and c.study.matrix
 
