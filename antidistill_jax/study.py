@@ -208,6 +208,11 @@ def contrast_rows(config, rows: list[dict]) -> list[dict]:
   return out
 
 
+def _ci_text(ci) -> str:
+  """A 95% interval of an accuracy difference in points, "[-2.0, +10.2]" ("-" when None)."""
+  return "-" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
 OUTCOMES = ("too few seeds", "no control", "unreliable", "poisons", "helps", "none detected")
 
 
@@ -220,17 +225,16 @@ def decision(ads: dict, control: dict | None, planned: int, finished: int) -> di
   interim = finished < planned
   head = (f"Interim, {finished} of {planned} seeds (the plan decides at {planned}; looking "
           "early raises the chance of a false positive), so far: " if interim else "")
-  ci = lambda s: f"[{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
   if ads["p"] is None:
     outcome, text = "too few seeds", f"too few seeds for a test ({n})."
   else:
-    shown = f"G = {100 * ads['mean']:+.1f} points {ci(ads)}, p = {ads['p']:.3f}"
+    shown = f"G = {100 * ads['mean']:+.1f} points {_ci_text(ads['ci'])}, p = {ads['p']:.3f}"
     if control is None or control["ci"] is None:
       outcome, text = "no control", f"{shown}: no A/A interval to check the matching; no decision."
     elif control["ci"][0] > 0 or control["ci"][1] < 0:
       outcome = "unreliable"
       text = (f"{shown}, but the A/A control's interval excludes 0 (C = "
-              f"{100 * control['mean']:+.1f} {ci(control)}): the matching is biased in this arm, "
+              f"{100 * control['mean']:+.1f} {_ci_text(control['ci'])}): the matching is biased in this arm, "
               "its result unreliable.")
     elif ads["p"] < stats.ALPHA:
       outcome = "poisons" if ads["mean"] < 0 else "helps"
@@ -258,7 +262,6 @@ def decisions(config, summary: list[dict]) -> dict[str, dict]:
 
 def results_table(rows: list[dict]) -> str:
   pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
-  ci = lambda c: "-" if c is None else f"[{100 * c[0]:+.1f}, {100 * c[1]:+.1f}]"
   lines = ["| arm | what | seeds | teacher acc | student gap, points | 95% CI (t) | 95% CI "
            "(bootstrap) | p (paired t) | detectable at 80% power | NLL gap, nats/token "
            "[95% CI] |",
@@ -271,7 +274,7 @@ def results_table(rows: list[dict]) -> str:
     mde = "-" if s["mde"] is None else f"{100 * s['mde']:.1f}"
     teacher = "-" if r["teacher"] is None else f"{r['teacher']:.3f}"
     lines.append(f"| {r['arm']} | {r['label']} | {seeds} | {teacher} | {pts(s['mean'])} | "
-                 f"{ci(s['ci'])} | {ci(s['bootstrap_ci'])} | {p} | {mde} | {nll} |")
+                 f"{_ci_text(s['ci'])} | {_ci_text(s['bootstrap_ci'])} | {p} | {mde} | {nll} |")
   return "\n".join(lines) + "\n"
 
 

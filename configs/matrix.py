@@ -66,7 +66,8 @@ paper = runpy.run_path(os.path.join(_here, "gsm8k_paper.py"))
 # Each arm is its own study (study.arms is the arm alone): the laptop matrix, or the pod's.
 ARMS = ("matrix", "gsm8k_paper")
 SEEDS = {"matrix": (0, 1, 2, 3), "gsm8k_paper": (0, 1, 2)}
-ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5", "resample@2")
+# Every arm's attackers; each arm adds its resampling budgets (and the pod's, prefill).
+ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5")
 DEFENCES_AND_BASELINE = ("ads", "aligned", "poe", "temperature")
 
 
@@ -77,7 +78,7 @@ def get_config(arm: str = "matrix"):
   if arm == "matrix":
     c = study["get_config"]("free_writing")
     c.grid.update(dict(aligned=True, poe_taus=(1.0,), poe_gammas=(0.3, 0.6)))
-    names = ATTACKERS
+    names = ATTACKERS + ("resample@2",)
   else:
     c = paper["get_config"]()
     c.job = "study"
@@ -89,8 +90,7 @@ def get_config(arm: str = "matrix"):
     c.attacks.prefill.text = "Okay"
     # R1-style traces under ADS are reported to degenerate, so the query budget is a column here:
     # 1x (the filter alone), 1.5x, 2x, 4x (the re-queries are shared: only students are added).
-    names = tuple(a for a in ATTACKERS if not a.startswith("resample")) + (
-        "resample@1", "resample@1.5", "resample@2", "resample@4", "prefill")
+    names = ATTACKERS + ("resample@1", "resample@1.5", "resample@2", "resample@4", "prefill")
   c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), primary=(),
                       matrix=True))
   c.attacks.update(dict(names=names, kinds=DEFENCES_AND_BASELINE, students=1))
