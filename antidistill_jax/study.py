@@ -92,32 +92,115 @@ def out_dir(config, workdir) -> epath.Path:
 def run_study(config, load: Loader, workdir: str, *, shard: tuple[int, int] = (0, 1),
               mesh=None, stages: Sequence[str] | None = None) -> dict:
   """Runs this job's chains (k % n == i), writing the study's report from every chain finished
-  so far after each; returns {chain name: {stage: counts}}."""
+  so far after each, and the chain's record (study.records); a chain with a record of its
+  fingerprint and no results in the workdir is finished. Returns {chain name: {stage:
+  counts}} of the chains it ran."""
   from antidistill_jax import parallel, pipeline
   from antidistill_jax.pipeline import shard_points
   mine = shard_points(chains(config), shard)
+  kept = records(config, load, workdir)
   done = {}
   for k, chain in enumerate(mine):
+    if chain.name in kept and _workdir_results(workdir, chain) is None:
+      logging.info("study chain %d/%d: %s is finished (its record)", k + 1, len(mine), chain.name)
+      if parallel.is_writer():
+        print(f"== {chain.name} ({k + 1}/{len(mine)} of this job): finished, from "
+              f"{record_path(config, chain)}", flush=True)
+      continue
     logging.info("study chain %d/%d: %s", k + 1, len(mine), chain.name)
     if parallel.is_writer():
       print(f"== {chain.name} ({k + 1}/{len(mine)} of this job)", flush=True)
     x = pipeline.Experiment(chain_config(load, chain), workdir, mesh=mesh)
     done[chain.name] = x.run(stages or pipeline.STAGES)
     if parallel.is_writer():  # after every chain: a long study shows what it has so far
-      written = write_study_report(config, workdir)
-  if parallel.is_writer() and mine:
+      keep_record(config, chain, x)
+      write_study_report(config, workdir, kept)
+  if parallel.is_writer():  # also when every chain of this job was a record
+    written = write_study_report(config, workdir, kept)
     print(f"Study report: {written['table']}", flush=True)
   return done
+
+
+# -- chain records ---------------------------------------------------------------------------
+
+CALIBRATED = ("ads", "aligned")  # point kinds whose lams the calibrate stage chooses
+
+
+def fingerprint(x) -> str:
+  """What a chain's results depend on, as far as it is known before the chain runs (x: its
+  pipeline.Experiment): the lam calibrations' keys (teacher, proxy, g, data, sampling
+  settings) and the evaluation key of every student of a point whose lam is not calibrated
+  (distillation, student model, evaluation settings). A record is reused only by a chain with
+  its fingerprint."""
+  from antidistill_jax.pipeline.grid import grid
+  from antidistill_jax.pipeline.store import key_of
+  calibrations = ("standard", "aligned") if x.config.grid.aligned else ("standard",)
+  if x.calibrates:
+    points = [p for p in grid(x.config) if p.kind not in CALIBRATED]
+  else:
+    points = x.all_points()
+  return key_of(calibrate=[x.calibrate_key(w) for w in calibrations] if x.calibrates else None,
+                students=[x.eval_student_key(s) for s in x.students(points)])
+
+
+def record_path(config, chain: Chain) -> epath.Path | None:
+  """<study.records>/ARM/seedS.json (None when study.records is "")."""
+  root = str(config.study.records)
+  return epath.Path(root) / chain.arm / f"seed{chain.seed}.json" if root else None
+
+
+def keep_record(config, chain: Chain, x) -> str | None:
+  """Copies a finished chain's report/results.json to its record with its fingerprint, in one
+  atomic write (two jobs that finish one chain write the same record); the path, or None when
+  there is no record to keep."""
+  path, res = record_path(config, chain), _workdir_results(x.workdir, chain)
+  if path is None or res is None:
+    return None
+  files.makedirs(path.parent)
+  files.write_json(path, dict(res, fingerprint=fingerprint(x)))
+  return os.fspath(path)
+
+
+def records(config, load: Loader, workdir: str) -> dict[str, dict]:
+  """{chain name: results} from the study's records whose fingerprint is the one the current
+  code and config give the chain; any other record is logged and left out (its chain runs
+  again, and its record is replaced when it finishes)."""
+  from antidistill_jax import pipeline
+  root = str(config.study.records)
+  if root and os.path.abspath(root) == os.path.abspath(os.path.join(workdir, "records")):
+    raise errors.BadValue(f"study.records={root} is the workdir's own folder of stage records: "
+                          "name another folder (e.g. docs/<study>/chains).")
+  out = {}
+  for chain in chains(config):
+    path = record_path(config, chain)
+    if path is None or not path.exists():
+      continue
+    rec = files.read_json(path)
+    want = fingerprint(pipeline.Experiment(chain_config(load, chain), workdir))
+    if rec.get("fingerprint") != want:
+      logging.warning("study: the record %s is of another computation (fingerprint %s, this "
+                      "code and config give %s): left out, its chain runs again.",
+                      os.fspath(path), rec.get("fingerprint"), want)
+      continue
+    out[chain.name] = rec
+  return out
 
 
 # -- the report ------------------------------------------------------------------------------
 
 
-def _results(workdir, chain: Chain) -> dict | None:
-  """The chain's report/results.json (its config's pipeline.name is chain.name)."""
+def _workdir_results(workdir, chain: Chain) -> dict | None:
+  """The chain's report/results.json in the workdir (its config's pipeline.name is
+  chain.name)."""
   from antidistill_jax.pipeline.inputs import results_root
   path = results_root(workdir, chain.name) / "report" / "results.json"
   return files.read_json(path) if path.exists() else None
+
+
+def _results(workdir, chain: Chain, kept: dict[str, dict] | None = None) -> dict | None:
+  """The chain's results: the workdir's, else its record in `kept` (`records`)."""
+  res = _workdir_results(workdir, chain)
+  return res if res is not None else (kept or {}).get(chain.name)
 
 
 def _complete_mean(values: list[float | None]) -> float | None:
@@ -125,13 +208,13 @@ def _complete_mean(values: list[float | None]) -> float | None:
   return sum(values) / len(values) if values and None not in values else None
 
 
-def seed_rows(config, workdir) -> list[dict]:
-  """One row per finished chain: its matched rows (ADS and control, by rank), its primary
-  values (mean gap over the ADS points, over the control points; None unless every point of
-  that kind has a gap) and the mean NLL gaps."""
+def seed_rows(config, workdir, kept: dict[str, dict] | None = None) -> list[dict]:
+  """One row per finished chain (in the workdir, or kept as a record): its matched rows (ADS
+  and control, by rank), its primary values (mean gap over the ADS points, over the control
+  points; None unless every point of that kind has a gap) and the mean NLL gaps."""
   rows = []
   for chain in chains(config):
-    res = _results(workdir, chain)
+    res = _results(workdir, chain, kept)
     if res is None:
       continue
     matched = res.get("matched") or []
@@ -377,12 +460,12 @@ def forest_plot(rows: list[dict], path) -> bool:
   return True
 
 
-def write_study_report(config, workdir) -> dict:
+def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> dict:
   """study.out/results.md (the results table, then every student), results.json and
-  forest.png, from the chains finished so far."""
+  forest.png, from the chains finished so far (in the workdir, or `kept`: `records`)."""
   out = out_dir(config, workdir)
   files.makedirs(out)
-  rows = seed_rows(config, workdir)
+  rows = seed_rows(config, workdir, kept)
   summary = results_rows(config, rows)
   students = student_rows(rows)
   n_chains = len(chains(config))
@@ -434,7 +517,8 @@ def write_study_report(config, workdir) -> dict:
     written["forest"] = os.fspath(out / "forest.png")
   if config.study.matrix:  # the defence x attacker matrix (configs/matrix.py)
     from antidistill_jax import matrix
-    finished = [r for r in (_results(workdir, c) for c in chains(config)) if r is not None]
+    finished = [r for r in (_results(workdir, c, kept) for c in chains(config))
+                if r is not None]
     if finished:
       written.update({f"matrix_{k}": v for k, v in matrix.write_matrix_report(
           finished, out).items()})

@@ -294,7 +294,13 @@ def get_config() -> ml_collections.ConfigDict:
       primary=(),
       # also write the defence x attacker matrix (antidistill_jax/matrix.py) beside the report
       matrix=False,
-      out="")  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)
+      out="",  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)
+      # Chain records (study.py): each finished chain's report/results.json, copied to
+      # <records>/ARM/seedS.json with the chain's fingerprint. The report takes a chain from
+      # the workdir, else from a record whose fingerprint the current code and config give, and
+      # a run skips such chains: a study survives a lost workdir, and jobs in separate workdirs
+      # (hosts with no shared disk) merge theirs. A local or gs:// folder ("": none).
+      records="")
 
   # The sampling demo (job "generate"): models.teacher/proxy/dtype, prompts.system and
   # sample.max_new_tokens/top_p/seed/eps/method apply to it as they do to the experiment.

@@ -2,6 +2,7 @@
 matched teacher accuracy, with seeds.
 
   python -m antidistill_jax.main --config=configs/matrix.py --workdir=runs/study \
+      --config.study.records=docs/matrix/chains \
       --config.study.out=docs/matrix          # [--shard=i/n: chain k where k % n == i]
 
 Each seed is the study's free_writing chain (configs/synthetic_study.py: the same models, g,

@@ -2,7 +2,8 @@
 at matched teacher accuracy, with replicate students, an A/A control and the writing-style
 confound as a factor?
 
-  python -m antidistill_jax.main --config=configs/synthetic_study.py --workdir=runs/study
+  python -m antidistill_jax.main --config=configs/synthetic_study.py --workdir=runs/study \
+      --config.study.records=docs/synthetic/study/chains --config.study.out=docs/synthetic/study
   python -m antidistill_jax.main --config=configs/synthetic_study.py --workdir=runs/study \
       --shard=i/n                                  # n processes: chain k runs where k % n == i
   python -m antidistill_jax.main --config=configs/synthetic_study.py:free_writing \

@@ -193,7 +193,8 @@ REDUCED = {  # configs/synthetic_study.py at a size that checks it runs, not wha
 def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
   """Two arms that differ only in g's traces: the second chain trains only its ADS students
   (2 replicates) and reuses the models, the temperature and control students of the first."""
-  load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"), REDUCED)
+  load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"),
+                           dict(REDUCED, **{"study.records": str(tmp_path / "chains")}))
   config = load("free_writing")
   done = study.run_study(config, load, str(tmp_path))
   first, second = done["free_writing/seed0"], done["free_writing_g_tau1/seed0"]
@@ -207,10 +208,55 @@ def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
   assert all(r["metrics"]["nll_by_role"] and set(r["metrics"]["nll_by_role"]) <= {
       "answer", "writing", "reasoning"} for r in distilled)  # an untrained teacher's traces
   for chain in ("free_writing/seed0", "free_writing_g_tau1/seed0"):
-    assert (tmp_path / "results" / chain / "report" / "results.json").exists()
+    res = json.loads((tmp_path / "results" / chain / "report" / "results.json").read_text())
+    record = json.loads((tmp_path / "chains" / f"{chain}.json").read_text())
+    assert record.pop("fingerprint") and record == res  # the chain's results, kept
   text = (tmp_path / "study" / "results.md").read_text()
   assert "2 of 2 chains finished; 16 students." in text
   assert "| free_writing_g_tau1 | A/A control, mean over its 1 points | 1 |" in text
+  # The workdir lost: the records finish the study; nothing runs again.
+  lost = tmp_path / "lost"
+  assert study.run_study(config, load, str(lost)) == {}
+  assert (lost / "study" / "results.md").read_text() == text
+  config.study.records = str(lost / "records")  # the store's own folder: refused, named
+  with pytest.raises(errors.BadValue, match="workdir's own folder of stage records"):
+    study.run_study(config, load, str(lost))
+
+
+def test_a_record_is_reused_only_by_the_computation_that_made_it(tmp_path):
+  """study.records: a chain's record stands in for a lost workdir only where the current code
+  and config give its fingerprint; another setting of the chain, or a record of another
+  chain, is left out (its chain runs again)."""
+  path = os.path.join(ROOT, "configs", "synthetic_study.py")
+  overrides = dict(REDUCED, **{"study.records": str(tmp_path / "records")})
+  load = study.file_loader(path, overrides)
+  config = load("free_writing")
+  work = tmp_path / "work"
+  chain_results(work, "free_writing", 0, [-0.10], [0.01])
+  chain_results(work, "free_writing_g_tau1", 0, [-0.20], [0.02])
+  for arm in config.study.arms:
+    chain = study.Chain(arm, 0)
+    x = pipeline.Experiment(study.chain_config(load, chain), str(work))
+    assert study.keep_record(config, chain, x) == os.fspath(study.record_path(config, chain))
+  fingerprints = {a: json.loads((tmp_path / "records" / a / "seed0.json").read_text())[
+      "fingerprint"] for a in config.study.arms}
+  assert len(set(fingerprints.values())) == 2  # the arms' g differ: so do their chains
+  before = study.write_study_report(config, str(work))
+  text = open(before["table"]).read()
+  assert "2 of 2 chains finished" in text
+  config.study.out = str(tmp_path / "from_records")
+  kept = study.records(config, load, str(tmp_path / "lost"))
+  assert sorted(kept) == ["free_writing/seed0", "free_writing_g_tau1/seed0"]
+  after = study.write_study_report(config, str(tmp_path / "lost"), kept)
+  assert open(after["table"]).read() == text
+  # Another distillation: the same chain names, other students. No record is reused.
+  other = study.file_loader(path, dict(overrides, **{"distill.epochs": 2}))
+  assert study.records(other("free_writing"), other, str(tmp_path / "lost")) == {}
+  # A record copied under another chain's name is not that chain's.
+  (tmp_path / "records" / "free_writing" / "seed0.json").write_text(
+      (tmp_path / "records" / "free_writing_g_tau1" / "seed0.json").read_text())
+  assert sorted(study.records(config, load, str(tmp_path / "lost"))) == [
+      "free_writing_g_tau1/seed0"]
 
 
 def test_the_nll_by_role_splits_the_holdout_loss(tmp_path):
