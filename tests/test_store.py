@@ -126,6 +126,32 @@ def test_a_dead_claimant_is_taken_over_and_a_live_one_waited_for(tmp_path):
   assert counts["reused"] == 1 and counts["computed"] == 0
 
 
+def test_jobs_divide_an_independent_stages_items(tmp_path):
+  """A stage whose items read none of each other's outputs (students, evaluations): an item
+  another live job holds is passed over and taken up once this job's other items are done, so
+  two jobs on one workdir share the items. A stage of dependent items keeps its order."""
+  store = Store(str(tmp_path))
+  held = tmp_path / "claims" / "distill" / "k0.0.json"
+  held.parent.mkdir(parents=True)
+  held.write_text(json.dumps(dict(run="r1", host="another-host", pid=1)))
+  done = []
+
+  def compute(item, out):
+    done.append(item)
+    if len(done) == 2:  # meanwhile, the other job finishes the item it holds
+      files.create_new(store.record_path("distill", "k0"), json.dumps(dict(metrics={})).encode())
+    return {}
+  dependent = loop.Stage("distill", lambda: [0, 1, 2], lambda i: f"k{i}", compute)
+  with pytest.raises(errors.UserError, match="key k0: still not finished"):
+    loop.run_stage(store, dependent, timeout_s=0.3, poll_s=0.05)
+  assert done == []  # it waited for item 0, in order
+  independent = loop.Stage("distill", lambda: [0, 1, 2], lambda i: f"k{i}", compute,
+                           independent=True)
+  counts = loop.run_stage(store, independent, timeout_s=5, poll_s=0.05)
+  assert done == [1, 2] and counts["computed"] == 2 and counts["reused"] == 1
+  assert all(store.record("distill", f"k{i}") is not None for i in range(3))
+
+
 def test_an_old_workdir_or_a_file_is_refused(tmp_path):
   old = tmp_path / "old"
   (old / "sample" / "abc").mkdir(parents=True)

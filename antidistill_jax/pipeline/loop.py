@@ -6,7 +6,10 @@ For each item of a stage (a grid point, a student, or the stage's single output)
   3. else claim the key (create-if-absent: one job across all shards wins), compute into
      workdir/<stage>/<key>/ and publish the record, which is the one finished-marker;
   4. a key another live job claimed is waited for (polling its record), up to
-     config.pipeline.wait_timeout_s, then an error names the key, the claimant and the fix.
+     config.pipeline.wait_timeout_s, then an error names the key, the claimant and the fix;
+     in a stage whose items are independent (`Stage.independent`: students, evaluations) it
+     is passed over first and waited for once the job's other items are done, so jobs on one
+     workdir divide a stage's items between them instead of queueing behind each other.
 With several processes in one job (--distributed), process 0 decides each step
 (`parallel.agree`), every process computes (batches span them all), and process 0 alone writes.
 """
@@ -35,12 +38,14 @@ class Stage:
     the report, rewritten on every run and never recorded).
   compute: (item, out_dir) -> metrics (JSON-able); writes the item's outputs into out_dir.
   fields: item -> what the record says about the item besides its metrics (entry name, point).
+  independent: no item reads another item's output, so items may finish in any order.
   """
   name: str
   items: Callable[[], Sequence[Any]]
   key: Callable[[Any], str] | None
   compute: Callable[[Any, epath.Path], dict]
   fields: Callable[[Any], dict] = lambda item: {}
+  independent: bool = False
 
 
 @dataclasses.dataclass
@@ -50,8 +55,9 @@ class Outcome:
 
 
 def obtain(store: Store, stage: Stage, item: Any, key: str, *, timeout_s: float = 7200.0,
-           poll_s: float = 2.0) -> Outcome:
-  """The record of (stage, key): found, computed by this run, or waited for."""
+           poll_s: float = 2.0, wait: bool = True) -> Outcome | None:
+  """The record of (stage, key): found, computed by this run, or waited for; None, without
+  waiting, when another live job holds the key and `wait` is False."""
   deadline, waited, owner = time.time() + timeout_s, False, {}
   while True:
     status = _RECORDED
@@ -73,6 +79,8 @@ def obtain(store: Store, stage: Stage, item: Any, key: str, *, timeout_s: float 
         store.publish(stage.name, key, record)
       parallel.sync(f"{stage.name} {key}")
       return Outcome(dict(record, stage=stage.name, key=key), "computed")
+    if status == _WAIT and not wait:
+      return None
     if status == _EXPIRED:
       owner = owner or {}
       raise errors.UserError(
@@ -93,17 +101,29 @@ def run_stage(store: Store, stage: Stage, *, timeout_s: float = 7200.0, poll_s: 
   counts = dict(computed=0, reused=0, waited=0)
   with monitoring.progress(len(items), stage.name, unit="item", log_summary=False,
                            leave=False) as bar:
+    held = []  # (item, key) another live job holds: waited for after the others
+
+    def finish(item, outcome):
+      counts[outcome.how] += 1
+      if on_record is not None:
+        on_record(stage, item, outcome)
+      bar.update(1)
+
     for item in items:
       if stage.key is None:  # derived: always rewritten
         stage.compute(item, store.root / stage.name)
         counts["computed"] += 1
+        bar.update(1)
+        continue
+      key = stage.key(item)
+      outcome = obtain(store, stage, item, key, timeout_s=timeout_s, poll_s=poll_s,
+                       wait=not stage.independent)
+      if outcome is None:
+        held.append((item, key))
       else:
-        outcome = obtain(store, stage, item, stage.key(item), timeout_s=timeout_s,
-                         poll_s=poll_s)
-        counts[outcome.how] += 1
-        if on_record is not None:
-          on_record(stage, item, outcome)
-      bar.update(1)
+        finish(item, outcome)
+    for item, key in held:
+      finish(item, obtain(store, stage, item, key, timeout_s=timeout_s, poll_s=poll_s))
   counts["seconds"] = round(time.time() - start, 3)
   done = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "seconds" and v)
   line = monitoring.stage_summary(stage.name, counts["seconds"], items=len(items))
