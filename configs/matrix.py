@@ -66,7 +66,10 @@ paper = runpy.run_path(os.path.join(_here, "gsm8k_paper.py"))
 
 # Each arm is its own study (study.arms is the arm alone): the laptop matrix, or the pod's.
 ARMS = ("matrix", "gsm8k_paper")
-SEEDS = {"matrix": (0, 1, 2, 3), "gsm8k_paper": (0, 1, 2)}
+# The laptop matrix's seeds are the study's last four, its last two first: a matrix seed
+# extends the study's free_writing chain of that seed (same keys), so run in the study's
+# workdir it starts from what the study finished last (the workdir of seeds 0-5 was lost).
+SEEDS = {"matrix": (6, 7, 4, 5), "gsm8k_paper": (0, 1, 2)}
 # Every arm's attackers; each arm adds its resampling budgets (and the pod's, prefill).
 ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5")
 DEFENCES_AND_BASELINE = ("ads", "aligned", "poe", "temperature")
