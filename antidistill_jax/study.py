@@ -469,8 +469,12 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
   summary = results_rows(config, rows)
   students = student_rows(rows)
   n_chains = len(chains(config))
+  from_records = sum(_workdir_results(workdir, c) is None and c.name in (kept or {})
+                     for c in chains(config))
+  recorded = (f" ({from_records} of them read from their records in {config.study.records})"
+              if from_records else "")
   text = [f"# Study: {', '.join(config.study.arms)}; seeds {list(config.study.seeds)}\n\n",
-          f"{len(rows)} of {n_chains} chains finished; {len(students)} students.\n\n",
+          f"{len(rows)} of {n_chains} chains finished{recorded}; {len(students)} students.\n\n",
           "Student gap: a point's students' mean accuracy minus the temperature students' "
           "interpolated at the point's teacher accuracy, per seed; negative means its students "
           "learned less. The A/A control is a second temperature sweep (other sampling "

@@ -217,7 +217,9 @@ def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
   # The workdir lost: the records finish the study; nothing runs again.
   lost = tmp_path / "lost"
   assert study.run_study(config, load, str(lost)) == {}
-  assert (lost / "study" / "results.md").read_text() == text
+  assert (lost / "study" / "results.md").read_text() == text.replace(
+      "2 of 2 chains finished;", f"2 of 2 chains finished (2 of them read from their records "
+      f"in {tmp_path / 'chains'});")
   config.study.records = str(lost / "records")  # the store's own folder: refused, named
   with pytest.raises(errors.BadValue, match="workdir's own folder of stage records"):
     study.run_study(config, load, str(lost))
@@ -248,7 +250,9 @@ def test_a_record_is_reused_only_by_the_computation_that_made_it(tmp_path):
   kept = study.records(config, load, str(tmp_path / "lost"))
   assert sorted(kept) == ["free_writing/seed0", "free_writing_g_tau1/seed0"]
   after = study.write_study_report(config, str(tmp_path / "lost"), kept)
-  assert open(after["table"]).read() == text
+  assert open(after["table"]).read() == text.replace(
+      "2 of 2 chains finished;", f"2 of 2 chains finished (2 of them read from their records "
+      f"in {tmp_path / 'records'});")
   # Another distillation: the same chain names, other students. No record is reused.
   other = study.file_loader(path, dict(overrides, **{"distill.epochs": 2}))
   assert study.records(other("free_writing"), other, str(tmp_path / "lost")) == {}
