@@ -113,7 +113,8 @@ def run_study(config, load: Loader, workdir: str, *, shard: tuple[int, int] = (0
     x = pipeline.Experiment(chain_config(load, chain), workdir, mesh=mesh)
     done[chain.name] = x.run(stages or pipeline.STAGES)
     if parallel.is_writer():  # after every chain: a long study shows what it has so far
-      keep_record(config, chain, x)
+      if "report" in (stages or pipeline.STAGES):  # results.json was just written
+        keep_record(config, chain, x)
       write_study_report(config, workdir, kept)
   if parallel.is_writer():  # also when every chain of this job was a record
     written = write_study_report(config, workdir, kept)
