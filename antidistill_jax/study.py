@@ -452,7 +452,7 @@ def forest_plot(rows: list[dict], path) -> bool:
   ax.set_yticks(range(len(drawn)))
   ax.set_yticklabels([f"{r['arm']}: {r['label']} (n={r['n']})" for r in reversed(drawn)],
                      fontsize=7)
-  ax.set_xlabel("student accuracy minus temperature students' at the same teacher accuracy "
+  ax.set_xlabel("student accuracy minus temperature students' at the same teacher accuracy\n"
                 "(points; 95% t CI over seeds)", fontsize=8)
   ax.set_title("ADS and the A/A control against temperature sampling", fontsize=9)
   fig.tight_layout()
