@@ -271,6 +271,35 @@ def results_rows(config, rows: list[dict]) -> list[dict]:
   return out
 
 
+def fewer_points_rows(config, rows: list[dict]) -> list[dict]:
+  """Per arm where some chain has fewer ADS points than the arm's others (the calibration
+  merges lams that aim at one teacher accuracy; such a chain's G is the mean over the points
+  it has): the primary ADS row over only the chains with every point."""
+  out = []
+  for arm in config.study.arms:
+    mine = [r for r in rows if r["arm"] == arm]
+    most = max((len(r["ads"]) for r in mine), default=0)
+    full = [r for r in mine if len(r["ads"]) == most]
+    if len(full) < len(mine):
+      teacher = [sum(p["teacher"] for p in r["ads"]) / most for r in full]
+      out.append(dict(_summary_row(f"ADS, only the chains with all {most} points",
+                                   [r["ads_gap"] for r in full],
+                                   [r["ads_loss_gap"] for r in full], teacher, len(full)),
+                      arm=arm, kind="ads", rank=0))
+  return out
+
+
+def seed_table(rows: list[dict]) -> str:
+  """One line per finished chain: its ADS points, G, C and the ADS students' NLL gap."""
+  pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
+  nats = lambda x: "-" if x is None else f"{x:+.4f}"
+  lines = ["| arm | seed | ADS points | ADS student gap G, points | A/A gap C, points | "
+           "ADS NLL gap, nats/token |", "|---|---:|---:|---:|---:|---:|"]
+  lines += [f"| {r['arm']} | {r['seed']} | {len(r['ads'])} | {pts(r['ads_gap'])} | "
+            f"{pts(r['control_gap'])} | {nats(r['ads_loss_gap'])} |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
 def contrast_rows(config, rows: list[dict]) -> list[dict]:
   """Per study.contrasts pair (a, b) and kind: arm a's primary value minus arm b's, paired by
   seed (the seeds where both have one)."""
@@ -493,6 +522,12 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
                   "of at least one false positive is up to "
                   f"{100 * (1 - (1 - stats.ALPHA) ** len(decided)):.0f}%"
                   + (" (only one arm is significant)." if significant == 1 else ".") + "\n")
+  fewer = fewer_points_rows(config, rows)
+  if fewer:
+    text += ["\n## Chains with fewer ADS points\n\nThe calibration merges lams that aim at one "
+             "teacher accuracy, so a chain can have fewer ADS points than its arm's others; its "
+             "G is the mean over the points it has. The primary ADS row over only the chains "
+             "with every point:\n\n", results_table(fewer)]
   contrasts = contrast_rows(config, rows)
   if contrasts:
     text += ["\n## Arms against each other\n\nOne arm's per-seed student gap minus "
@@ -511,10 +546,12 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
              f"{100 * spread['pooled']['sd']:.1f} points over {spread['pooled']['sets']} sets; "
              + "; ".join(f"{a} {100 * v['sd']:.1f} ({v['sets']} sets)"
                          for a, v in spread["by_arm"].items()) + ".\n"]
+  if rows:
+    text += ["\n## Every chain\n\n", seed_table(rows)]
   text += ["\n## Every student\n\n", student_table(students)]
   files.write_atomic(out / "results.md", "".join(text).encode("utf-8"))
   files.write_json(out / "results.json", dict(summary=summary, decisions=decided,
-                                              contrasts=contrasts, seeds=[
+                                              fewer_points=fewer, contrasts=contrasts, seeds=[
       {k: v for k, v in r.items() if k != "points"} for r in rows], students=students,
       between_students=spread))
   written = dict(table=os.fspath(out / "results.md"))

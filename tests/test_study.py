@@ -165,6 +165,29 @@ def test_the_study_report_counts_the_seeds_behind_every_value(tmp_path):
   assert os.path.getsize(written["matrix_heatmap"]) > 0
 
 
+def test_a_chain_with_fewer_ads_points_is_shown_and_its_arm_summarized_without_it(tmp_path):
+  """A calibration that merged two lams leaves a chain with fewer ADS points: its G is the
+  mean over the points it has; the report lists every chain's G and C, and adds the primary
+  row over the chains with every point."""
+  config = tiny()
+  config.study.update(dict(arms=("a",), seeds=(0, 1, 2)))
+  chain_results(tmp_path, "a", 0, [-0.10, -0.20], [0.01])
+  chain_results(tmp_path, "a", 1, [-0.30], [0.02])  # one ADS point
+  chain_results(tmp_path, "a", 2, [-0.05, -0.15], [0.00])
+  rows = study.seed_rows(config, str(tmp_path))
+  assert rows[1]["ads_gap"] == pytest.approx(-0.30)
+  (fewer,) = study.fewer_points_rows(config, rows)
+  assert fewer["n"] == 2 and fewer["summary"]["mean"] == pytest.approx((-0.15 - 0.10) / 2)
+  text = open(study.write_study_report(config, str(tmp_path))["table"]).read()
+  assert "| a | ADS, mean over its 2 points | 3 |" in text  # every chain counts in the primary
+  assert "| a | ADS, only the chains with all 2 points | 2 | 0.700 | -12.5 |" in text
+  assert "| a | 1 | 1 | -30.0 | +2.0 | +0.0100 |" in text  # the chain table
+  # Every chain with all its points: no such section.
+  config.study.seeds = (0, 2)
+  assert "fewer ADS points" not in open(
+      study.write_study_report(config, str(tmp_path))["table"]).read()
+
+
 def test_an_arm_is_its_config_files_argument():
   load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"),
                            {"study.seeds": (5,), "study.arm": "ignored", "grid.students": 3})
