@@ -198,10 +198,7 @@ def _workdir_results(workdir, chain: Chain) -> dict | None:
   return files.read_json(path) if path.exists() else None
 
 
-def _results(workdir, chain: Chain, kept: dict[str, dict] | None = None) -> dict | None:
-  """The chain's results: the workdir's, else its record in `kept` (`records`)."""
-  res = _workdir_results(workdir, chain)
-  return res if res is not None else (kept or {}).get(chain.name)
+_PRIVATE = ("points", "results", "from_record")  # seed_rows' keys not written to results.json
 
 
 def _complete_mean(values: list[float | None]) -> float | None:
@@ -212,10 +209,14 @@ def _complete_mean(values: list[float | None]) -> float | None:
 def seed_rows(config, workdir, kept: dict[str, dict] | None = None) -> list[dict]:
   """One row per finished chain (in the workdir, or kept as a record): its matched rows (ADS
   and control, by rank), its primary values (mean gap over the ADS points, over the control
-  points; None unless every point of that kind has a gap) and the mean NLL gaps."""
+  points; None unless every point of that kind has a gap) and the mean NLL gaps. Each row
+  also holds the chain's whole results.json (`results`) and whether it came from its record
+  (`from_record`); `_PRIVATE` lists those keys, which results.json's "seeds" leaves out."""
   rows = []
   for chain in chains(config):
-    res = _results(workdir, chain, kept)
+    res, from_record = _workdir_results(workdir, chain), False
+    if res is None:
+      res, from_record = (kept or {}).get(chain.name), True
     if res is None:
       continue
     matched = res.get("matched") or []
@@ -228,7 +229,7 @@ def seed_rows(config, workdir, kept: dict[str, dict] | None = None) -> list[dict
       for role in ROLES:
         row[f"{kind}_{role}_gap"] = _complete_mean(
             [(r.get("role_loss_gaps") or {}).get(role) for r in rs])
-    row["points"] = res.get("points") or []
+    row.update(points=res.get("points") or [], results=res, from_record=from_record)
     rows.append(row)
   return rows
 
@@ -291,12 +292,11 @@ def fewer_points_rows(config, rows: list[dict]) -> list[dict]:
 
 def seed_table(rows: list[dict]) -> str:
   """One line per finished chain: its ADS points, G, C and the ADS students' NLL gap."""
-  pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
   nats = lambda x: "-" if x is None else f"{x:+.4f}"
   lines = ["| arm | seed | ADS points | ADS student gap G, points | A/A gap C, points | "
            "ADS NLL gap, nats/token |", "|---|---:|---:|---:|---:|---:|"]
-  lines += [f"| {r['arm']} | {r['seed']} | {len(r['ads'])} | {pts(r['ads_gap'])} | "
-            f"{pts(r['control_gap'])} | {nats(r['ads_loss_gap'])} |" for r in rows]
+  lines += [f"| {r['arm']} | {r['seed']} | {len(r['ads'])} | {_pts(r['ads_gap'])} | "
+            f"{_pts(r['control_gap'])} | {nats(r['ads_loss_gap'])} |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
@@ -319,6 +319,11 @@ def contrast_rows(config, rows: list[dict]) -> list[dict]:
                         n=len(diffs), left_out=len(seeds) - len(diffs), teacher=None,
                         summary=stats.summarize(diffs), nll=stats.summarize([])))
   return out
+
+
+def _pts(x) -> str:
+  """An accuracy difference in points, "+2.0" ("-" when None)."""
+  return "-" if x is None else f"{100 * x:+.1f}"
 
 
 def _ci_text(ci) -> str:
@@ -374,7 +379,6 @@ def decisions(config, summary: list[dict]) -> dict[str, dict]:
 
 
 def results_table(rows: list[dict]) -> str:
-  pts = lambda x: "-" if x is None else f"{100 * x:+.1f}"
   lines = ["| arm | what | seeds | teacher acc | student gap, points | 95% CI (t) | 95% CI "
            "(bootstrap) | p (paired t) | detectable at 80% power | NLL gap, nats/token "
            "[95% CI] |",
@@ -386,7 +390,7 @@ def results_table(rows: list[dict]) -> str:
     p = "-" if s["p"] is None else f"{s['p']:.3f}"
     mde = "-" if s["mde"] is None else f"{100 * s['mde']:.1f}"
     teacher = "-" if r["teacher"] is None else f"{r['teacher']:.3f}"
-    lines.append(f"| {r['arm']} | {r['label']} | {seeds} | {teacher} | {pts(s['mean'])} | "
+    lines.append(f"| {r['arm']} | {r['label']} | {seeds} | {teacher} | {_pts(s['mean'])} | "
                  f"{_ci_text(s['ci'])} | {_ci_text(s['bootstrap_ci'])} | {p} | {mde} | {nll} |")
   return "\n".join(lines) + "\n"
 
@@ -499,8 +503,7 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
   summary = results_rows(config, rows)
   students = student_rows(rows)
   n_chains = len(chains(config))
-  from_records = sum(_workdir_results(workdir, c) is None and c.name in (kept or {})
-                     for c in chains(config))
+  from_records = sum(r["from_record"] for r in rows)
   recorded = (f" ({from_records} of them read from their records in {config.study.records})"
               if from_records else "")
   text = [f"# Study: {', '.join(config.study.arms)}; seeds {list(config.study.seeds)}\n\n",
@@ -552,16 +555,14 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
   files.write_atomic(out / "results.md", "".join(text).encode("utf-8"))
   files.write_json(out / "results.json", dict(summary=summary, decisions=decided,
                                               fewer_points=fewer, contrasts=contrasts, seeds=[
-      {k: v for k, v in r.items() if k != "points"} for r in rows], students=students,
+      {k: v for k, v in r.items() if k not in _PRIVATE} for r in rows], students=students,
       between_students=spread))
   written = dict(table=os.fspath(out / "results.md"))
   if forest_plot(summary, out / "forest.png"):
     written["forest"] = os.fspath(out / "forest.png")
   if config.study.matrix:  # the defence x attacker matrix (configs/matrix.py)
     from antidistill_jax import matrix
-    finished = [r for r in (_results(workdir, c, kept) for c in chains(config))
-                if r is not None]
-    if finished:
+    if rows:
       written.update({f"matrix_{k}": v for k, v in matrix.write_matrix_report(
-          finished, out).items()})
+          [r["results"] for r in rows], out).items()})
   return written
