@@ -166,7 +166,7 @@ def heatmap(cells: Sequence[dict], path) -> bool:
                       for k, r in rows], fontsize=7)
   n = max(c["summary"]["n"] for c in drawn)
   ax.set_title("Student accuracy minus temperature students' at the same teacher accuracy\n"
-               f"(points; 95% t CI over up to {n} seeds)\n"
+               f"(points; 95% t CI over up to {_seeds_text(n)})\n"
                "framed: CI excludes 0; red: students learned less", fontsize=8)
   fig.tight_layout()
   report._save_png(fig, path)
@@ -176,7 +176,8 @@ def heatmap(cells: Sequence[dict], path) -> bool:
 
 def frontier(per_seed_points: Sequence[list[dict]], path) -> bool:
   """Teacher against student accuracy per attacker (one panel each), each point the mean over
-  seeds of its rank's values, by kind; the temperature curve drawn as a line."""
+  seeds of its rank's values, by kind; the temperature curve drawn as a solid line,
+  each defence's points joined by a dotted one; up to 4 panels a row."""
   series: dict[str, dict[tuple[str, int], list[tuple[float, float]]]] = {}
   for rows in per_seed_points:
     for r in rows:
@@ -189,24 +190,29 @@ def frontier(per_seed_points: Sequence[list[dict]], path) -> bool:
   import matplotlib.pyplot as plt
   from antidistill_jax import report
   attacks = sorted(series, key=lambda a: (a != NONE, a))
-  fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.6), squeeze=False,
+  cols = min(len(attacks), 4)
+  n_rows = -(-len(attacks) // cols)
+  fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.4 * n_rows), squeeze=False,
                            sharey=True)
+  for ax in axes.flat[len(attacks):]:
+    ax.set_visible(False)
   colors = dict(temperature="tab:blue", ads="tab:red", aligned="tab:purple", poe="tab:green",
                 control="tab:gray")
-  for ax, attack in zip(axes[0], attacks):
+  for ax, attack in zip(axes.flat, attacks):
     for kind, color in colors.items():
       pts = sorted(((np.mean([s for s, _ in v]), np.mean([t for _, t in v]))
                     for (k, _), v in series[attack].items() if k == kind), key=lambda p: p[1])
       if pts:
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, "-" if kind == "temperature" else "", marker="o", color=color,
+        ax.plot(xs, ys, "-" if kind == "temperature" else ":", marker="o", color=color,
                 label=kind, markersize=4)
     ax.set_title(attack if attack != NONE else "passive", fontsize=9)
     ax.set_xlabel("student accuracy", fontsize=8)
-  axes[0][0].set_ylabel("teacher accuracy", fontsize=8)
-  axes[0][-1].legend(fontsize=7)
-  fig.suptitle(f"Teacher vs student accuracy per attacker (means over {len(per_seed_points)} "
-               "seeds)", fontsize=9)
+  for row in axes:
+    row[0].set_ylabel("teacher accuracy", fontsize=8)
+  axes.flat[0].legend(fontsize=7)
+  fig.suptitle("Teacher vs student accuracy per attacker (means over "
+               f"{_seeds_text(len(per_seed_points))}; temperature: the solid curve)", fontsize=9)
   fig.tight_layout()
   report._save_png(fig, path)
   plt.close(fig)
@@ -232,10 +238,19 @@ def frontier_rows(results: dict) -> list[dict]:
   return out
 
 
-def write_matrix_report(per_seed: Sequence[dict], out) -> dict:
+def _seeds_text(n: int, planned: int | None = None) -> str:
+  """"1 seed", "3 seeds", or "2 of 4 seeds (interim: ...)" when fewer than planned."""
+  if planned is not None and n < planned:
+    return (f"{n} of {planned} seeds (interim: the plan decides at {planned}; a cell from "
+            "fewer seeds is no finding)")
+  return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = None) -> dict:
   """matrix.md, matrix.json, heatmap.png and frontier.png in `out` from the chains' results
   (report/results.json of each finished chain), with the teacher's cost from `out`/cost.json
-  where bench/defences.py wrote one."""
+  where bench/defences.py wrote one. planned: the seeds the study will have (the text says
+  "interim" below it)."""
   out = epath.Path(out)
   files.makedirs(out)
   cells = matrix_cells([seed_cells(r) for r in per_seed])
@@ -243,14 +258,15 @@ def write_matrix_report(per_seed: Sequence[dict], out) -> dict:
   measured = (f"measured by bench/defences.py on {where}" if cost else
               f"not measured (python bench/defences.py --out={os.fspath(out / COST_FILE)})")
   text = ["# Defences x attackers\n\n",
-          f"{len(per_seed)} seeds. Each cell: the students' mean accuracy minus the temperature "
+          f"{_seeds_text(len(per_seed), planned)}. Each cell: the students' mean accuracy minus the temperature "
           "students' under the same attacker, interpolated at the defence's teacher accuracy "
           "(points; negative: the defence kept the students from learning), mean over seeds "
           "with its 95% t interval. Cost per token: the teacher's sampling seconds per served "
           f"token at the defence over plain sampling's, {measured}.\n\n",
           table(cells, cost)]
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
-  files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed)))
+  files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed),
+                                             planned=planned))
   written = dict(table=os.fspath(out / "matrix.md"))
   if heatmap(cells, out / "heatmap.png"):
     written["heatmap"] = os.fspath(out / "heatmap.png")

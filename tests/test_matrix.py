@@ -66,6 +66,10 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
   assert f"| ADS, mean over its points | 0.800 | - | 3 | {100 * mean:+.1f} " \
          f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |" in text
   assert "not measured (python bench/defences.py" in text
+  assert text.count("3 seeds. Each cell") == 1 and "interim" not in text
+  # Fewer seeds than the study plans: the table says it is interim.
+  matrix.write_matrix_report([chain(g) for g in SEEDS[:2]], tmp_path, planned=4)
+  assert "2 of 4 seeds (interim: the plan decides at 4;" in (tmp_path / "matrix.md").read_text()
   # bench/defences.py's cost.json in the folder: the cost column reads it.
   import json
   (tmp_path / "cost.json").write_text(json.dumps(dict(
