@@ -13,6 +13,13 @@ Each attacker sees the same served trace set and changes only what the student t
                 mean NLL; g_s: the student's gradient on a few clean traces) and trains on them
                 with weights w_i ~ exp(beta * clip(a_i, -c, c)), normalised to mean 1. The
                 attack id "reweight@B" sets beta = B (otherwise attacks.reweight.beta);
+  reweight_mass the same scores and weights w_i ~ exp(beta * a_i) (no clip), with |beta| chosen
+                per served set so that the most-weighted fifth of the traces holds a fraction
+                M of the weight ("reweight_mass@M"; otherwise attacks.reweight.top20_mass;
+                beta's sign is attacks.reweight.beta's). The scale of a_i is the student's and
+                the data's (a tiny student from scratch: SD ~9; the reference's 3B student:
+                |mean| ~0.2-0.4), so a fixed beta is a different attacker on every model; M
+                is the same one: the reference's own runs at beta 0.5 had M = 0.22-0.23;
   resample      drops the degenerate traces (`degeneracy`: the public filter of the same code)
                 and re-queries the teacher for their prompts, round after round, within a
                 budget of Q x the served set's queries ("resample@Q"; Q = 1: the filter alone).
@@ -48,10 +55,13 @@ from antidistill_jax import degeneracy, gradients, parallel
 from antidistill_jax.gradients import TokenPair
 from antidistill_jax.models import Transformer
 
-NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight", "resample", "prefill")
-NEEDS_CLEAN = ("clean_mix", "reaimed", "reweight")  # they read a clean (plain-sampled) trace set
+NAMES = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight_mass", "resample",
+         "prefill")
+REWEIGHT = ("reweight", "reweight_mass")  # they train on every trace, weighted
+NEEDS_CLEAN = ("clean_mix", "reaimed") + REWEIGHT  # they read a clean (plain-sampled) trace set
 NEEDS_TEACHER = ("resample", "prefill")  # they read the teacher's answers to their own queries
-WITH_ARGUMENT = {"reweight": "beta", "resample": "budget"}  # "name@value" sets this setting
+# "name@value" sets this setting
+WITH_ARGUMENT = {"reweight": "beta", "reweight_mass": "top20_mass", "resample": "budget"}
 
 
 def parse(attack: str) -> tuple[str, float | None]:
@@ -83,6 +93,15 @@ def settings(attack: str, config) -> dict:
     r = config.reweight
     return dict(name=name, rows=int(r.clean_rows), beta=float(r.beta if arg is None else arg),
                 clip=float(r.clip), micro_batch=int(r.micro_batch_size), seed=int(config.seed))
+  if name == "reweight_mass":
+    r = config.reweight
+    mass = float(r.top20_mass if arg is None else arg)
+    if not 0.2 <= mass < 1.0:
+      raise ValueError(f"attack reweight_mass@{mass:g}: the most-weighted fifth's share of the "
+                       "weight lies in [0.2, 1) (0.2: every weight 1, passive SFT).")
+    return dict(name=name, rows=int(r.clean_rows), top20_mass=mass,
+                sign=1.0 if float(r.beta) >= 0 else -1.0, micro_batch=int(r.micro_batch_size),
+                seed=int(config.seed))
   if name == "prefill":
     return dict(name=name, text=str(config.prefill.text))
   if name == "resample":
@@ -142,12 +161,14 @@ def prepare(attack: dict, rows: Sequence[dict[str, Any]], clean: Sequence[dict[s
     return Plan(to_examples(clean_mix(rows, clean, attack["rows"], attack["seed"])))
   train = to_examples(rows)
   reference = to_examples(draw(clean, attack["rows"], attack["seed"]))
-  if name == "reweight":
+  if name in REWEIGHT:
     if student is None:
-      raise ValueError("attack reweight scores the traces with the student: pass student=.")
-    weights, stats = trace_weights(student, reference, train, beta=attack["beta"],
-                                   clip=attack["clip"], micro_batch_size=attack["micro_batch"],
-                                   pad_id=pad_id, mesh=mesh)
+      raise ValueError(f"attack {name} scores the traces with the student: pass student=.")
+    mass = attack.get("top20_mass")
+    weights, stats = trace_weights(
+        student, reference, train, beta=attack["sign"] if mass else attack["beta"],
+        clip=attack.get("clip", math.inf), top20_mass=mass,
+        micro_batch_size=attack["micro_batch"], pad_id=pad_id, mesh=mesh)
     if log is not None:
       log.append(stats)
     return Plan(train, weights=weights)
@@ -282,8 +303,54 @@ def reaimed_selector(clean: Sequence[TokenPair], train: Sequence[TokenPair], *,
   return select
 
 
+def top_fifth_mass(w: np.ndarray) -> float:
+  """The share of the weight held by the most-weighted fifth of the examples (at least one)."""
+  top = np.sort(w)[::-1][:max(1, len(w) // 5)]
+  return float(top.sum() / w.sum())
+
+
+def _exp_weights(z: np.ndarray) -> np.ndarray:
+  """exp(z) normalised to mean 1, computed without overflow."""
+  w = np.exp(z - z.max())
+  return w / w.mean()
+
+
+def beta_for_mass(a: np.ndarray, mass: float, sign: float = 1.0) -> float:
+  """The beta (of `sign`) at which weights exp(beta * a) give the most-weighted fifth the
+  share `mass` of the weight (top_fifth_mass). The share grows with |beta| (the fifth is the
+  fifth of largest sign * a, and d log share / d|beta| = its mean minus the weighted mean),
+  from k/n at beta 0 (k = the fifth's size) towards 1; bisection to 1e-6 of the share.
+  ValueError where it cannot be reached (scores all equal, or mass below k/n)."""
+  a = np.asarray(a, np.float64) * np.sign(sign)
+  share = lambda b: top_fifth_mass(_exp_weights(b * a))
+  floor = share(0.0)
+  if mass < floor - 1e-12:
+    raise ValueError(f"top-fifth mass {mass:g} is below {floor:.4f}, every weight 1's.")
+  if mass <= floor + 1e-12:
+    return 0.0
+  sd = float(a.std())
+  if sd == 0:
+    raise ValueError("every trace has the same score: no beta concentrates the weights.")
+  lo, hi = 0.0, 1.0 / sd
+  while share(hi) < mass:
+    lo, hi = hi, 2 * hi
+    if hi > 1e6 / sd:
+      raise ValueError(f"top-fifth mass {mass:g} is out of reach: the largest-scored fifth's "
+                       "scores tie with the rest's.")
+  while hi - lo > 1e-9 * hi:
+    mid = (lo + hi) / 2
+    if share(mid) < mass:
+      lo = mid
+    else:
+      hi = mid
+    if abs(share(hi) - mass) < 1e-6:
+      break
+  return float(np.sign(sign) * hi)
+
+
 def trace_weights(student: Transformer, clean: Sequence[TokenPair], train: Sequence[TokenPair], *,
-                  beta: float, clip: float = 10.0, micro_batch_size: int = 64, pad_id: int = 0,
+                  beta: float, clip: float = 10.0, top20_mass: float | None = None,
+                  micro_batch_size: int = 64, pad_id: int = 0,
                   mesh: Mesh | None = None) -> tuple[np.ndarray, dict]:
   """(weights [len(train)], statistics): the adaptive student's loss weights, fixed before
   training.
@@ -296,18 +363,22 @@ def trace_weights(student: Transformer, clean: Sequence[TokenPair], train: Seque
   clip(a_i, -clip, clip)), normalised to mean 1. Signs as in the reference: a gradient step on
   trace i moves the clean loss by about lr * a_i, so beta > 0 (the reference's 0.5) weights up
   the traces that would raise it, beta < 0 those that would lower it, and beta = 0 is passive
-  SFT (every weight exactly 1)."""
+  SFT (every weight exactly 1). top20_mass (reweight_mass): |beta| is chosen on these scores so
+  that the most-weighted fifth holds that share of the weight (beta_for_mass; `beta` gives
+  only the sign) and nothing is clipped."""
   g, meta = gradients.proxy_gradient(student, clean, micro_batch_size=micro_batch_size,
                                      pad_id=pad_id, mesh=mesh)
   lengths = np.array([len(c) for _, c in train], np.float64)
   a = trace_scores(student, g, train, micro_batch_size=micro_batch_size, pad_id=pad_id,
                    mesh=mesh) / np.maximum(lengths, 1.0)
-  w = np.exp(beta * np.clip(a, -clip, clip))
-  w = w / w.mean()
-  top = np.sort(w)[::-1][:max(1, len(w) // 5)]
+  if top20_mass is None:  # the reference's rule, as it computes it
+    w = np.exp(beta * np.clip(a, -clip, clip))
+    w = w / w.mean()
+  else:
+    beta, clip = beta_for_mass(a, top20_mass, sign=beta), math.inf
+    w = _exp_weights(beta * a)
   stats = dict(clean_loss=float(meta["mean_loss"]), beta=float(beta), a_mean=float(a.mean()),
                a_sd=float(a.std()), clipped=int(np.sum(np.abs(a) > clip)),
-               weight_max=float(w.max()), weight_min=float(w.min()),
-               top20_mass=float(top.sum() / w.sum()))
+               weight_max=float(w.max()), weight_min=float(w.min()), top20_mass=top_fifth_mass(w))
   logging.info("reweighting attacker: %s", stats)
   return w.astype(np.float32), stats

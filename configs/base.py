@@ -224,9 +224,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Attackers distilling from the ADS traces (attacks.py), each a student per point it applies
   # to. The settings are configs/synthetic.py's, fixed before any attacker ran.
   c.attacks = dict(
-      # some of "keep_correct", "clean_mix", "reaimed", "reweight", "resample" (a,b,c on the
-      # command line), "prefill"; "reweight@B" sets beta = B, "resample@Q" the budget Q (one
-      # attacker each)
+      # some of "keep_correct", "clean_mix", "reaimed", "reweight", "reweight_mass",
+      # "resample" (a,b,c on the command line), "prefill"; "reweight@B" sets beta = B,
+      # "reweight_mass@M" the top-fifth share M, "resample@Q" the budget Q (one attacker each)
       names=(),
       seed=seed,  # draw of the clean traces clean_mix, reaimed and reweight use
       # point kinds the attackers distil from (e.g. ("ads", "temperature")); (): every kind
@@ -244,6 +244,11 @@ def get_config() -> ml_collections.ConfigDict:
       reweight=dict(
           clean_rows=256,  # clean traces the student's gradient g_s is taken on (examples)
           beta=0.5,  # w_i ~ exp(beta * clip(a_i)); > 0 weights up traces that raise clean loss
+          # reweight_mass: |beta| chosen per set so the most-weighted fifth holds this share of
+          # the weight (the reference's runs at beta 0.5: 0.221-0.233, ysfalh/distillation-game
+          # gsm8k_mismatch/.../RESULTS.md); beta above gives the sign. A fixed beta is a
+          # different attacker on every model (a_i's scale is the student's).
+          top20_mass=0.22,
           clip=10.0,  # a_i clipped to [-clip, clip] (nats per token per unit of g_s)
           micro_batch_size=8),  # traces per forward/backward when scoring (examples; as reaimed)
       # Degenerate-text filter + re-queries ("What Does It Mean to Break a Distillation

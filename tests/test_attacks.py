@@ -213,3 +213,50 @@ def test_attack_ids_parse_and_name_their_errors():
                        ("reweight@x", "not a number")):
     with pytest.raises(ValueError, match=message):
       attacks.parse(bad)
+
+
+def test_reweight_mass_sets_the_weights_concentration_whatever_the_scores_scale():
+  """reweight_mass: |beta| is solved so the most-weighted fifth holds the asked share; the
+  weights then depend on the scores' order and shape, not their units (a fixed beta does)."""
+  a = np.random.default_rng(0).normal(-8.0, 8.5, size=500)  # a tiny student's scale
+  for mass in (0.22, 0.5, 0.9):
+    beta = attacks.beta_for_mass(a, mass)
+    w = np.exp(beta * a) / np.exp(beta * a).mean()
+    assert abs(attacks.top_fifth_mass(w) - mass) < 1e-5 and beta > 0
+    # The same scores in other units (the reference's 3B student: |a| ~ 0.2): same weights.
+    small = attacks.beta_for_mass(a / 40.0, mass)
+    np.testing.assert_allclose(small, 40.0 * beta, rtol=1e-4)
+  # The sign picks which end is weighted up: the lowest scores under a negative sign, the
+  # share reached on that end (skewed scores: the two ends need different |beta|).
+  skewed = np.random.default_rng(1).exponential(size=500)
+  neg, pos = attacks.beta_for_mass(skewed, 0.5, sign=-1.0), attacks.beta_for_mass(skewed, 0.5)
+  w = np.exp(neg * (skewed - skewed.min()))
+  assert neg < 0 and w[np.argmin(skewed)] == w.max() and abs(neg) > 1.5 * pos
+  assert abs(attacks.top_fifth_mass(w) - 0.5) < 1e-5
+  # A fixed beta is not: at the reference's 0.5, these scores put ~all weight on a fifth.
+  w = np.exp(0.5 * np.clip(a, -10, 10))
+  assert attacks.top_fifth_mass(w / w.mean()) > 0.85
+  # The floor, share k/n, is beta 0 (every weight 1); below it, or with tied scores, an error.
+  assert attacks.beta_for_mass(a, 0.2) == 0.0
+  with pytest.raises(ValueError, match="below"):
+    attacks.beta_for_mass(a, 0.1)
+  with pytest.raises(ValueError, match="same score"):
+    attacks.beta_for_mass(np.ones(10), 0.5)
+
+
+def test_reweight_mass_at_the_uniform_share_is_passive_and_reaches_its_share(student_dir):
+  from configs import base
+  c = base.get_config().attacks
+  s = attacks.settings("reweight_mass@0.3", c)
+  assert s["top20_mass"] == 0.3 and s["sign"] == 1.0 and "beta" not in s
+  assert attacks.settings("reweight_mass", c)["top20_mass"] == c.reweight.top20_mass
+  with pytest.raises(ValueError, match=r"\[0.2, 1\)"):
+    attacks.settings("reweight_mass@1.5", c)
+  model = models.from_pretrained(student_dir)
+  clean, train = random_examples(5, seed=3), random_examples(10, seed=4)
+  w, stats = attacks.trace_weights(model, clean, train, beta=1.0, top20_mass=0.2,
+                                   micro_batch_size=4)
+  assert np.all(w == 1.0) and stats["beta"] == 0.0 and stats["a_sd"] > 0
+  w, stats = attacks.trace_weights(model, clean, train, beta=1.0, top20_mass=0.6,
+                                   micro_batch_size=4)
+  assert abs(stats["top20_mass"] - 0.6) < 1e-5 and stats["clipped"] == 0 and stats["beta"] > 0
