@@ -26,7 +26,10 @@ Attackers (attacks.kinds: on every defence and temperature point, so each is mat
 temperature students it attacked alike; one student per attacked set, attacks.students):
   passive, keep_correct, clean_mix (300 plain traces; defence points only), reaimed (existing);
   reweight (beta 0.5, the reference code's sign and value: weights up traces whose SFT step
-  raises the student's clean loss) and reweight@-0.5 (the opposite sign);
+  raises the student's clean loss) and reweight@-0.5 (the opposite sign); reweight_mass (added
+  after seed 6, docs/matrix/PLAN.md "Deviations": the same sign with |beta| solved per set so
+  the most-weighted fifth of the traces holds 22% of the weight, the reference's own runs'
+  concentration; beta 0.5 on this task's scores put 89-97% on that fifth);
   resample@2 (the public degeneracy filter + re-queries up to 2x the served queries, 3 rounds).
   The filter flags almost nothing on this task (seed 0: 0-2 of 3,000 traces per ADS, PoE and
   aligned set, 0-40 per temperature set), so every budget above 1.02x re-queries all it flags
@@ -71,7 +74,8 @@ ARMS = ("matrix", "gsm8k_paper")
 # workdir it starts from what the study finished last (the workdir of seeds 0-5 was lost).
 SEEDS = {"matrix": (6, 7, 4, 5), "gsm8k_paper": (0, 1, 2)}
 # Every arm's attackers; each arm adds its resampling budgets (and the pod's, prefill).
-ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5")
+ATTACKERS = ("keep_correct", "clean_mix", "reaimed", "reweight", "reweight@-0.5",
+             "reweight_mass")
 DEFENCES_AND_BASELINE = ("ads", "aligned", "poe", "temperature")
 
 
