@@ -108,8 +108,26 @@ def _cell_text(c: dict | None, seeds: int) -> str:
   return f"{100 * s['mean']:+.1f}{ci}" + (f" (n={s['n']})" if s["n"] < seeds else "")
 
 
-def table(cells: Sequence[dict], cost: dict[str, float]) -> str:
-  """Rows: defence and strength (teacher accuracy, cost per token); columns: attackers."""
+def temperature_students(per_seed_points: Sequence[list[dict]]) -> dict[str, float]:
+  """{attack: the temperature students' mean accuracy under it}: per seed the mean over the
+  sweep's points, then the mean over seeds (the seeds that have the attacker's temperature
+  students; an attacker not applied to temperature sets, like clean_mix, has none)."""
+  per_attack: dict[str, list[float]] = {}
+  for rows in per_seed_points:
+    by: dict[str, list[float]] = {}
+    for r in rows:
+      if r["kind"] == "temperature":
+        by.setdefault(r["attack"], []).append(r["student"])
+    for attack, accs in by.items():
+      per_attack.setdefault(attack, []).append(float(np.mean(accs)))
+  return {a: float(np.mean(v)) for a, v in per_attack.items()}
+
+
+def table(cells: Sequence[dict], cost: dict[str, float],
+          baseline: dict[str, float] | None = None) -> str:
+  """Rows: defence and strength (teacher accuracy, cost per token); columns: attackers. First
+  row, where `baseline` (temperature_students) is given: the temperature students' own
+  accuracy under each attacker, the level every gap below is measured from."""
   attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
   rows = sorted({(c["kind"], c["rank"]) for c in cells},
                 key=lambda r: (KINDS.index(r[0]), r[1]))
@@ -117,6 +135,11 @@ def table(cells: Sequence[dict], cost: dict[str, float]) -> str:
   lines = ["| defence | teacher acc | cost per token | seeds | "
            + " | ".join(a if a != NONE else "passive" for a in attacks) + " |",
            "|---|---:|---:|---:|" + "---|" * len(attacks)]
+  if baseline:
+    lines.append("| temperature students' accuracy (absolute, mean over the sweep) | - | 1.00x | "
+                 f"{max(c['summary']['n'] for c in cells)} | "
+                 + " | ".join("-" if a not in baseline else f"{100 * baseline[a]:.1f}%"
+                              for a in attacks) + " |")
   for kind, rank in rows:
     first = next(at[(kind, rank, a)] for a in attacks if (kind, rank, a) in at)
     c = cost.get(kind)
@@ -254,6 +277,8 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
   out = epath.Path(out)
   files.makedirs(out)
   cells = matrix_cells([seed_cells(r) for r in per_seed])
+  points = [frontier_rows(r) for r in per_seed]
+  baseline = temperature_students(points)
   cost, where = read_cost(out)
   measured = (f"measured by bench/defences.py on {where}" if cost else
               f"not measured (python bench/defences.py --out={os.fspath(out / COST_FILE)})")
@@ -262,14 +287,17 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
           "students' under the same attacker, interpolated at the defence's teacher accuracy "
           "(points; negative: the defence kept the students from learning), mean over seeds "
           "with its 95% t interval. Cost per token: the teacher's sampling seconds per served "
-          f"token at the defence over plain sampling's, {measured}.\n\n",
-          table(cells, cost)]
+          f"token at the defence over plain sampling's, {measured}. The first row is the "
+          "temperature students' own accuracy under each attacker (\"-\": it is not applied to "
+          "temperature sets, and its cells are measured from the passive ones): a gap is "
+          "read against it, and an attacker whose own students learn little is a weak one.\n\n",
+          table(cells, cost, baseline)]
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
   files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed),
-                                             planned=planned))
+                                             planned=planned, temperature_students=baseline))
   written = dict(table=os.fspath(out / "matrix.md"))
   if heatmap(cells, out / "heatmap.png"):
     written["heatmap"] = os.fspath(out / "heatmap.png")
-  if frontier([frontier_rows(r) for r in per_seed], out / "frontier.png"):
+  if frontier(points, out / "frontier.png"):
     written["frontier"] = os.fspath(out / "frontier.png")
   return written

@@ -67,6 +67,10 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
          f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |" in text
   assert "not measured (python bench/defences.py" in text
   assert text.count("3 seeds. Each cell") == 1 and "interim" not in text
+  # The temperature students' own level under each attacker: passive 0.5 at both points;
+  # reweight's one attacked point 0.55.
+  assert "| temperature students' accuracy (absolute, mean over the sweep) | - | 1.00x | 3 | " \
+         "50.0% | 55.0% |" in text
   # Fewer seeds than the study plans: the table says it is interim.
   matrix.write_matrix_report([chain(g) for g in SEEDS[:2]], tmp_path, planned=4)
   assert "2 of 4 seeds (interim: the plan decides at 4;" in (tmp_path / "matrix.md").read_text()
@@ -81,3 +85,14 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
   rows = matrix.frontier_rows(chain(SEEDS[0]))
   assert {(r["attack"], r["kind"]) for r in rows} == {("none", "temperature"),
                                                       ("reweight", "temperature")}
+
+
+def test_temperature_students_average_each_seeds_sweep_then_the_seeds():
+  t = lambda attack, acc: dict(attack=attack, kind="temperature", rank=1, teacher=0.8,
+                               student=acc)
+  a = [t("none", 0.2), t("none", 0.4), dict(t("none", 0.99), kind="ads")]
+  b = [t("none", 0.9), t("keep_correct", 0.7)]
+  # Seed a's sweep 0.3, seed b's 0.9: 0.6 (pooling the points would give 0.5); an attacker
+  # one seed has is averaged over that seed only; a defence's students are not counted.
+  assert matrix.temperature_students([a, b]) == pytest.approx(
+      {"none": 0.6, "keep_correct": 0.7})
