@@ -123,11 +123,25 @@ def temperature_students(per_seed_points: Sequence[list[dict]]) -> dict[str, flo
   return {a: float(np.mean(v)) for a, v in per_attack.items()}
 
 
+def weight_shares(per_seed: Sequence[dict]) -> dict[str, float]:
+  """{attack: the share of the weight its most-weighted fifth of traces held, mean over every
+  attacked set of every seed} for the reweighting attackers (attacked_points' top20_mass;
+  1/5 is unweighted SFT)."""
+  shares: dict[str, list[float]] = {}
+  for results in per_seed:
+    for p in results.get("attacked_points") or []:
+      if p.get("top20_mass") is not None:
+        shares.setdefault(p["attack"], []).append(float(p["top20_mass"]))
+  return {a: float(np.mean(v)) for a, v in shares.items()}
+
+
 def table(cells: Sequence[dict], cost: dict[str, float],
-          baseline: dict[str, float] | None = None) -> str:
+          baseline: dict[str, float] | None = None,
+          shares: dict[str, float] | None = None) -> str:
   """Rows: defence and strength (teacher accuracy, cost per token); columns: attackers. First
   row, where `baseline` (temperature_students) is given: the temperature students' own
-  accuracy under each attacker, the level every gap below is measured from."""
+  accuracy under each attacker, the level every gap below is measured from; then, where
+  `shares` (weight_shares) is given, the reweighting attackers' weight concentration."""
   attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
   rows = sorted({(c["kind"], c["rank"]) for c in cells},
                 key=lambda r: (KINDS.index(r[0]), r[1]))
@@ -140,6 +154,10 @@ def table(cells: Sequence[dict], cost: dict[str, float],
                  f"{max(c['summary']['n'] for c in cells)} | "
                  + " | ".join("-" if a not in baseline else f"{100 * baseline[a]:.1f}%"
                               for a in attacks) + " |")
+  if shares:
+    lines.append("| reweighting: the most-weighted fifth's share of the weight (0.20: none) | - "
+                 "| - | - | " + " | ".join("-" if a not in shares else f"{shares[a]:.2f}"
+                                          for a in attacks) + " |")
   for kind, rank in rows:
     first = next(at[(kind, rank, a)] for a in attacks if (kind, rank, a) in at)
     c = cost.get(kind)
@@ -291,10 +309,11 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
           "temperature students' own accuracy under each attacker (\"-\": it is not applied to "
           "temperature sets, and its cells are measured from the passive ones): a gap is "
           "read against it, and an attacker whose own students learn little is a weak one.\n\n",
-          table(cells, cost, baseline)]
+          table(cells, cost, baseline, weight_shares(per_seed))]
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
   files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed),
-                                             planned=planned, temperature_students=baseline))
+                                             planned=planned, temperature_students=baseline,
+                                             weight_shares=weight_shares(per_seed)))
   written = dict(table=os.fspath(out / "matrix.md"))
   if heatmap(cells, out / "heatmap.png"):
     written["heatmap"] = os.fspath(out / "heatmap.png")

@@ -71,6 +71,15 @@ def collect_attacks(workdir) -> dict[str, list[dict]]:
   return {k: _sort(v) for k, v in sorted(out.items())}
 
 
+def _weighting(attack: str, entry: dict) -> dict:
+  """{beta, top20_mass} of a reweighting attacker's student (attacks.trace_weights' statistics
+  in its distill record), else {}: how concentrated the weights it trained with were."""
+  from antidistill_jax import attacks
+  name = attacks.parse(attack)[0]
+  stats = (entry.get("distill") or {}).get(name) if name in attacks.REWEIGHT else None
+  return {k: stats[k] for k in ("beta", "top20_mass")} if isinstance(stats, dict) else {}
+
+
 def attack_rows(workdir) -> list[dict]:
   """Per attacker and ADS point: the attacked ADS student against temperature students at the
   same teacher accuracy; the temperature students are attacked too where the attacker applies
@@ -353,7 +362,8 @@ def write_report(workdir, *, student_sd: float | None = None, student_sd_source:
   written["table"] = str(md)
   attacked_points = [dict(attack=a, name=e["name"], kind=e["point"]["kind"],
                           tau=e["point"]["tau"], lam=e["point"]["lam"],
-                          teacher=_acc(e, "teacher_eval"), student=_acc(e, "student_eval"))
+                          teacher=_acc(e, "teacher_eval"), student=_acc(e, "student_eval"),
+                          **_weighting(a, e))
                      for a, es in collect_attacks(workdir).items() for e in es]
   files.write_json(out / "results.json", dict(points=entries, base=base, matched=rows,
                                               run_gap=gap, attacks=attacked,

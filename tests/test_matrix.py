@@ -26,7 +26,7 @@ def chain(seed_gaps):
   points = [dict(point=dict(kind="temperature", tau=t, lam=0.0), teacher_eval=dict(accuracy=acc),
                  student_eval=dict(accuracy=0.5)) for t, acc in ((1.0, 0.9), (1.6, 0.6))]
   attacked_points = [dict(attack="reweight", kind="temperature", tau=1.0, lam=0.0, teacher=0.9,
-                          student=0.55)]
+                          student=0.55, beta=0.5, top20_mass=0.9)]
   return dict(matched=matched, attacks=attacks, points=points, attacked_points=attacked_points)
 
 
@@ -71,6 +71,8 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
   # reweight's one attacked point 0.55.
   assert "| temperature students' accuracy (absolute, mean over the sweep) | - | 1.00x | 3 | " \
          "50.0% | 55.0% |" in text
+  assert "| reweighting: the most-weighted fifth's share of the weight (0.20: none) | - | - | " \
+         "- | - | 0.90 |" in text
   # Fewer seeds than the study plans: the table says it is interim.
   matrix.write_matrix_report([chain(g) for g in SEEDS[:2]], tmp_path, planned=4)
   assert "2 of 4 seeds (interim: the plan decides at 4;" in (tmp_path / "matrix.md").read_text()

@@ -527,6 +527,13 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
     assert e["distill"]["reweight"]["weight_max"] == e["distill"]["reweight"]["weight_min"] == 1
     assert e["distill"]["holdout_loss"] == plain[e["base"]]["distill"]["holdout_loss"]
     assert e["student_eval"]["accuracy"] == plain[e["base"]]["student_eval"]["accuracy"]
+  # The report's attacked points carry a reweighting student's weight concentration (beta 0:
+  # none, the top fifth of 32 traces holds 6/32), and no other attacker's.
+  points = json.loads((tmp_path / "report" / "results.json").read_text())["attacked_points"]
+  weighted = [p for p in points if p["attack"] == "reweight@0"]
+  assert len(weighted) == len(plain) and all(
+      p["beta"] == 0 and p["top20_mass"] == pytest.approx(6 / 32) for p in weighted)
+  assert not any("top20_mass" in p for p in points if p["attack"] != "reweight@0")
   # Resampling: the sample stage re-queried each point's flagged prompts (rounds at their own
   # streams); the filter alone (budget 1) asks nothing, budget 2 at most one more query per
   # prompt, and every trace a student trained on breaks no rule.
