@@ -296,24 +296,25 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
   files.makedirs(out)
   cells = matrix_cells([seed_cells(r) for r in per_seed])
   points = [frontier_rows(r) for r in per_seed]
-  baseline = temperature_students(points)
+  baseline, shares = temperature_students(points), weight_shares(per_seed)
   cost, where = read_cost(out)
   measured = (f"measured by bench/defences.py on {where}" if cost else
               f"not measured (python bench/defences.py --out={os.fspath(out / COST_FILE)})")
   text = ["# Defences x attackers\n\n",
-          f"{_seeds_text(len(per_seed), planned)}. Each cell: the students' mean accuracy minus the temperature "
-          "students' under the same attacker, interpolated at the defence's teacher accuracy "
-          "(points; negative: the defence kept the students from learning), mean over seeds "
-          "with its 95% t interval. Cost per token: the teacher's sampling seconds per served "
-          f"token at the defence over plain sampling's, {measured}. The first row is the "
+          f"{_seeds_text(len(per_seed), planned)}. Each cell: the students' mean accuracy "
+          "minus the temperature students' under the same attacker, interpolated at the "
+          "defence's teacher accuracy (points; negative: the defence kept the students from "
+          "learning), mean over seeds with its 95% t interval. Cost per token: the teacher's "
+          "sampling seconds per served token at the defence over plain sampling's, "
+          f"{measured}. The first row is the "
           "temperature students' own accuracy under each attacker (\"-\": it is not applied to "
           "temperature sets, and its cells are measured from the passive ones): a gap is "
           "read against it, and an attacker whose own students learn little is a weak one.\n\n",
-          table(cells, cost, baseline, weight_shares(per_seed))]
+          table(cells, cost, baseline, shares)]
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
   files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed),
                                              planned=planned, temperature_students=baseline,
-                                             weight_shares=weight_shares(per_seed)))
+                                             weight_shares=shares))
   written = dict(table=os.fspath(out / "matrix.md"))
   if heatmap(cells, out / "heatmap.png"):
     written["heatmap"] = os.fspath(out / "heatmap.png")
