@@ -10,6 +10,32 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def _share_compiled_programs():
+  """One persistent XLA compilation cache for the whole run: most of a tiny test's time is
+  compiling, and the same programs recur across tests, xdist workers and the CLI subprocesses
+  (they inherit the environment). Made here, before JAX is imported, by the first process (the
+  xdist controller), and removed when it exits. A JAX_COMPILATION_CACHE_DIR already set is
+  used as it is (kept across runs). A cache hit still counts as a compile request
+  (/jax/core/compile/backend_compile_duration wraps compile_or_get_cached), so the tests that
+  count compiles count the same. No size limit: with one, JAX rescans the whole folder at every
+  write (quadratic in the entries; it doubled the suite's time). Without one it takes no lock, so
+  a process may read an entry another is still writing: JAX then warns, recompiles and goes
+  on (a truncated compressed entry does not decompress)."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix="antidistill-jax-tests-xla-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+_share_compiled_programs()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
