@@ -47,6 +47,17 @@ from antidistill_jax import random_checkpoints  # noqa: E402
 VOCAB = 320  # tokenizer size; tables are padded past it like real checkpoints
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: over ~45 s on 2 idle cores; run first (below); -m 'not slow' skips them")
+
+
+def pytest_collection_modifyitems(items):
+  """The slow tests first (a stable sort: otherwise in file order), so that xdist hands them out
+  at the start and both workers end on short tests, not one waiting on a 3-minute test."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _memory_maps() -> tuple[int, int] | None:
   """(this process's memory maps, the kernel's limit per process), or None off Linux."""
   try:

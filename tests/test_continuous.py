@@ -55,6 +55,7 @@ def test_continuous_batching_gives_the_static_traces(pair, method):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)  # float32 rounding
 
 
+@pytest.mark.slow
 def test_slots_refill_width_chunk_and_mesh_do_not_change_the_traces(pair):
   """Fewer slots than prompts refilled one at a time with a one-step chunk, more slots than
   prompts, and slots split over a 2-device mesh: static batching's tokens every time. The slots

@@ -15,6 +15,7 @@ GSM8K_DIR = os.environ.get("ANTIDISTILL_GSM8K_DIR") or os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(GSM8K_DIR, "train.jsonl")),
                     reason=f"GSM8K not in {GSM8K_DIR} (set ANTIDISTILL_GSM8K_DIR)")
 def test_tiny_experiment_end_to_end(tmp_path):

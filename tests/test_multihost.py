@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 
@@ -77,6 +79,7 @@ def close(a, b) -> bool:
   return a == b
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   multi = str(tmp_path / "two_processes")
   procs = run_processes([multi, multi])

@@ -6,6 +6,7 @@ import os
 import re
 
 import matplotlib
+import pytest
 from etils import epath
 
 from antidistill_jax import pipeline
@@ -31,6 +32,7 @@ def run_cells(name: str, sources: list[str], namespace: dict) -> None:
     exec(compile(source, f"{name} code cell {i}", "exec"), namespace)  # noqa: S102
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_experiment_and_shows_its_results(tmp_path, monkeypatch):
   matplotlib.use("Agg")
   monkeypatch.chdir(tmp_path)

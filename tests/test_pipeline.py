@@ -425,6 +425,7 @@ def test_lams_calibrated_to_a_logprob_drop(tmp_path):
     pipeline.Experiment(c, str(tmp_path / "both")).run()
 
 
+@pytest.mark.slow
 def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   """configs/synthetic.py (models trained from scratch, lambda calibration, both sweeps) end to
   end at a size that checks it runs, not that it shows the effect."""

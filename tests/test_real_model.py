@@ -190,6 +190,7 @@ def test_bf16_is_no_further_from_fp32_than_torch_bf16(folder, hf):
     assert err_mine <= err_theirs, (text[:20], err_mine, err_theirs)
 
 
+@pytest.mark.slow
 def test_the_paper_config_runs_end_to_end_on_the_real_model(gguf_file, tmp_path):
   """configs/gsm8k_paper.py with SmolLM2 as teacher, proxy and student (shrunk: 8 holdout, 4
   train and 4 test problems, 32 new tokens, one ADS and one temperature point, one epoch of

@@ -213,6 +213,7 @@ REDUCED = {  # configs/synthetic_study.py at a size that checks it runs, not wha
     "study.seeds": (0,), "study.arms": ("free_writing", "free_writing_g_tau1")}
 
 
+@pytest.mark.slow
 def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
   """Two arms that differ only in g's traces: the second chain trains only its ADS students
   (2 replicates) and reuses the models, the temperature and control students of the first."""
