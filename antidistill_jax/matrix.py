@@ -9,8 +9,9 @@ filters are matched against temperature students filtered alike). A cell's value
 the mean gap over its points (None unless every point has one); a row per strength ranks a
 defence's points by lam (ADS, aligned), gamma (poe) or tau (the A/A control) in each seed.
 
-  cells = matrix_cells(config, workdir)      # [{kind, rank, attack, summary, teacher}]
-  write_matrix_report(config, workdir, out)  # matrix.md, matrix.json, heatmap.png, frontier.png
+  cells = matrix_cells([seed_cells(r) for r in per_seed])  # [{kind, rank, attack, summary, ...}]
+  decisions(cells, seeds, planned, secondary)   # the plan's outcome per defence and attacker
+  write_matrix_report(per_seed, out, planned)   # matrix.md, matrix.json, heatmap.png, frontier.png
 """
 
 from __future__ import annotations
@@ -279,6 +280,98 @@ def frontier_rows(results: dict) -> list[dict]:
   return out
 
 
+DEFENCES = ("ads", "aligned", "poe")  # the kinds whose mean rows the plan decides
+DECLARED = ("survives", "helps the student")
+
+
+def outcome(s: dict, passive: dict | None = None) -> str:
+  """The plan's rule (docs/matrix/PLAN.md, "Primary cells and decisions") for a cell with
+  summary `s`; `passive`: the same defence's passive cell, for an attacked one. "survives":
+  the 95% CI lies below 0; "helps the student": above 0; "broken": the CI contains 0 and
+  lies wholly above a negative passive gap (the attacker undid what the defence did to passive
+  students); "not shown to survive": the CI contains 0 and the passive gap, or the passive gap
+  is not negative; "too few seeds": no interval."""
+  if s["ci"] is None:
+    return "too few seeds"
+  lo, hi = s["ci"]
+  if hi < 0:
+    return "survives"
+  if lo > 0:
+    return "helps the student"
+  if passive is not None and passive["mean"] is not None and passive["mean"] < 0 \
+      and lo > passive["mean"]:
+    return "broken"
+  return "not shown to survive"
+
+
+def decisions(cells: Sequence[dict], seeds: int, planned: int | None = None,
+              secondary: Sequence[str] = ()) -> dict:
+  """The plan's decisions on the defences' mean rows (rank 0 of DEFENCES), one per attacker:
+  {cells: [{kind, attack, outcome, primary}], primary_cells, declared (primary cells that
+  survive or help), expected_by_chance and chance_of_any (that many tests at stats.ALPHA with
+  no effect anywhere), control (the A/A row's passive summary), control_biased (its CI excludes
+  0: no cell is a finding), interim (fewer seeds than planned)}. Attackers in `secondary` are
+  decided alike and not counted."""
+  at = {(c["kind"], c["rank"], c["attack"]): c for c in cells}
+  attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
+  out = []
+  for kind in DEFENCES:
+    passive = at.get((kind, 0, NONE))
+    for attack in attacks:
+      c = at.get((kind, 0, attack))
+      if c is not None:
+        out.append(dict(kind=kind, attack=attack, primary=attack not in secondary,
+                        outcome=outcome(c["summary"], None if attack == NONE or passive is None
+                                        else passive["summary"])))
+  primary = [c for c in out if c["primary"]]
+  control = at.get(("control", 0, NONE))
+  control = control and control["summary"]
+  biased = bool(control and control["ci"] and (control["ci"][0] > 0 or control["ci"][1] < 0))
+  return dict(cells=out, primary_cells=len(primary),
+              declared=sum(c["outcome"] in DECLARED for c in primary),
+              expected_by_chance=len(primary) * stats.ALPHA,
+              chance_of_any=1 - (1 - stats.ALPHA) ** len(primary), control=control,
+              control_biased=biased, seeds=seeds, planned=planned,
+              interim=planned is not None and seeds < planned)
+
+
+def decisions_text(d: dict) -> str:
+  """The decisions as a defence x attacker table of outcomes, the tally against chance and the
+  A/A check."""
+  attacks = list(dict.fromkeys(c["attack"] for c in d["cells"]))
+  kinds = list(dict.fromkeys(c["kind"] for c in d["cells"]))
+  at = {(c["kind"], c["attack"]): c for c in d["cells"]}
+  secondary = {c["attack"] for c in d["cells"] if not c["primary"]}
+  head = ("\n## The plan's decisions (docs/matrix/PLAN.md)\n\n"
+          + (f"**Interim, {d['seeds']} of {d['planned']} seeds: no cell is a finding before "
+             f"{d['planned']}; looking early raises the chance of a false one.** So far:\n\n"
+             if d["interim"] else ""))
+  lines = ["| defence (mean over its points) | "
+           + " | ".join(("passive" if a == NONE else a)
+                        + (" (secondary)" if a in secondary else "") for a in attacks) + " |",
+           "|---|" + "---|" * len(attacks)]
+  for kind in kinds:
+    lines.append(f"| {TITLES[kind]} | " + " | ".join(
+        at[(kind, a)]["outcome"] if (kind, a) in at else "-" for a in attacks) + " |")
+  c = d["control"]
+  if c is None or c["ci"] is None:
+    check = "too few seeds for an interval: the matching is unchecked, no cell is a finding."
+  else:
+    ci = f"{100 * c['mean']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]"
+    check = (f"{ci}: its interval excludes 0, the matching is biased and no cell above is a "
+             "finding." if d["control_biased"] else f"{ci}: consistent with 0.")
+  tail = ("\nsurvives: the cell's 95% CI lies below 0; helps the student: above 0; broken: "
+          "the CI contains 0 and lies above the defence's negative passive gap (the attacker "
+          "undid what the defence did); not shown to survive: neither (no evidence either way); "
+          f"too few seeds: no interval.\n\nDeclared (survives or helps): {d['declared']} of "
+          f"{d['primary_cells']} primary cells; if no defence did anything, "
+          f"{d['expected_by_chance']:.2f} would be declared by chance ({100 * d['chance_of_any']:.0f}% "
+          "chance of at least one)"
+          + (f"; secondary columns ({', '.join(sorted(secondary))}) not counted" if secondary
+             else "") + f".\n\nA/A control (passive): {check}\n")
+  return head + "\n".join(lines) + "\n" + tail
+
+
 def _seeds_text(n: int, planned: int | None = None) -> str:
   """"1 seed", "3 seeds", or "2 of 4 seeds (interim: ...)" when fewer than planned."""
   if planned is not None and n < planned:
@@ -287,11 +380,12 @@ def _seeds_text(n: int, planned: int | None = None) -> str:
   return f"{n} seed" + ("" if n == 1 else "s")
 
 
-def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = None) -> dict:
+def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = None,
+                        secondary: Sequence[str] = ()) -> dict:
   """matrix.md, matrix.json, heatmap.png and frontier.png in `out` from the chains' results
   (report/results.json of each finished chain), with the teacher's cost from `out`/cost.json
   where bench/defences.py wrote one. planned: the seeds the study will have (the text says
-  "interim" below it)."""
+  "interim" below it); secondary: attackers whose cells the decisions do not count."""
   out = epath.Path(out)
   files.makedirs(out)
   cells = matrix_cells([seed_cells(r) for r in per_seed])
@@ -311,10 +405,12 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
           "temperature sets, and its cells are measured from the passive ones): a gap is "
           "read against it, and an attacker whose own students learn little is a weak one.\n\n",
           table(cells, cost, baseline, shares)]
+  decided = decisions(cells, len(per_seed), planned, secondary)
+  text.append(decisions_text(decided))
   files.write_atomic(out / "matrix.md", "".join(text).encode("utf-8"))
   files.write_json(out / "matrix.json", dict(cells=cells, cost=cost, seeds=len(per_seed),
                                              planned=planned, temperature_students=baseline,
-                                             weight_shares=shares))
+                                             weight_shares=shares, decisions=decided))
   written = dict(table=os.fspath(out / "matrix.md"))
   if heatmap(cells, out / "heatmap.png"):
     written["heatmap"] = os.fspath(out / "heatmap.png")

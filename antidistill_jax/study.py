@@ -564,5 +564,6 @@ def write_study_report(config, workdir, kept: dict[str, dict] | None = None) -> 
     from antidistill_jax import matrix
     if rows:
       written.update({f"matrix_{k}": v for k, v in matrix.write_matrix_report(
-          [r["results"] for r in rows], out, planned=n_chains).items()})
+          [r["results"] for r in rows], out, planned=n_chains,
+          secondary=tuple(config.study.matrix_secondary)).items()})
   return written

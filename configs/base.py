@@ -299,6 +299,9 @@ def get_config() -> ml_collections.ConfigDict:
       primary=(),
       # also write the defence x attacker matrix (antidistill_jax/matrix.py) beside the report
       matrix=False,
+      # attackers whose matrix cells are secondary: decided by the same rule, not counted
+      # among the primary cells (a column added after a plan was written)
+      matrix_secondary=(),
       out="",  # where the study's report goes ("": <workdir>/study; a local or gs:// folder)
       # Chain records (study.py): each finished chain's report/results.json, copied to
       # <records>/ARM/seedS.json with the chain's fingerprint. The report takes a chain from

@@ -99,7 +99,10 @@ def get_config(arm: str = "matrix"):
     # R1-style traces under ADS are reported to degenerate, so the query budget is a column here:
     # 1x (the filter alone), 1.5x, 2x, 4x (the re-queries are shared: only students are added).
     names = ATTACKERS + ("resample@1", "resample@1.5", "resample@2", "resample@4", "prefill")
+  # docs/matrix/PLAN.md: the primary cells are the defences' mean rows under the planned
+  # attackers; reweight_mass, added after seed 6 ("Deviations"), is secondary.
+  secondary = ("reweight_mass",) if arm == "matrix" else ()
   c.study.update(dict(arm=arm, arms=(arm,), seeds=SEEDS[arm], contrasts=(), primary=(),
-                      matrix=True))
+                      matrix=True, matrix_secondary=secondary))
   c.attacks.update(dict(names=names, kinds=DEFENCES_AND_BASELINE, students=1))
   return c

@@ -98,3 +98,64 @@ def test_temperature_students_average_each_seeds_sweep_then_the_seeds():
   # one seed has is averaged over that seed only; a defence's students are not counted.
   assert matrix.temperature_students([a, b]) == pytest.approx(
       {"none": 0.6, "keep_correct": 0.7})
+
+
+def decided_chain(gaps):
+  """One chain's results with one point per kind: gaps {(kind, attack): gap}."""
+  tau = lambda kind: 1.3 if kind == "control" else 1.0
+  return dict(matched=[row(k, 0.1, g, tau=tau(k)) for (k, a), g in gaps.items() if a == "none"],
+              attacks=[row(k, 0.1, g, attack=a) for (k, a), g in gaps.items() if a != "none"])
+
+
+DECIDED = {("ads", "none"): (-0.30, -0.25, -0.35, -0.28),  # CI below 0: survives
+           ("ads", "reweight"): (0.02, -0.03, 0.01, -0.01),  # CI around 0, above -0.295: broken
+           ("ads", "reweight_mass"): (-0.30, -0.20, -0.25, -0.22),  # survives, secondary
+           ("aligned", "none"): (-0.10, 0.10, -0.05, 0.02),  # CI around 0: not shown
+           ("aligned", "reweight"): (-0.20, 0.15, -0.10, 0.05),  # CI holds 0 and the passive gap
+           ("poe", "none"): (0.05, 0.06, 0.04, 0.07),  # CI above 0: helps the student
+           ("poe", "reweight"): (-0.10, 0.10, 0.00, 0.05),  # passive gap not negative: not shown
+           ("control", "none"): (0.01, -0.01, 0.00, 0.02)}  # the A/A control, consistent with 0
+
+
+def per_seed_results(table, seeds=4):
+  return [decided_chain({k: v[s] for k, v in table.items()}) for s in range(seeds)]
+
+
+def test_the_plans_decisions_are_applied_to_the_mean_rows_and_tallied_against_chance(tmp_path):
+  matrix.write_matrix_report(per_seed_results(DECIDED), tmp_path, planned=4,
+                             secondary=("reweight_mass",))
+  import json
+  d = json.loads((tmp_path / "matrix.json").read_text())["decisions"]
+  outcomes = {(c["kind"], c["attack"]): c["outcome"] for c in d["cells"]}
+  assert outcomes == {
+      ("ads", "none"): "survives", ("ads", "reweight"): "broken",
+      ("ads", "reweight_mass"): "survives", ("aligned", "none"): "not shown to survive",
+      ("aligned", "reweight"): "not shown to survive", ("poe", "none"): "helps the student",
+      ("poe", "reweight"): "not shown to survive"}
+  # 6 primary cells (3 defences x passive, reweight); the secondary one is not counted.
+  assert (d["primary_cells"], d["declared"]) == (6, 2) and not d["interim"]
+  assert d["expected_by_chance"] == pytest.approx(6 * stats.ALPHA)
+  assert d["chance_of_any"] == pytest.approx(1 - (1 - stats.ALPHA) ** 6)
+  assert not d["control_biased"]
+  text = (tmp_path / "matrix.md").read_text()
+  assert "| ADS | survives | broken | survives |" in text
+  assert "reweight_mass (secondary)" in text and "Declared (survives or helps): 2 of 6" in text
+  assert "A/A control (passive): +0.5 [" in text and "consistent with 0." in text
+  assert "Interim" not in text
+  # An A/A control whose interval excludes 0: the matching is biased, nothing is a finding.
+  biased = {**DECIDED, ("control", "none"): (0.05, 0.06, 0.04, 0.05)}
+  matrix.write_matrix_report(per_seed_results(biased), tmp_path, planned=4)
+  text = (tmp_path / "matrix.md").read_text()
+  assert "the matching is biased and no cell above is a finding" in text
+  assert "Declared (survives or helps): 3 of 7" in text  # no secondary: reweight_mass counts
+  for control in ((0.05, 0.06, 0.04, 0.05), (-0.05, -0.06, -0.04, -0.05)):  # either side
+    cells = matrix.matrix_cells([matrix.seed_cells(r) for r in per_seed_results(
+        {**DECIDED, ("control", "none"): control})])
+    assert matrix.decisions(cells, 4, 4)["control_biased"]
+  # Fewer seeds than planned: interim; one seed: no interval anywhere.
+  matrix.write_matrix_report(per_seed_results(DECIDED, seeds=3), tmp_path, planned=4)
+  assert "**Interim, 3 of 4 seeds" in (tmp_path / "matrix.md").read_text()
+  one = matrix.decisions(matrix.matrix_cells(
+      [matrix.seed_cells(r) for r in per_seed_results(DECIDED, seeds=1)]), 1, 4)
+  assert {c["outcome"] for c in one["cells"]} == {"too few seeds"} and one["declared"] == 0
+  assert "the matching is unchecked" in matrix.decisions_text(one)
