@@ -365,8 +365,8 @@ def decisions_text(d: dict) -> str:
           "undid what the defence did); not shown to survive: neither (no evidence either way); "
           f"too few seeds: no interval.\n\nDeclared (survives or helps): {d['declared']} of "
           f"{d['primary_cells']} primary cells; if no defence did anything, "
-          f"{d['expected_by_chance']:.2f} would be declared by chance ({100 * d['chance_of_any']:.0f}% "
-          "chance of at least one)"
+          f"{d['expected_by_chance']:.2f} would be declared by chance "
+          f"({100 * d['chance_of_any']:.0f}% chance of at least one)"
           + (f"; secondary columns ({', '.join(sorted(secondary))}) not counted" if secondary
              else "") + f".\n\nA/A control (passive): {check}\n")
   return head + "\n".join(lines) + "\n" + tail
