@@ -94,9 +94,17 @@ def run_study(config, load: Loader, workdir: str, *, shard: tuple[int, int] = (0
   """Runs this job's chains (k % n == i), writing the study's report from every chain finished
   so far after each, and the chain's record (study.records); a chain with a record of its
   fingerprint and no results in the workdir is finished. Returns {chain name: {stage:
-  counts}} of the chains it ran."""
+  counts}} of the chains it ran. A chain's report is its result (and record), so `stages`
+  that hold the report hold every stage: a report of a part of a chain would count as a
+  finished chain."""
   from antidistill_jax import parallel, pipeline
   from antidistill_jax.pipeline import shard_points
+  if stages is not None and "report" in stages and set(stages) != set(pipeline.STAGES):
+    raise errors.BadValue(
+        f"--stages={','.join(stages)}: in a study a chain's report is its result and its "
+        "record, so a report of some stages would pass for a finished chain. Run every stage "
+        "(leave out --stages: finished stages are reused, nothing is computed again), or leave "
+        "out report.")
   mine = shard_points(chains(config), shard)
   kept = records(config, load, workdir)
   done = {}

@@ -249,6 +249,17 @@ def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
     study.run_study(config, load, str(lost))
 
 
+def test_a_study_refuses_a_report_of_some_stages(tmp_path):
+  """A chain's report is the study's result for it (and its record): written from some stages
+  it would pass for a finished chain, so the study refuses before any work."""
+  load = study.file_loader(os.path.join(ROOT, "configs", "synthetic_study.py"),
+                           dict(REDUCED, **{"study.records": str(tmp_path / "chains")}))
+  config = load("free_writing")
+  with pytest.raises(errors.BadValue, match="would pass for a finished chain"):
+    study.run_study(config, load, str(tmp_path), stages=("models", "report"))
+  assert not os.listdir(tmp_path)  # nothing ran, no record
+
+
 def test_a_record_is_reused_only_by_the_computation_that_made_it(tmp_path):
   """study.records: a chain's record stands in for a lost workdir only where the current code
   and config give its fingerprint; another setting of the chain, or a record of another
