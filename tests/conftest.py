@@ -19,9 +19,9 @@ def _share_compiled_programs():
   used as it is (kept across runs). A cache hit still counts as a compile request
   (/jax/core/compile/backend_compile_duration wraps compile_or_get_cached), so the tests that
   count compiles count the same. No size limit: with one, JAX rescans the whole folder at every
-  write (quadratic in the entries; it doubled the suite's time). Without one it takes no lock, so
-  a process may read an entry another is still writing: JAX then warns, recompiles and goes
-  on (a truncated compressed entry does not decompress)."""
+  write (quadratic in the entries; a trial run went about half as fast). Without one it takes no
+  lock, so a process may read an entry another is still writing: JAX then warns, recompiles and
+  goes on (a truncated compressed entry does not decompress)."""
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   import atexit
