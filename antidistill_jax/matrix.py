@@ -170,9 +170,10 @@ def table(cells: Sequence[dict], cost: dict[str, float],
   return "\n".join(lines) + "\n"
 
 
-def heatmap(cells: Sequence[dict], path) -> bool:
+def heatmap(cells: Sequence[dict], path, planned: int | None = None) -> bool:
   """Mean gap per (defence row, attacker), each cell printed with its CI; a cell whose CI
-  excludes 0 is framed. False when there is nothing to draw."""
+  excludes 0 is framed; the title says "interim" below `planned` seeds. False when there is
+  nothing to draw."""
   drawn = [c for c in cells if c["summary"]["mean"] is not None]
   if not drawn:
     return False
@@ -208,7 +209,7 @@ def heatmap(cells: Sequence[dict], path) -> bool:
                       for k, r in rows], fontsize=7)
   n = max(c["summary"]["n"] for c in drawn)
   ax.set_title("Student accuracy minus temperature students' at the same teacher accuracy\n"
-               f"(points; 95% t CI over up to {_seeds_text(n)})\n"
+               f"(points; 95% t CI over up to {_seeds_text(n, planned)})\n"
                "framed: CI excludes 0; red: students learned less", fontsize=8)
   fig.tight_layout()
   report._save_png(fig, path)
@@ -412,7 +413,7 @@ def write_matrix_report(per_seed: Sequence[dict], out, planned: int | None = Non
                                              planned=planned, temperature_students=baseline,
                                              weight_shares=shares, decisions=decided))
   written = dict(table=os.fspath(out / "matrix.md"))
-  if heatmap(cells, out / "heatmap.png"):
+  if heatmap(cells, out / "heatmap.png", planned):
     written["heatmap"] = os.fspath(out / "heatmap.png")
   if frontier(points, out / "frontier.png"):
     written["frontier"] = os.fspath(out / "frontier.png")

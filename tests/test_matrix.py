@@ -56,7 +56,7 @@ def test_cells_are_seed_means_of_kind_means_with_the_study_interval():
       order.index(("poe", 0, "none")) < order.index(("control", 0, "none"))
 
 
-def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
+def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path, monkeypatch):
   written = matrix.write_matrix_report([chain(g) for g in SEEDS], tmp_path)
   assert set(written) == {"table", "heatmap", "frontier"}
   text = (tmp_path / "matrix.md").read_text()
@@ -73,9 +73,15 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path):
          "50.0% | 55.0% |" in text
   assert "| reweighting: the most-weighted fifth's share of the weight (0.20: none) | - | - | " \
          "- | - | 0.90 |" in text
-  # Fewer seeds than the study plans: the table says it is interim.
+  # Fewer seeds than the study plans: the table and the heat map's title say it is interim.
+  from antidistill_jax import report
+  titles = []
+  monkeypatch.setattr(report, "_save_png", lambda fig, path: titles.append(
+      fig.axes[0].get_title()))
   matrix.write_matrix_report([chain(g) for g in SEEDS[:2]], tmp_path, planned=4)
   assert "2 of 4 seeds (interim: the plan decides at 4;" in (tmp_path / "matrix.md").read_text()
+  assert "up to 2 of 4 seeds (interim: the plan decides at 4;" in titles[0]
+  monkeypatch.undo()
   # bench/defences.py's cost.json in the folder: the cost column reads it.
   import json
   (tmp_path / "cost.json").write_text(json.dumps(dict(
