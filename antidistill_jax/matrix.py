@@ -31,6 +31,11 @@ STRENGTH = dict(ads="lam", aligned="lam", poe="gamma", control="tau")
 NONE = "none"  # the passive student: no attacker
 
 
+def _columns(attacks) -> list[str]:
+  """The attackers in column order: passive first, then by name."""
+  return sorted(set(attacks), key=lambda a: (a != NONE, a))
+
+
 def _strength(row: dict) -> float:
   return row["tau"] if row["kind"] == "control" else row["lam"]
 
@@ -143,7 +148,7 @@ def table(cells: Sequence[dict], cost: dict[str, float],
   row, where `baseline` (temperature_students) is given: the temperature students' own
   accuracy under each attacker, the level every gap below is measured from; then, where
   `shares` (weight_shares) is given, the reweighting attackers' weight concentration."""
-  attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
+  attacks = _columns(c["attack"] for c in cells)
   rows = sorted({(c["kind"], c["rank"]) for c in cells},
                 key=lambda r: (KINDS.index(r[0]), r[1]))
   at = {(c["kind"], c["rank"], c["attack"]): c for c in cells}
@@ -181,7 +186,7 @@ def heatmap(cells: Sequence[dict], path, planned: int | None = None) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from antidistill_jax import report
-  attacks = sorted({c["attack"] for c in drawn}, key=lambda a: (a != NONE, a))
+  attacks = _columns(c["attack"] for c in drawn)
   rows = sorted({(c["kind"], c["rank"]) for c in drawn}, key=lambda r: (KINDS.index(r[0]), r[1]))
   at = {(c["kind"], c["rank"], c["attack"]): c for c in drawn}
   grid = np.full((len(rows), len(attacks)), np.nan)
@@ -200,7 +205,7 @@ def heatmap(cells: Sequence[dict], path, planned: int | None = None) -> bool:
       s = c["summary"]
       ci = "" if s["ci"] is None else f"\n[{100 * s['ci'][0]:+.1f}, {100 * s['ci'][1]:+.1f}]"
       ax.text(j, i, f"{100 * s['mean']:+.1f}{ci}", ha="center", va="center", fontsize=7)
-      if s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0):
+      if stats.excludes_zero(s["ci"]):
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=2))
   ax.set_xticks(range(len(attacks)))
   ax.set_xticklabels([a if a != NONE else "passive" for a in attacks], fontsize=8, rotation=20)
@@ -232,7 +237,7 @@ def frontier(per_seed_points: Sequence[list[dict]], path) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from antidistill_jax import report
-  attacks = sorted(series, key=lambda a: (a != NONE, a))
+  attacks = _columns(series)
   cols = min(len(attacks), 4)
   n_rows = -(-len(attacks) // cols)
   fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.4 * n_rows), squeeze=False,
@@ -314,7 +319,7 @@ def decisions(cells: Sequence[dict], seeds: int, planned: int | None = None,
   0: no cell is a finding), interim (fewer seeds than planned)}. Attackers in `secondary` are
   decided alike and not counted."""
   at = {(c["kind"], c["rank"], c["attack"]): c for c in cells}
-  attacks = sorted({c["attack"] for c in cells}, key=lambda a: (a != NONE, a))
+  attacks = _columns(c["attack"] for c in cells)
   out = []
   for kind in DEFENCES:
     passive = at.get((kind, 0, NONE))
@@ -327,7 +332,7 @@ def decisions(cells: Sequence[dict], seeds: int, planned: int | None = None,
   primary = [c for c in out if c["primary"]]
   control = at.get(("control", 0, NONE))
   control = control and control["summary"]
-  biased = bool(control and control["ci"] and (control["ci"][0] > 0 or control["ci"][1] < 0))
+  biased = control is not None and stats.excludes_zero(control["ci"])
   return dict(cells=out, primary_cells=len(primary),
               declared=sum(c["outcome"] in DECLARED for c in primary),
               expected_by_chance=len(primary) * stats.ALPHA,

@@ -25,6 +25,11 @@ def present(xs: Sequence[float | None]) -> list[float]:
   return [float(x) for x in xs if x is not None and not math.isnan(x)]
 
 
+def excludes_zero(ci: Sequence[float] | None) -> bool:
+  """Whether an interval (lo, hi) lies wholly on one side of 0 (False for None)."""
+  return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+
 def mde(sd: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> float | None:
   """The smallest true mean a two-sided one-sample t-test at `alpha` detects with `power`,
   for n values of standard deviation sd: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n)

@@ -357,7 +357,7 @@ def decision(ads: dict, control: dict | None, planned: int, finished: int) -> di
     shown = f"G = {100 * ads['mean']:+.1f} points {_ci_text(ads['ci'])}, p = {ads['p']:.3f}"
     if control is None or control["ci"] is None:
       outcome, text = "no control", f"{shown}: no A/A interval to check the matching; no decision."
-    elif control["ci"][0] > 0 or control["ci"][1] < 0:
+    elif stats.excludes_zero(control["ci"]):
       outcome = "unreliable"
       text = (f"{shown}, but the A/A control's interval excludes 0 (C = "
               f"{100 * control['mean']:+.1f} {_ci_text(control['ci'])}): the matching is biased in this arm, "
