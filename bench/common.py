@@ -13,6 +13,8 @@ import numpy as np
 
 from antidistill_jax import models
 
+import trace_summary  # bench/trace_summary.py (the script's folder is on sys.path)
+
 # Tiny teacher and proxy whose non-embedding parameter counts are 4:1.
 TEACHER_CFG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2)
@@ -86,10 +88,13 @@ def kv_bytes(cfg: models.ModelConfig, batch: int, slots: int, dtype) -> int:
   return per_slot * batch * slots * jnp.dtype(dtype).itemsize
 
 
-def time_sampler(sampler, params, prompts, rows: int, repeats: int) -> dict[str, Any]:
+def time_sampler(sampler, params, prompts, rows: int, repeats: int,
+                 profile_dir: str | None = None) -> dict[str, Any]:
   """Compiles the sampler's program for one batch, runs it once, then keeps the best of
   `repeats` timed runs: seconds, compile_seconds, program_bytes (XLA's arguments + temporaries +
-  outputs) and the device's peak bytes where it reports them."""
+  outputs) and the device's peak bytes where it reports them. With profile_dir, one more run
+  under the profiler, its trace kept there and summarized (bench/trace_summary.py) as
+  `profile`."""
   batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
   prompt_len = max(map(len, prompts))
   start = time.perf_counter()
@@ -107,5 +112,8 @@ def time_sampler(sampler, params, prompts, rows: int, repeats: int) -> dict[str,
     run()
     best = min(best, time.perf_counter() - start)
   stats = jax.devices()[0].memory_stats() or {}
+  profile = None
+  if profile_dir:
+    profile = trace_summary.summarize(profile_dir, trace_summary.traced(run, profile_dir))
   return dict(seconds=best, compile_seconds=compile_s, program_bytes=program,
-              peak_device_bytes=stats.get("peak_bytes_in_use"))
+              peak_device_bytes=stats.get("peak_bytes_in_use"), profile=profile)

@@ -7,7 +7,9 @@
 #
 # 1. jvp against fd against plain at the paper's widths, a quarter of the depth, batch 1 and 16
 #    (goal: jvp/fd <= 1.05), with the HBM bandwidth each step needs (goal: plain >= 80%, ADS
-#    >= 75% of the HBM's);
+#    >= 75% of the HBM's), and each cell once under the profiler: the device's busy time
+#    against the wall time and its kernels by kind and by name (bench/trace_summary.py; the
+#    raw traces stay on the device machine, only their summaries come back in jvp_fd.json);
 # 2. static against continuous batching on R1-like trace lengths (goal: >= 1.6x useful tokens/s);
 # 3. top-p against the unfiltered draw at the 152k vocabulary (goal: <= 2x a plain draw);
 # 4. the full-depth 7B + 3B pair, ADS-jvp at batch 64, prompt 256, 256 new tokens: step time,
@@ -38,14 +40,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>/dev/n
 
 if [ "$smoke" = smoke ]; then
   step jvp_fd 300 bench/scale.py --layers=1 --batch_sizes=2 --max_new_tokens=8 --prompt_len=16 \
-      --modes=plain,fd,jvp --repeats=1 --dtype=float32
+      --modes=plain,fd,jvp --repeats=1 --dtype=float32 --profile_dir=/tmp/issue22_profile
   step batching 300 bench/batching.py --max_new_tokens=32 --prompts=24 --slots=8 --times=1
   step top_p 300 bench/filters.py --vocabs=4096 --repeats=2 --sorted_repeats=1
   exit 0
 fi
-step jvp_fd 180 bench/scale.py --pair=paper --depth_divisor=4 --batch_sizes=1,16 \
-    --max_new_tokens=128 --modes=plain,fd,jvp --repeats=2
+step jvp_fd 200 bench/scale.py --pair=paper --depth_divisor=4 --batch_sizes=1,16 \
+    --max_new_tokens=128 --modes=plain,fd,jvp --repeats=2 --profile_dir=/tmp/issue22_profile
 step batching 90 bench/batching.py --max_new_tokens=1024 --prompts=256 --slots=64 --times=1
 step top_p 45 bench/filters.py --vocabs=152064 --repeats=20
-step full_depth 240 bench/scale.py --pair=paper --batch_sizes=64 --max_new_tokens=256 \
+step full_depth 220 bench/scale.py --pair=paper --batch_sizes=64 --max_new_tokens=256 \
     --modes=jvp --repeats=1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -31,7 +32,8 @@ from antidistill_jax import sampling
 from antidistill_jax.models.config import config_from_hf
 from antidistill_jax.models.transformer import Transformer
 
-import common  # bench/common.py (the script's folder is on sys.path)
+import common  # bench/common.py and bench/trace_summary.py (the script's folder is on sys.path)
+import trace_summary
 
 _PAIR = flags.DEFINE_enum("pair", "paper", ["paper", "small"],
                           "paper: 7B teacher + 3B proxy; small: 1.5B + 0.5B (Qwen2.5 shapes)")
@@ -47,6 +49,9 @@ _DEPTH = flags.DEFINE_integer("depth_divisor", 1, "divide both models' layer cou
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "nucleus filter")
 _EPS = flags.DEFINE_float("eps", 0.1, "fd step (0.1 keeps bf16 weights moving; bench/numerics)")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default: printed only)")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "also run each cell once under jax.profiler, keep its trace in "
+    "DIR/<mode>_b<batch> and summarize where the device time goes (bench/trace_summary.py)")
 
 # Qwen2.5-1.5B and -0.5B config.json fields (tied embeddings, 151936 rows).
 TEACHER_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
@@ -138,7 +143,10 @@ def main(argv):
     for mode in _MODES.value:
       print(f"batch {b}, {mode}: compiling and timing", flush=True)
       sampler = samplers.get(mode, shared)
-      timed = common.time_sampler(sampler, settings[mode], prompts, b, _REPEATS.value)
+      profile_dir = (os.path.join(_PROFILE_DIR.value, f"{mode}_b{b}") if _PROFILE_DIR.value
+                     else None)
+      timed = common.time_sampler(sampler, settings[mode], prompts, b, _REPEATS.value,
+                                  profile_dir)
       seconds, compile_s = timed["seconds"], timed["compile_seconds"]
       program, peak = timed["program_bytes"], timed["peak_device_bytes"]
       rate = b * _NEW_TOKENS.value / seconds
@@ -150,8 +158,8 @@ def main(argv):
           step_ms=1e3 * seconds / _NEW_TOKENS.value, program_bytes=program,
           peak_device_bytes=peak, bytes_per_step=need,
           gb_per_s_needed=need * _NEW_TOKENS.value / seconds / 1e9,
-          overhead=(plain_rate / rate) if plain_rate else None))
-      print(results[-1], flush=True)
+          overhead=(plain_rate / rate) if plain_rate else None, profile=timed["profile"]))
+      print({k: v for k, v in results[-1].items() if k != "profile"}, flush=True)
   report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                 jax=jax.__version__, pair=_PAIR.value, dtype=dtype.name, teacher=t_hf,
                 proxy=p_hf, teacher_params=teacher.config.num_params(),
@@ -171,6 +179,11 @@ def main(argv):
     print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
           f"{overhead} | {r['gb_per_s_needed']:.0f} | {gib(r['program_bytes'])} | "
           f"{gib(r['peak_device_bytes'])} | {r['compile_seconds']:.0f} |")
+  for r in results:
+    if r["profile"]:
+      print(f"\nWhere the time goes, {r['mode']} at batch {r['batch']} "
+            f"({_NEW_TOKENS.value} new tokens, one profiled run):")
+      print(trace_summary.table(r["profile"]))
   common.save_report(report, _OUT.value)
 
 
