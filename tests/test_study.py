@@ -110,6 +110,9 @@ def test_the_index_holds_each_points_students_and_their_mean(tmp_path):
     assert e["student_eval"]["n_students"] == len(reps) == len(e["students"]) - (p.kind == "ads")
     assert e["student_eval"]["accuracy"] == pytest.approx(sum(reps) / len(reps))
     assert e["distill"]["n_students"] == len(reps)
+    losses = [float(i) for i, s in enumerate(x.students(points))
+              if s.point == p and s.name in accuracy]
+    assert e["distill"]["holdout_loss"] == pytest.approx(sum(losses) / len(losses))
   assert entries[points[0].name]["student_eval"]["n_students"] == 1  # ads, replicate 0 only
 
 
@@ -229,6 +232,13 @@ def test_a_study_runs_its_chains_and_shares_what_arms_share(tmp_path):
   records = pipeline.Store(str(tmp_path)).records()
   distilled = [r for r in records if r["stage"] == "distill"]
   assert sorted({r["replicate"] for r in distilled}) == [0, 1]
+  # replicate 1 trains with its own seed (data order, initialisation), not replicate 0's
+  losses = {}
+  for r in distilled:
+    point = json.dumps(r["point"], sort_keys=True)
+    losses.setdefault(point, [set(), set()])[r["replicate"]].add(r["metrics"]["train_loss"])
+  assert losses and all(first and second and not first & second
+                        for first, second in losses.values())
   assert all(r["metrics"]["nll_by_role"] and set(r["metrics"]["nll_by_role"]) <= {
       "answer", "writing", "reasoning"} for r in distilled)  # an untrained teacher's traces
   for chain in ("free_writing/seed0", "free_writing_g_tau1/seed0"):
