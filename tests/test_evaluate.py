@@ -5,6 +5,9 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+import pytest
+
 from antidistill_jax import evaluation, sampling, traces
 from test_traces import fake_forcing, make_examples, tiny_pair  # noqa: F401 (module fixture)
 
@@ -29,6 +32,13 @@ def test_evaluate_writes_the_summary(tiny_pair, tokenizer, tmp_path):
     assert summary["settings"] == meta["config"]
     assert summary["accuracy"] == meta["statistics"]["accuracy"]
     assert summary["forced_accuracy"] == meta["statistics"]["forced_accuracy"]
+    # each figure is the rows' own, recomputed from the written traces
+    rows = traces.read_traces(os.path.join(tmp_path, f"{name}.jsonl"))
+    assert len(rows) == 4
+    assert summary["accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert summary["forced_accuracy"] == pytest.approx(np.mean([r["forced_correct"] for r in rows]))
+    assert summary["fraction_finished"] == pytest.approx(np.mean([r["finished"] for r in rows]))
+    assert summary["length_mean"] == pytest.approx(np.mean([r["num_tokens"] for r in rows]))
     assert (summary["n"], summary["dropped"]) == (4, 0)
     assert summary["traces"] == os.path.join(tmp_path, f"{name}.jsonl")
   assert ads["settings"]["lam"] == 3.0 and ads["settings"]["proxy_fingerprint"] is not None

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from antidistill_jax import files
 
 
@@ -11,6 +13,21 @@ def test_write_atomic_replaces_whole_and_leaves_no_tmp(tmp_path):
   files.write_atomic(str(path), b"new contents")
   assert path.read_bytes() == b"new contents"
   assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_a_write_killed_before_its_rename_leaves_the_old_contents(tmp_path, monkeypatch):
+  """The new bytes go to a side file first: until the rename, readers see the old file whole."""
+  path = tmp_path / "a.bin"
+  files.write_atomic(path, b"old")
+
+  def killed(src, dst):
+    assert path.read_bytes() == b"old"  # everything written, nothing visible yet
+    raise OSError("killed before the rename")
+
+  monkeypatch.setattr(files.os, "replace", killed)
+  with pytest.raises(OSError, match="killed before the rename"):
+    files.write_atomic(path, b"new contents")
+  assert path.read_bytes() == b"old"
 
 
 def test_json_round_trip_and_format(tmp_path):

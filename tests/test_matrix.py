@@ -90,9 +90,11 @@ def test_the_report_writes_its_table_heat_map_and_frontier(tmp_path, monkeypatch
   text = open(matrix.write_matrix_report([chain(g) for g in SEEDS], tmp_path)["table"]).read()
   assert "| ADS, mean over its points | 0.800 | 2.25x | 3 |" in text
   assert "measured by bench/defences.py on cpu (cpu), matrix.py:matrix seed 0" in text
-  rows = matrix.frontier_rows(chain(SEEDS[0]))
-  assert {(r["attack"], r["kind"]) for r in rows} == {("none", "temperature"),
-                                                      ("reweight", "temperature")}
+  # ranked by tau within (attacker, kind), counted from 1; teacher and student as measured
+  assert matrix.frontier_rows(chain(SEEDS[0])) == [
+      dict(attack="none", kind="temperature", rank=1, teacher=0.9, student=0.5),
+      dict(attack="none", kind="temperature", rank=2, teacher=0.6, student=0.5),
+      dict(attack="reweight", kind="temperature", rank=1, teacher=0.9, student=0.55)]
 
 
 def test_temperature_students_average_each_seeds_sweep_then_the_seeds():

@@ -577,16 +577,20 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
 
 
 def test_ads_points_are_compared_at_the_same_teacher_accuracy():
-  entry = lambda kind, lam, teacher, student, loss: dict(
+  entry = lambda kind, lam, teacher, student, loss, answer: dict(
       name=f"{kind}{lam}", point=dict(kind=kind, tau=1.0, lam=lam, eps=0.01),
       teacher_eval=dict(accuracy=teacher), student_eval=dict(accuracy=student),
-      distill=dict(holdout_loss=loss))
-  entries = [entry("temperature", 0.0, 0.9, 0.6, 0.2), entry("temperature", 0.0, 0.5, 0.3, 0.4),
-             entry("ads", 0.1, 0.7, 0.5, 0.6), entry("ads", 0.05, 0.95, 0.7, 0.1)]
+      distill=dict(holdout_loss=loss, nll_by_role=dict(answer=answer)))
+  entries = [entry("temperature", 0.0, 0.9, 0.6, 0.2, 1.0),
+             entry("temperature", 0.0, 0.5, 0.3, 0.4, 2.0),
+             entry("ads", 0.1, 0.7, 0.5, 0.6, 1.8), entry("ads", 0.05, 0.95, 0.7, 0.1, 0.5)]
   inside, outside = report.matched(entries)
   assert inside["temperature_student"] == pytest.approx(0.45)  # halfway between 0.6 and 0.3
   assert inside["gap"] == pytest.approx(0.05) and inside["loss_gap"] == pytest.approx(0.3)
+  # the answer tokens' NLL against the sweep's, halfway between 1.0 and 2.0: ADS minus it
+  assert inside["role_loss_gaps"] == dict(answer=pytest.approx(0.3))
   assert outside["temperature_student"] is None and outside["gap"] is None  # above the sweep
+  assert outside["role_loss_gaps"] == dict(answer=None)
   text = report.seeds_table({"a": [inside], "b": [dict(inside, gap=0.15)]})
   assert "| 1 | 2 |" in text and "+0.100 ± 0.071" not in text and "0.100 ± 0.071" in text
 

@@ -14,8 +14,10 @@ def test_summary_of_five_values_matches_the_textbook():
   assert s["ci"] == pytest.approx((3 - 2.776445 * 0.7071068, 3 + 2.776445 * 0.7071068), rel=1e-5)
   assert s["mde"] == pytest.approx((2.776445 + 0.940965) * 0.7071068, rel=1e-5)
   assert s["p"] == pytest.approx(0.013236, rel=1e-3)  # t = 4.2426 on 4 df, two-sided
-  lo, hi = s["bootstrap_ci"]
-  assert 1.0 <= lo < 3.0 < hi <= 5.0
+  # The resampled mean of {1..5} is exactly a mean of 5 draws: P(<= 1.6) = 0.018 and
+  # P(<= 1.8) = 0.040 (enumerated), so its 2.5% and 97.5% points are 1.8 and 4.2, far enough
+  # from the jumps that 10,000 resamples find them (alpha, not alpha / 2: 2.0 and 4.0).
+  assert s["bootstrap_ci"] == pytest.approx((1.8, 4.2))
 
 
 def test_missing_values_are_dropped_and_counted():
