@@ -156,9 +156,15 @@ def proxy_gradient(proxy: Transformer, examples: Sequence[TokenPair], *, micro_b
                  len(examples), n_tokens / max(time.time() - t0, 1e-9))
   n = len(examples)
   grad = jax.tree.map(lambda g: g / n, acc)
+  norm = float(global_norm(grad))
+  if not np.isfinite(norm):  # a g of NaNs would be saved as done and blamed on lam later
+    raise FloatingPointError(
+        f"the gradient of the model's loss on {n} sequences is not finite (global norm {norm}, "
+        f"mean loss {total_loss / n}): its weights or its logits hold a NaN or an overflow. "
+        "Check the checkpoint, or load it in float32 or bfloat16 (--config.models.dtype) "
+        "rather than float16. Nothing was saved.")
   metadata = dict(proxy_fingerprint=fingerprint(proxy), num_sequences=n,
-                  num_completion_tokens=n_tokens, mean_loss=total_loss / n,
-                  global_norm=float(global_norm(grad)))
+                  num_completion_tokens=n_tokens, mean_loss=total_loss / n, global_norm=norm)
   return grad, metadata
 
 

@@ -72,6 +72,7 @@ _MIGRATE = flags.DEFINE_bool(
 # Exit status of a usage error (bad flag or config value, missing input, unusable workdir), as
 # argparse and the shells use; a crash exits 1.
 USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # A log record with this attribute set goes to the log file only (the traceback behind an error
 # the terminal shows as one line).
 FILE_ONLY = "antidistill_file_only"
@@ -348,7 +349,12 @@ def main(argv):
   m = config.mesh
   # Every device of the job (all hosts' after --distributed): batches over `data`, weights over
   # `model`. One device needs no mesh.
-  mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
+  try:
+    mesh = parallel.make_mesh(data=m.data, model=m.model) if jax.device_count() > 1 else None
+  except ValueError as e:
+    raise errors.BadValue(f"--config.mesh.data={m.data} --config.mesh.model={m.model}: {e} "
+                          "Set --config.mesh.model to a divisor of the device count and "
+                          "--config.mesh.data=-1 (every other device).") from None
   if config.job == "study":  # experiments over arms and seeds (configs/synthetic_study.py)
     from antidistill_jax import study
     config_flag = flags.FLAGS["config"]
@@ -384,6 +390,12 @@ def run():
   except errors.UserError as e:
     _log_to_file_only("usage error")
     usage_error(str(e))
+  except KeyboardInterrupt:
+    _log_to_file_only("interrupted")
+    print("interrupted: what finished is kept in the workdir; run the same command again to "
+          "resume (finished stages, trace rows and training checkpoints are reused).",
+          file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT)
   except Exception:
     _log_to_file_only("crashed")
     raise

@@ -15,9 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO_LINE = re.compile(r"^I\d{4} ", re.M)  # absl's prefix of an INFO record
 
 
-def _run(args, tmp_path, code=None):
-  """`python -m antidistill_jax.main ARGS` (or `python -c CODE ARGS`): status, stdout, stderr."""
-  env = dict(os.environ, ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS="", HF_HUB_OFFLINE="1",
+def _run(args, tmp_path, code=None, devices=1):
+  """`python -m antidistill_jax.main ARGS` (or `python -c CODE ARGS`) on `devices` CPU devices:
+  status, stdout, stderr."""
+  xla = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = dict(os.environ, ANTIDISTILL_NO_PROGRESS="1", XLA_FLAGS=xla, HF_HUB_OFFLINE="1",
              ANTIDISTILL_CACHE=str(tmp_path / "cache"))
   command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "antidistill_jax.main"]
   p = subprocess.run(command + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
@@ -75,6 +77,8 @@ def harness(argv):
   if sys.argv[-1] == "fail":
     raise errors.MissingInput("model directory '/no/such/dir' does not exist; pass "
                               "--config.models.teacher=DIR")
+  if sys.argv[-1] == "interrupt":  # Ctrl-C in the middle of a stage
+    raise KeyboardInterrupt
 
 main.main = harness
 main.run()
@@ -130,6 +134,15 @@ def test_an_error_raised_in_the_run_is_one_line_with_its_traceback_in_the_log(tm
   assert "Traceback" in log and "MissingInput" in log
 
 
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path):
+  status, out, err = _run([f"--workdir={tmp_path}", "interrupt"], tmp_path, HARNESS)
+  err = "\n".join(line for line in err.splitlines() if "jax warning record" not in line)
+  assert status == main.INTERRUPTED_EXIT == 130
+  assert _one_line(out, err).startswith("interrupted: what finished is kept in the workdir; "
+                                        "run the same command again to resume")
+  assert "KeyboardInterrupt" in _log_file(tmp_path)
+
+
 def test_the_experiment_prints_where_its_log_is_and_no_info_records(tmp_path):
   workdir = tmp_path / "run"
   status, out, err = _run(["--config=configs/tiny.py", f"--workdir={workdir}",
@@ -139,6 +152,18 @@ def test_the_experiment_prints_where_its_log_is_and_no_info_records(tmp_path):
   assert f"log {path}" in err
   assert not INFO_LINE.search(out + err)
   assert INFO_LINE.search(_log_file(workdir))  # jax's and the stage's records are there
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  status, out, err = _run(["--config=configs/tiny.py", f"--workdir={workdir}",
+                           "--config.mesh.model=3"], tmp_path, devices=8)
+  assert status == main.USAGE_EXIT
+  line = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert line == ["error: --config.mesh.data=-1 --config.mesh.model=3: 8 devices do not split "
+                  "into model=3 groups. Set --config.mesh.model to a divisor of the device "
+                  "count and --config.mesh.data=-1 (every other device)."]
+  assert "Traceback" not in out + err
 
 
 def test_a_missing_checkpoint_is_one_line(tmp_path):

@@ -47,6 +47,15 @@ def test_gradient_matches_finite_difference_of_the_loss(proxy):
   np.testing.assert_allclose(directional, fd, rtol=2e-2)
 
 
+def test_a_gradient_that_is_not_finite_is_refused(proxy):
+  graphdef, state = nnx.split(proxy)
+  leaves, treedef = jax.tree.flatten(state)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)  # one NaN weight
+  broken = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+  with pytest.raises(FloatingPointError, match="not finite.*--config.models.dtype"):
+    gradients.proxy_gradient(broken, random_examples(4, seed=1), micro_batch_size=4)
+
+
 def test_micro_batched_and_sharded_equal_one_batch(proxy):
   examples = random_examples(7, seed=2)
   one, _ = gradients.proxy_gradient(proxy, examples, micro_batch_size=8)

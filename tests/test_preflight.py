@@ -89,3 +89,23 @@ def test_a_student_without_a_chat_template_fails_before_any_stage(tmp_path):
   with pytest.raises(errors.BadValue, match="student tokenizer .* has no chat template"):
     pipeline.Experiment(c, str(tmp_path / "run")).run()
   assert stage_outputs(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("sample.top_p", 1.5, "top_p=1.5 must be in (0, 1]"),
+    ("distill.micro_batch_size", 3, "not a multiple of micro_batch_size=3"),
+    ("grid.poe_gammas", (1.5,), "lam=1.5 with method='poe'"),
+])
+def test_a_setting_out_of_range_fails_before_any_stage(tmp_path, field, value, named):
+  """Each sampler's and the distiller's settings are built in the preflight: a value out of
+  range names itself and the config group to fix, and no stage writes anything."""
+  c = tiny_config.get_config()
+  group, key = field.split(".")
+  c[group][key] = value
+  if key == "poe_gammas":
+    c.grid.poe_taus = (1.0,)
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.BadValue) as e:
+    pipeline.Experiment(c, str(workdir)).run()
+  assert named in str(e.value) and f"--config.{group}.<field>" in str(e.value)
+  assert stage_outputs(workdir) == []

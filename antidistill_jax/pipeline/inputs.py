@@ -9,6 +9,7 @@ JVP, the seed for greedy decoding) is left out (`sampling_key`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Sequence
@@ -214,6 +215,7 @@ class Inputs:
     Each failure is a UserError naming the flag and the fix, raised in seconds instead of
     hours into a run."""
     c = self.config
+    self._check_settings(stages)
     cal = c.grid.calibrate
     if "calibrate" in stages and int(cal.points) > 0 and cal.logprob_drops:
       raise errors.BadValue(
@@ -255,6 +257,31 @@ class Inputs:
       if tok.eos_token_id is None:
         raise errors.BadValue(f"the {role} tokenizer ({paths[role]}) has no EOS token: traces "
                               "could not end. Set eos_token in its tokenizer_config.json.")
+
+  def _check_settings(self, stages: Sequence[str]) -> None:
+    """Builds now the settings the stages will build from the config (each sampler's, the
+    distiller's), so that a value out of range (top_p 1.5, a negative tau, a batch that is no
+    multiple of its micro-batch) fails before any stage runs, naming its config group, not
+    hours in when the first stage that uses it starts."""
+    c, stages = self.config, set(stages)
+    builds = []
+    if stages & {"holdout", "grad"}:
+      builds.append(("holdout", self.holdout_params))
+      if float(c.grad.tau) > 0:
+        builds.append(("grad", self.grad_trace_params))
+    if stages & {"calibrate", "sample", "eval_teacher"}:
+      builds += [("sample or grid", functools.partial(self.point_params, p)) for p in grid(c)]
+    if stages & {"eval_student", "eval_teacher", "eval_base"}:
+      builds.append(("eval", self.eval_params))
+    if "distill" in stages:
+      builds.append(("distill", self.distill_config))
+    for group, build in builds:
+      try:
+        build()
+      except ValueError as e:
+        flags = " or ".join(f"--config.{g}.<field>" for g in group.split(" or "))
+        raise errors.BadValue(f"{e} From the config's {group} settings: set it with {flags} "
+                              "(found before any stage ran).") from None
 
   # -- models ----------------------------------------------------------------------------------
 
