@@ -72,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = seed
 
   c.data = dict(
-      holdout="",  # "<dataset>:<split>" g is computed on: gsm8k, math, mmlu, jsonl:PATH, synthetic
+      # "<dataset>:<split>" g is computed on: gsm8k, math, mmlu, synthetic, or a file
+      # jsonl:PATH (every row) / jsonl:PATH:train / jsonl:PATH:holdout (its seeded 70/30 split)
+      holdout="",
       train="",  # "<dataset>:<split>" of the training traces each grid point samples
       test="",  # "<dataset>:<split>" every model is evaluated on
       grader="",  # how answers are graded: "gsm8k", "math", "mmlu" or "synthetic"

@@ -109,3 +109,31 @@ def test_a_setting_out_of_range_fails_before_any_stage(tmp_path, field, value, n
     pipeline.Experiment(c, str(workdir)).run()
   assert named in str(e.value) and f"--config.{group}.<field>" in str(e.value)
   assert stage_outputs(workdir) == []
+
+
+def test_a_jsonl_file_is_a_split_and_an_empty_one_names_itself(tmp_path):
+  """data.<which> = jsonl:PATH (every row) or jsonl:PATH:train / :holdout (its seeded 70/30
+  split); a file with no rows fails before any stage, naming the flag and where to look."""
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps(dict(problem=f"{i} + 1?", solution=f"{i + 1}")) + "\n"
+                          for i in range(10)))
+  c = tiny_config.get_config()
+  loaded = {s: pipeline.inputs.load_examples(c.data, f"jsonl:{rows}{s}", "--config.data.test")
+            for s in ("", ":all", ":train", ":holdout")}
+  assert [e.problem for e in loaded[""]] == [f"{i} + 1?" for i in range(10)] and \
+      loaded[":all"] == loaded[""]
+  assert (len(loaded[":train"]), len(loaded[":holdout"])) == (7, 3)
+  assert {e.problem for e in loaded[":train"] + loaded[":holdout"]} == {
+      e.problem for e in loaded[""]}
+  with pytest.raises(errors.BadValue, match="expected DATASET:SPLIT"):
+    pipeline.inputs.load_examples(c.data, "gsm8k:train:x", "--config.data.test")
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  c.data.test = f"jsonl:{empty}"
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.BadValue) as e:
+    pipeline.Experiment(c, str(workdir)).run()
+  assert str(e.value) == (f"--config.data.test=jsonl:{empty}: the split has no examples "
+                          f"(--config.data.max_test={c.data.max_test}); name a split that has "
+                          "some, or check its source files (--config.data.manual_dir).")
+  assert stage_outputs(workdir) == []

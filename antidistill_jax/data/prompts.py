@@ -50,6 +50,7 @@ def build_prompts(tokenizer, examples: Sequence[Any], max_prompt_length: int, *,
       indices.append(i)
   dropped = len(examples) - len(ids)
   if dropped:
-    logging.warning("dropped %d of %d prompts longer than %d tokens.", dropped, len(examples),
-                    max_prompt_length)
+    logging.warning("dropped %d of %d prompts longer than %d tokens; to keep them, raise the "
+                    "limit (the pipeline's --config.prompts.max_prompt_length).", dropped,
+                    len(examples), max_prompt_length)
   return Prompts(ids, indices, dropped)

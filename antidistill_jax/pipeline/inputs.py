@@ -103,6 +103,9 @@ def calibrate_settings(cal) -> dict:
   return d
 
 
+JSONL_SPLITS = ("all", "train", "holdout")  # data.load_jsonl's
+
+
 def load_examples(d, spec: str, flag: str, *, example: str = "gsm8k:train") -> list:
   """The examples of DATASET:SPLIT `spec`, read as data.* (`d`) says: manual_dir, data_dir,
   split_seed. A spec that is not DATASET:SPLIT, or a split that does not load, is a UserError
@@ -110,7 +113,14 @@ def load_examples(d, spec: str, flag: str, *, example: str = "gsm8k:train") -> l
   from antidistill_jax import data
   if not spec or ":" not in spec:
     raise errors.BadValue(f"{flag}={spec!r}: expected DATASET:SPLIT, e.g. {flag}={example}.")
-  name, split = spec.split(":")
+  if spec.startswith("jsonl:"):  # jsonl:PATH[:SPLIT], PATH itself may hold colons (gs://)
+    path, _, split = spec.rpartition(":")
+    name, split = (path, split) if split in JSONL_SPLITS else (spec, "all")
+  elif spec.count(":") == 1:
+    name, split = spec.split(":")
+  else:
+    raise errors.BadValue(f"{flag}={spec!r}: expected DATASET:SPLIT, e.g. {flag}={example}, "
+                          "or jsonl:PATH[:all|train|holdout].")
   try:
     return data.load_split(name, split, manual_dir=d.manual_dir or None,
                            data_dir=d.data_dir or None, seed=d.split_seed)
@@ -233,8 +243,11 @@ class Inputs:
         continue
       self.split(which)  # a bad or missing split is a UserError naming its flag
       if not self._splits[which]:
-        raise errors.BadValue(f"--config.data.{which}={getattr(c.data, which)}: no examples "
-                              f"(max_{which}={getattr(c.data, f'max_{which}', 0)}).")
+        cap = getattr(c.data, f"max_{which}", 0)  # 0: no cap
+        raise errors.BadValue(
+            f"--config.data.{which}={getattr(c.data, which)}: the split has no examples"
+            + (f" (--config.data.max_{which}={cap})" if cap else "") + "; name a split that "
+            "has some, or check its source files (--config.data.manual_dir).")
     if self.model_source != "checkpoints":
       return  # the models stage makes them
     roles = [r for r in ROLES if any(r in ROLES_READ.get(s, ()) for s in stages)]
