@@ -91,6 +91,28 @@ def test_a_student_without_a_chat_template_fails_before_any_stage(tmp_path):
   assert stage_outputs(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize("remove, problem", [("config.json", "No config.json"),
+                                              ("model.safetensors", "No model.safetensors")])
+def test_a_student_folder_that_is_no_model_fails_before_any_stage(tmp_path, remove, problem):
+  """The student is first loaded at the distill stage, hours in: its folder is checked first."""
+  c = checkpoints(tmp_path)
+  os.remove(os.path.join(c.models.student, remove))
+  with pytest.raises(errors.MissingInput) as e:
+    pipeline.Experiment(c, str(tmp_path / "run")).run()
+  message = str(e.value)
+  assert message.startswith(f"--config.models.student={c.models.student}: ")
+  assert problem in message and "Pass a Hugging Face model folder" in message
+  assert stage_outputs(tmp_path / "run") == []
+
+
+def test_a_missing_path_names_its_own_role_and_is_not_taken_for_a_hub_id(tmp_path):
+  c = checkpoints(tmp_path)
+  c.models.proxy = "runs/no/such/proxy"  # relative, more than ORG/NAME: a path, not a hub id
+  with pytest.raises(errors.MissingInput, match="model directory 'runs/no/such/proxy' does not "
+                     r"exist: .* \(--config.models.proxy=DIR\)"):
+    pipeline.Experiment(c, str(tmp_path / "run")).run()
+
+
 @pytest.mark.parametrize("field, value, named", [
     ("sample.top_p", 1.5, "top_p=1.5 must be in (0, 1]"),
     ("distill.micro_batch_size", 3, "not a multiple of micro_batch_size=3"),

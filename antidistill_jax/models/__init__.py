@@ -33,7 +33,8 @@ plus and minus) goes in the word part of the name, never in the shape: `teacher_
 """
 
 from antidistill_jax.models.cache import KVCache
-from antidistill_jax.models.checkpoint import CheckpointError, abstract_model, from_pretrained, save_pretrained
+from antidistill_jax.models.checkpoint import (CheckpointError, abstract_model, check_checkpoint,
+                                               from_pretrained, save_pretrained)
 from antidistill_jax.models.config import ModelConfig, RopeScaling, config_from_hf, config_to_hf, load_config
 from antidistill_jax.models.sharding import DEFAULT_RULES, shard_model
 from antidistill_jax.models.transformer import Transformer, stack_tangents

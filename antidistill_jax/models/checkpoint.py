@@ -78,6 +78,15 @@ def _tensor_files(path: str) -> dict[str, str]:
     return {k: single for k in f.keys()}
 
 
+def check_checkpoint(path: str | os.PathLike[str]) -> ModelConfig:
+  """The checkpoint's config, once its weight files are known to be there (their headers
+  read, no tensor): what `from_pretrained` would refuse, found without loading anything.
+  FileNotFoundError or ValueError naming the problem otherwise."""
+  cfg = load_config(path)
+  _tensor_files(os.fspath(path))
+  return cfg
+
+
 def _read_tensors(files: Mapping[str, str], names) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, array) one tensor at a time, opening each file once per run of names."""
   by_file: dict[str, list[str]] = {}

@@ -44,11 +44,11 @@ def results_root(workdir, name: str = ""):
   return workdir / "results" / name if name else workdir
 
 
-def resolve_checkpoint(spec: str, cache_dir: str) -> str:
+def resolve_checkpoint(spec: str, cache_dir: str, flag: str = "--config.models.teacher") -> str:
   """A local directory for a model spec: a local path as it is; a llama.cpp .gguf file converted
   once (`models.gguf.local_folder`); a gs:// folder copied to local disk (`files.local_dir`); a
   hub id fetched with huggingface_hub.snapshot_download (config, safetensors, tokenizer files)
-  into cache_dir."""
+  into cache_dir. flag: the option that gave spec, named in errors."""
   if os.path.isdir(spec):
     return spec
   if spec.endswith(".gguf") and os.path.isfile(spec):
@@ -56,10 +56,10 @@ def resolve_checkpoint(spec: str, cache_dir: str) -> str:
     return gguf.local_folder(spec)
   if not files.is_local(spec):
     return files.local_dir(spec)
-  if spec.startswith("/") or spec.startswith(".") or not spec:
+  # A hub id is ORG/NAME (or NAME): more slashes, or a leading / or ., is a path.
+  if spec.startswith("/") or spec.startswith(".") or not spec or spec.count("/") > 1:
     raise errors.MissingInput(f"model directory {spec!r} does not exist: pass a checkpoint "
-                              "folder or a hub id (--config.models.teacher=DIR, and likewise "
-                              "proxy and student).")
+                              f"folder, a .gguf file or a hub id ({flag}=DIR).")
   try:
     import huggingface_hub
     return huggingface_hub.snapshot_download(
@@ -69,7 +69,7 @@ def resolve_checkpoint(spec: str, cache_dir: str) -> str:
     raise errors.MissingInput(
         f"could not fetch hub model {spec!r} ({type(e).__name__}: {e}). Offline, download it "
         f"where there is network (huggingface-cli download {spec} --local-dir DIR) and pass the "
-        "local directory instead, e.g. --config.models.teacher=DIR.") from e
+        f"local directory instead, e.g. {flag}=DIR.") from e
 
 
 @dataclasses.dataclass
@@ -252,6 +252,14 @@ class Inputs:
       return  # the models stage makes them
     roles = [r for r in ROLES if any(r in ROLES_READ.get(s, ()) for s in stages)]
     paths = {r: self.model_path(r) for r in roles}  # a missing one names its flag
+    for role, path in paths.items():  # a folder that is not a model: found now, not when loaded
+      try:
+        models.check_checkpoint(path)
+      except (ValueError, OSError) as e:
+        raise errors.MissingInput(
+            f"--config.models.{role}={getattr(c.models, role)}: {path} is not a checkpoint this "
+            f"code can load: {' '.join(str(e).split())} Pass a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer files), a .gguf file or a hub id.") from e
     toks = {r: tok_lib.load_tokenizer(p) for r, p in paths.items()}
     if "teacher" in toks and "proxy" in toks and toks["teacher"].get_vocab() != \
         toks["proxy"].get_vocab():
@@ -313,7 +321,8 @@ class Inputs:
     """A local folder holding the role's checkpoint."""
     if self.model_source == "checkpoints":
       spec = getattr(self.config.models, role)
-      return resolve_checkpoint(spec, os.fspath(files.cache_root() / "hub"))
+      return resolve_checkpoint(spec, os.fspath(files.cache_root() / "hub"),
+                                f"--config.models.{role}")
     out = self.output("models", self.models_key(), "trained or tiny models")
     return files.local_dir(out / role)
 
