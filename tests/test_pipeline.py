@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from antidistill_jax import attacks, degeneracy, errors, pipeline, report, traces
-from antidistill_jax.pipeline import teacher
+from antidistill_jax.pipeline import reporting, teacher
 from configs import tiny as tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -574,6 +575,24 @@ def test_the_synthetic_config_runs_at_reduced_size(tmp_path, monkeypatch):
   for kind in ("ads", "aligned"):
     for attack in ("none", "clean_mix", "reaimed", "prefill", "resample@2", "reweight@0"):
       assert cells[(kind, 0, attack)]["summary"]["n"] == 1, (kind, attack)
+
+
+def test_the_report_leaves_out_another_configs_points_and_says_so(tmp_path):
+  """index/ is derived from the records: an entry of a point not in this config's grid is
+  removed (its records stay), with one warning naming it and how to keep both reports."""
+  x = pipeline.Experiment(tiny_config.get_config(), str(tmp_path))
+  x.store.open()
+  index = x.results_root / "index"
+  index.mkdir()
+  (index / "old_point.json").write_text("{}")
+  with mock.patch.object(reporting.logging, "warning") as warning:
+    reporting.report(x, None)
+  assert sorted(os.listdir(index)) == sorted(f"{p.name}.json" for p in pipeline.grid(x.config))
+  [(args, _)] = warning.call_args_list
+  assert args[0] % args[1:] == (
+      f"the report of {tmp_path} leaves out 1 points not in this config's grid (old_point): "
+      "their stage records stay in the workdir; give each config its own "
+      "--config.pipeline.name to keep a report of each.")
 
 
 def test_ads_points_are_compared_at_the_same_teacher_accuracy():

@@ -77,10 +77,11 @@ def checkpoints(tmp_path, proxy_vocab=None, template=True):
   return c
 
 
-def test_a_proxy_of_another_vocabulary_fails_before_any_stage(tmp_path):
+@pytest.mark.parametrize("stages", [None, ("grad",)])  # g alone reads the teacher's traces
+def test_a_proxy_of_another_vocabulary_fails_before_any_stage(tmp_path, stages):
   c = checkpoints(tmp_path, proxy_vocab=300)
   with pytest.raises(errors.BadValue, match="different vocabularies.*--config.models.proxy"):
-    pipeline.Experiment(c, str(tmp_path / "run")).run()
+    pipeline.Experiment(c, str(tmp_path / "run")).run(stages or pipeline.STAGES)
   assert stage_outputs(tmp_path / "run") == []
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 
@@ -119,7 +120,14 @@ def test_a_dead_claimant_is_taken_over_and_a_live_one_waited_for(tmp_path):
                      lambda _, out: pytest.fail("computed a key another job holds"))
   with pytest.raises(errors.UserError, match=r"stage grad, key busy: still not finished after "
                                              r".*another-host.*busy\.0\.json.*wait_timeout_s"):
-    loop.run_stage(store, stage, timeout_s=0.3, poll_s=0.05)
+    with mock.patch.object(loop.logging, "warning") as warning:
+      loop.run_stage(store, stage, timeout_s=0.3, poll_s=0.05)
+  # the wait is said once, at its start: whose job, how long, what to delete if it is gone
+  [(args, _)] = warning.call_args_list
+  said = args[0] % args[1:]
+  assert said.startswith("stage grad, key busy: another job is computing it (run r1, host "
+                         "another-host, pid 1); waiting up to 0 s")
+  assert said.endswith(f"If that job is gone, delete {other}.")
   # Once the other job records it, the waiter takes its record and computes nothing.
   files.create_new(store.record_path("grad", "busy"), json.dumps(dict(metrics={})).encode())
   counts = loop.run_stage(store, stage, timeout_s=5, poll_s=0.05)

@@ -32,7 +32,8 @@ ROLES = ("teacher", "proxy", "student")
 SPLITS_READ = dict(models=("holdout",), holdout=("holdout",), grad=("holdout",),
                    calibrate=("holdout",), sample=("train",), eval_student=("test",),
                    eval_teacher=("test",), eval_base=("test",))
-ROLES_READ = dict(holdout=("teacher",), grad=("proxy",), calibrate=("teacher", "proxy"),
+# grad reads the teacher's traces as the proxy's ids: their vocabularies are checked for it too.
+ROLES_READ = dict(holdout=("teacher",), grad=("teacher", "proxy"), calibrate=("teacher", "proxy"),
                   sample=("teacher", "proxy"), distill=("student",), eval_student=("student",),
                   eval_teacher=("teacher", "proxy"), eval_base=("student",))
 

@@ -20,6 +20,7 @@ import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
+from absl import logging
 from etils import epath
 
 from antidistill_jax import errors, files, monitoring, parallel
@@ -88,6 +89,12 @@ def obtain(store: Store, stage: Stage, item: Any, key: str, *, timeout_s: float 
           f"claimed by run {owner.get('run')} (host {owner.get('host')}, pid {owner.get('pid')})"
           f" in {owner.get('path')}. If that job is gone, delete that claim file and rerun; if "
           "it is only slow, raise --config.pipeline.wait_timeout_s.")
+    if not waited and parallel.is_writer():  # said once, where a person watching will see it
+      logging.warning(
+          "stage %s, key %s: another job is computing it (run %s, host %s, pid %s); waiting up "
+          "to %.0f s (--config.pipeline.wait_timeout_s). If that job is gone, delete %s.",
+          stage.name, key, owner.get("run"), owner.get("host"), owner.get("pid"), timeout_s,
+          owner.get("path"))
     waited = True
     time.sleep(poll_s)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
+
 from antidistill_jax import errors, files, parallel
 from antidistill_jax.pipeline.grid import grid
 
@@ -87,9 +89,14 @@ def report(x, out) -> dict:
   current = entries(x)
   for name, entry in current.items():
     files.write_json(index / f"{name}.json", entry)
-  for path in index.iterdir():  # a point no longer in the grid (another config's) leaves
-    if path.suffix == ".json" and path.stem not in current:
-      path.unlink()
+  gone = sorted(p for p in index.iterdir() if p.suffix == ".json" and p.stem not in current)
+  if gone:  # points of another config (or of this one's earlier grid): their records stay
+    logging.warning("the report of %s leaves out %d points not in this config's grid (%s): "
+                    "their stage records stay in the workdir; give each config its own "
+                    "--config.pipeline.name to keep a report of each.", x.results_root,
+                    len(gone), ", ".join(p.stem for p in gone[:5]) + (", ..." if gone[5:] else ""))
+  for path in gone:
+    path.unlink()
   r = x.config.report
   return report_lib.write_report(x.results_root, student_sd=r.student_sd,
                                  student_sd_source=r.student_sd_source)
