@@ -414,7 +414,9 @@ class Sampler:
     raise FloatingPointError(
         f"{where}, lam={params.lam}, eps={params.eps}, method={params.method}, proxy dtype "
         f"{self.proxy.dtype.name}. Lower lam, use method='jvp' or a larger eps, or run the "
-        "proxy in float32/bfloat16 instead of float16.")
+        "proxy in float32/bfloat16 instead of float16 (in the pipeline: the grid's lams or "
+        "grid.calibrate, --config.sample.method, --config.sample.eps, --config.models.dtype); "
+        "if g itself holds a NaN, recompute it.")
 
   def _continuous(self, prompts, params: SamplingParams, first_row: int,
                   budgets: np.ndarray) -> Generation:
