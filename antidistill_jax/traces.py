@@ -50,7 +50,7 @@ from absl import logging
 
 from etils import epath
 
-from antidistill_jax import files, gradients, grading, monitoring, parallel, pytrees, sampling
+from antidistill_jax import errors, files, gradients, grading, monitoring, parallel, pytrees, sampling
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
 FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)
@@ -271,6 +271,12 @@ def generate_traces(sampler: sampling.Sampler, examples: Sequence[Any],
   prefill_ids = tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
   prompts = build_prompts(tokenizer, examples, max_prompt_length - len(prefill_ids),
                           system=system)
+  if examples and not prompts.ids:
+    raise errors.BadValue(
+        f"all {len(examples)} prompts of {path} are longer than {max_prompt_length} tokens"
+        + (f" less the prefill's {len(prefill_ids)}" if prefill_ids else "") + ": nothing to "
+        "sample. Raise max_prompt_length (the pipeline's --config.prompts.max_prompt_length), "
+        "within the model's context less the new tokens.")
   if params.uses_proxy and proxy is None:
     raise ValueError(f"lam={params.lam} needs a Sampler with a proxy and its gradient.")
   ads = params.uses_proxy

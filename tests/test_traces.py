@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from antidistill_jax import gradients, grading, models, random_checkpoints, sampling, traces
+from antidistill_jax import errors, gradients, grading, models, random_checkpoints, sampling, traces
 from antidistill_jax.data import Example
 from antidistill_jax.data.prompts import build_prompts
 from antidistill_jax.tokenizer import eos_ids as tokenizer_eos_ids
@@ -188,6 +188,17 @@ def test_changed_settings_are_refused(tiny_pair, tokenizer, tmp_path, monkeypatc
   run(seed=1)  # the stored settings resume
   with pytest.raises(ValueError, match=r"max_new_tokens: stored 12, now 8.*Delete .*train\.jsonl"):
     run(seed=1, max_new_tokens=8)
+
+
+def test_a_split_whose_every_prompt_is_too_long_names_the_limit(tiny_pair, tokenizer, tmp_path):
+  teacher, _, _ = tiny_pair
+  examples = [Example("word " * 200, "#### 1", "1", i) for i in range(3)]
+  path = tmp_path / "t.jsonl"
+  with pytest.raises(errors.BadValue, match=r"all 3 prompts of .*t\.jsonl are longer than 64 "
+                     r"tokens: nothing to sample\. .*--config\.prompts\.max_prompt_length"):
+    run_traces(teacher, tokenizer, examples, str(path), dataset="gsm8k", seed=3,
+               max_prompt_length=64, **KW)
+  assert not os.listdir(tmp_path)
 
 
 def test_rows_match_the_sampler_and_statistics_match_the_rows(tiny_pair, tokenizer, tmp_path):
