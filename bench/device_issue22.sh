@@ -7,7 +7,7 @@
 #
 # 1. jvp against fd against plain at the paper's widths, a quarter of the depth, batch 1 and 16
 #    (goal: jvp/fd <= 1.05), with the HBM bandwidth each step needs (goal: plain >= 80%, ADS
-#    >= 75% of the HBM's), and each cell once under the profiler: the device's busy time
+#    >= 75% of the HBM's), and each batch-16 cell once under the profiler: the device's busy time
 #    against the wall time and its kernels by kind and by name (bench/trace_summary.py; the
 #    raw traces stay on the device machine, only their summaries come back in jvp_fd.json);
 # 2. static against continuous batching on R1-like trace lengths (goal: >= 1.6x useful tokens/s);
@@ -46,7 +46,8 @@ if [ "$smoke" = smoke ]; then
   exit 0
 fi
 step jvp_fd 200 bench/scale.py --pair=paper --depth_divisor=4 --batch_sizes=1,16 \
-    --max_new_tokens=128 --modes=plain,fd,jvp --repeats=2 --profile_dir=/tmp/issue22_profile
+    --max_new_tokens=128 --modes=plain,fd,jvp --repeats=2 --profile_dir=/tmp/issue22_profile \
+    --profile_batch_sizes=16
 step batching 90 bench/batching.py --max_new_tokens=1024 --prompts=256 --slots=64 --times=1
 step top_p 45 bench/filters.py --vocabs=152064 --repeats=20
 step full_depth 220 bench/scale.py --pair=paper --batch_sizes=64 --max_new_tokens=256 \

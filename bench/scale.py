@@ -52,6 +52,8 @@ _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default:
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "also run each cell once under jax.profiler, keep its trace in "
     "DIR/<mode>_b<batch> and summarize where the device time goes (bench/trace_summary.py)")
+_PROFILE_BATCHES = flags.DEFINE_list("profile_batch_sizes", [], "with --profile_dir, profile "
+                                     "only these batch sizes (default: every one)")
 
 # Qwen2.5-1.5B and -0.5B config.json fields (tied embeddings, 151936 rows).
 TEACHER_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
@@ -143,8 +145,9 @@ def main(argv):
     for mode in _MODES.value:
       print(f"batch {b}, {mode}: compiling and timing", flush=True)
       sampler = samplers.get(mode, shared)
-      profile_dir = (os.path.join(_PROFILE_DIR.value, f"{mode}_b{b}") if _PROFILE_DIR.value
-                     else None)
+      profiled = _PROFILE_DIR.value and (not _PROFILE_BATCHES.value
+                                         or str(b) in _PROFILE_BATCHES.value)
+      profile_dir = os.path.join(_PROFILE_DIR.value, f"{mode}_b{b}") if profiled else None
       timed = common.time_sampler(sampler, settings[mode], prompts, b, _REPEATS.value,
                                   profile_dir)
       seconds, compile_s = timed["seconds"], timed["compile_seconds"]
