@@ -407,7 +407,9 @@ def test_a_prefill_is_continued_and_kept_in_the_completion(tiny_pair, tokenizer,
     assert r["completion_ids"] == pre + list(ids) and r["completion"].startswith(text)
     assert r["completion"] == tokenizer.decode(pre + list(ids), skip_special_tokens=True)
     assert r["teacher_logprob"] == pytest.approx(float(np.sum(logp)), rel=1e-5)
-  # The prefill counts against the prompt limit.
-  tight = run_traces(teacher, tokenizer, examples, str(tmp_path / "tight.jsonl"),
-                     prefill=text, **dict(kw, max_prompt_length=len(base[0]["prompt_ids"])))
-  assert tight["counts"]["dropped"] == 3
+  # The prefill counts against the prompt limit: at the prompts' own length none fits.
+  limit = max(len(r["prompt_ids"]) for r in base)
+  with pytest.raises(errors.BadValue, match=f"all 3 prompts .* longer than {limit} tokens less "
+                     f"the prefill's {len(pre)}"):
+    run_traces(teacher, tokenizer, examples, str(tmp_path / "tight.jsonl"), prefill=text,
+               **dict(kw, max_prompt_length=limit))
