@@ -50,7 +50,8 @@ from absl import logging
 
 from etils import epath
 
-from antidistill_jax import errors, files, gradients, grading, monitoring, parallel, pytrees, sampling
+from antidistill_jax import (errors, files, gradients, grading, monitoring, parallel, pytrees,
+                             sampling)
 from antidistill_jax.data.prompts import SYSTEM_PROMPT, build_prompts
 
 FORMAT_VERSION = 2  # 2: the config stores SamplingParams (method, max_length)

@@ -70,10 +70,12 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
 
 
 def _event_name(event) -> str:
+  """The HLO op a kernel ran for where the trace says, else the kernel's own name."""
   stats = dict(event.stats)
-  for key in ("hlo_op", "long_name"):
-    if isinstance(stats.get(key), str) and stats[key]:
-      return stats[key] if key == "hlo_op" else f"{event.name} [{stats[key][:60]}]"
+  if stats.get("hlo_op"):
+    return str(stats["hlo_op"])
+  if stats.get("long_name"):
+    return f"{event.name} [{str(stats['long_name'])[:60]}]"
   return event.name
 
 
@@ -113,7 +115,8 @@ def summarize(folder: str, wall_s: float | None = None, top: int = 12) -> dict[s
   by_kind: dict[str, int] = {}
   by_name: dict[str, list[int]] = {}
   for name, s, e in kernels:
-    by_kind[kind(name)] = by_kind.get(kind(name), 0) + (e - s)
+    label = kind(name)
+    by_kind[label] = by_kind.get(label, 0) + (e - s)
     entry = by_name.setdefault(name, [0, 0])
     entry[0] += 1
     entry[1] += e - s

@@ -29,13 +29,16 @@ def _decode(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+JSONL_SPLITS = ("all", "train", "holdout")  # a JSONL file's: every row, or its 70/30 split
+
+
 def load_jsonl(path: str, split: str = "all", *, seed: int = DEFAULT_SEED) -> list[Example]:
   """A custom JSONL dataset: every row ("all") or one side of its seeded 70/30 split."""
+  if split not in JSONL_SPLITS:
+    raise ValueError(f"split {split!r} of {path}: expected all, train or holdout.")
   examples = examples_from_rows(read_records(path, "jsonl"))
   if split == "all":
     return examples
-  if split not in ("train", "holdout"):
-    raise ValueError(f"split {split!r} of {path}: expected all, train or holdout.")
   train, holdout = split_train_holdout(examples, seed)
   return train if split == "train" else holdout
 

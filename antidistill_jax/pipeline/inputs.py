@@ -104,9 +104,6 @@ def calibrate_settings(cal) -> dict:
   return d
 
 
-JSONL_SPLITS = ("all", "train", "holdout")  # data.load_jsonl's
-
-
 def load_examples(d, spec: str, flag: str, *, example: str = "gsm8k:train") -> list:
   """The examples of DATASET:SPLIT `spec`, read as data.* (`d`) says: manual_dir, data_dir,
   split_seed. A spec that is not DATASET:SPLIT, or a split that does not load, is a UserError
@@ -116,7 +113,7 @@ def load_examples(d, spec: str, flag: str, *, example: str = "gsm8k:train") -> l
     raise errors.BadValue(f"{flag}={spec!r}: expected DATASET:SPLIT, e.g. {flag}={example}.")
   if spec.startswith("jsonl:"):  # jsonl:PATH[:SPLIT], PATH itself may hold colons (gs://)
     path, _, split = spec.rpartition(":")
-    name, split = (path, split) if split in JSONL_SPLITS else (spec, "all")
+    name, split = (path, split) if split in data.JSONL_SPLITS else (spec, "all")
   elif spec.count(":") == 1:
     name, split = spec.split(":")
   else:
