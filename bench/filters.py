@@ -1,16 +1,24 @@
-"""Time of the sort-free top-p filter against the sorting reference and against no filter.
+"""Time of the sampler's top-p draw against the unfiltered draw, and of the filters alone.
 
   python bench/filters.py                                  # [32, V], V in {4096, 152064}
   python bench/filters.py --vocabs=4096 --repeats=20 --top_k=50
+  python bench/filters.py --support_noise=2                # sampled logits != support
   python bench/filters.py --passes --vocabs=152064         # what one pass over [B, V] costs
 
 For each vocabulary size and logit distribution (random normal with std 0.5: near uniform,
 like a random-weight model; std 5; peaked: a few dominant tokens over std-2 noise, like a
-trained model), the jitted step is timed alone and followed by the sampler's draw
-(`jax.random.categorical` per row with its own key): no filter, `filters.filter_logits`,
-`filters.filter_logits_sorted`. Times are the best of --repeats runs after compilation, the
-variants interleaved so that load from other processes hits them alike. Prints one JSON line
-and a markdown table; `ratio` is the step's time over the unfiltered draw's.
+trained model), the jitted step is timed with one key per row:
+  draw            `sampling.draw.categorical`, the sampler's unfiltered draw (ratios are to it);
+  draw_first      `sampling.draw.filtered_categorical`, the sampler's top-p draw (Gumbel-max
+                  first, then the drawn token's nucleus check);
+  categorical     `jax.vmap(jax.random.categorical)`: the same tokens as draw, the old way;
+  sort_free(+categorical), sorted(+categorical): `filters.filter_logits` and the sorting
+                  reference alone, and followed by categorical (the sampler's top-p until
+                  2026-12-06).
+--support_noise s > 0 samples from the support plus N(0, s^2) noise (the support still chooses
+the nucleus), as with delta_on="nucleus", where the first candidate is rejected more often.
+Times are the best of --repeats runs after compilation, the variants interleaved so that load
+from other processes hits them alike. Prints one JSON line and a markdown table.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from antidistill_jax import filters
+from antidistill_jax.sampling import draw
 
 _VOCABS = flags.DEFINE_list("vocabs", ["4096", "152064"], "vocabulary sizes")
 _BATCH = flags.DEFINE_integer("batch", 32, "rows")
@@ -32,6 +41,8 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "top-k before top-p (default: none)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs per cell (best is kept)")
 _SORTED_REPEATS = flags.DEFINE_integer("sorted_repeats", 3, "timed runs of the sorting filter")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON here")
+_SUPPORT_NOISE = flags.DEFINE_float("support_noise", 0.0, "std of the noise that makes the "
+                                    "sampled logits differ from the support (0: the same)")
 _PASSES = flags.DEFINE_bool("passes", False, "time the filter's kinds of pass over [B, V] "
                             "instead (where its time goes, and what a faster search could use)")
 
@@ -51,16 +62,27 @@ def make_logits(dist: str, batch: int, vocab: int, seed: int = 0) -> jax.Array:
 
 
 def step_fns(top_k: int | None):
-  """name -> jitted (logits, top_p, keys) -> array, for every timed variant."""
-  filters_ = {"none": lambda x, p: x,
-              "sort_free": lambda x, p: filters.filter_logits(x, top_k, p),
-              "sorted": lambda x, p: filters.filter_logits_sorted(x, top_k, p)}
-  fns = {}
-  for name, filt in filters_.items():
-    fns[f"{name}"] = jax.jit(lambda x, p, keys, filt=filt: filt(x, p))
-    fns[f"{name}+draw"] = jax.jit(
-        lambda x, p, keys, filt=filt: jax.vmap(jax.random.categorical)(keys, filt(x, p)))
-  return fns
+  """name -> jitted (support, sampled, top_p, keys) -> array, for every timed variant."""
+  categorical = jax.vmap(jax.random.categorical)
+
+  def old_way(filt):
+    def fn(x, y, p, keys):
+      kept = filt(x, p)
+      return categorical(keys, y if y is x else jnp.where(jnp.isfinite(kept), y, -jnp.inf))
+    return fn
+
+  sort_free = lambda x, p: filters.filter_logits(x, top_k, p)
+  sorted_ = lambda x, p: filters.filter_logits_sorted(x, top_k, p)
+  fns = {
+      "draw": lambda x, y, p, keys: draw.categorical(keys, y),
+      "draw_first": lambda x, y, p, keys: draw.filtered_categorical(keys, y, x, top_k, p),
+      "categorical": lambda x, y, p, keys: categorical(keys, y),
+      "sort_free": lambda x, y, p, keys: sort_free(x, p),
+      "sort_free+categorical": old_way(sort_free),
+      "sorted": lambda x, y, p, keys: sorted_(x, p),
+      "sorted+categorical": old_way(sorted_),
+  }
+  return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
 def time_cells(fns, args, repeats: int, sorted_repeats: int) -> dict[str, float]:
@@ -130,25 +152,30 @@ def main(argv):
   for vocab in map(int, _VOCABS.value):
     keys_B = jax.random.split(jax.random.key(1), _BATCH.value)
     for dist in _DISTS.value:
-      logits_BV = make_logits(dist, _BATCH.value, vocab)
-      args = (logits_BV, jnp.float32(_TOP_P.value), keys_B)
+      support_BV = make_logits(dist, _BATCH.value, vocab)
+      sampled_BV = support_BV + _SUPPORT_NOISE.value * jax.random.normal(
+          jax.random.key(2), support_BV.shape)
+      args = (support_BV, sampled_BV, jnp.float32(_TOP_P.value), keys_B)
+      tokens = {n: fns[n](*args) for n in ("draw_first", "sort_free+categorical")}
+      same = int(jnp.sum(tokens["draw_first"] == tokens["sort_free+categorical"]))
       best = time_cells(fns, args, _REPEATS.value, _SORTED_REPEATS.value)
-      base = best["none+draw"]
+      base = best["draw"]
       for name, seconds in best.items():
         rows.append(dict(vocab=vocab, dist=dist, variant=name, ms=round(seconds * 1e3, 3),
                          ratio=round(seconds / base, 3)))
-      print(f"V={vocab} {dist}: " + ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in best.items()),
-            flush=True)
+      print(f"V={vocab} {dist}: " + ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in best.items())
+            + f"; draw_first's tokens = the old way's in {same}/{_BATCH.value} rows", flush=True)
   result = dict(bench="filters", backend=jax.default_backend(), device=str(jax.devices()[0]),
                 batch=_BATCH.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
-                repeats=_REPEATS.value, rows=rows)
+                support_noise=_SUPPORT_NOISE.value, repeats=_REPEATS.value, rows=rows)
   print(json.dumps(result))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
   names = list(fns)
   print(f"\n[{_BATCH.value}, V], top_p={_TOP_P.value}, top_k={_TOP_K.value}, "
-        f"{jax.default_backend()}: ms (x unfiltered draw)\n")
+        f"support_noise={_SUPPORT_NOISE.value}, {jax.default_backend()}: ms (x draw, the "
+        "unfiltered draw)\n")
   print("| V | dist | " + " | ".join(names) + " |")
   print("|---|---|" + "---|" * len(names))
   for vocab in map(int, _VOCABS.value):

@@ -14,6 +14,8 @@ own top-k / top-p set (delta_on="nucleus").
   adjustment  the method: Delta (jvp, fd and fd's rounding check), the proxy side prepared
               once per (method, eps), and the placements (`adjusted_logits`); `delta(proxy,
               grad, ids)` for analysis.
+  draw        one token per row: Gumbel-max first, then only the drawn token's top-k / top-p
+              membership checked (the filter's search runs for rejected rows alone).
   decode      the jitted program: prefill on left-padded prompts, then a while_loop of
               lax.scan chunks with traced tau, lam, eps, top_p and delta_on (a whole sweep
               compiles once), per-prompt randomness.

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from antidistill_jax import filters
 from antidistill_jax.models.cache import KVCache
+from antidistill_jax.sampling import draw
 from antidistill_jax.sampling.adjustment import _pad_delta, _Proxies, adjusted_logits
 
 
@@ -85,16 +85,13 @@ class DecodeOutputs:
 
 def sample_tokens(keys_B, logits_BV, knobs: Knobs, s: _Static, support_BV=None) -> jax.Array:
   """One token per row from logits_BV after top-k/top-p. support_BV (default logits_BV): the
-  logits whose top-k/top-p set is kept; logits_BV's values are sampled inside it."""
+  logits whose top-k/top-p set is kept; logits_BV's values are sampled inside it. The token is
+  drawn first and only its membership checked (`draw`): the tokens of
+  jax.random.categorical(key, logits_BV masked to the kept set)."""
   if s.greedy:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   top_p = knobs.top_p if s.top_p else None
-  if support_BV is None:
-    filtered_BV = filters.filter_logits(logits_BV, s.top_k, top_p)
-  else:
-    kept_BV = filters.filter_logits(support_BV, s.top_k, top_p)
-    filtered_BV = jnp.where(jnp.isfinite(kept_BV), logits_BV, -jnp.inf)
-  return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+  return draw.filtered_categorical(keys_B, logits_BV, support_BV, s.top_k, top_p)
 
 
 @dataclasses.dataclass(frozen=True)

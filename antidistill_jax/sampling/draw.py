@@ -1,0 +1,130 @@
+"""The draw: one token per row, from logits restricted to a top-k / top-p set chosen on a support.
+
+Gumbel-max. `jax.random.categorical(key, l)` is argmax(l + Gumbel(key)). Drawing from l restricted
+to a set S is argmax over S of the same perturbed values y = l + Gumbel, so the token can be drawn
+first and the filter asked about that one token, not about the whole vocabulary:
+
+  categorical(keys_B, logits_BV)  the same tokens as `jax.vmap(jax.random.categorical)`.
+  filtered_categorical(keys_B, logits_BV, support_BV, top_k, top_p)  the same tokens as
+      categorical(where(support's kept set, logits, -inf)), the kept set being
+      `filters.filter_logits(support_BV, top_k, top_p)`'s, with no search for its threshold.
+
+Nucleus membership of one token. With x the support, w = exp(x - max x), Z = sum(w) and G(v) the
+mass strictly above v, `filters` keeps {x >= t*}, t* the smallest present value with G(t*) < p Z.
+G does not increase, so token c is kept iff G(x_c) < p Z, or x_c is the row's maximum (at least
+one token is kept). That is one pass over the row with exp inside, no separate normalizer:
+
+  sum_v w_v ((1 - p) [x_v > x_c] - p [x_v <= x_c]) < 0.
+
+The first candidate is rejected with probability at most 1 - p when the support is the sampled
+logits themselves (delta_on="vocab"): the mass outside the nucleus. More often when they differ
+(delta_on="nucleus", more so at large lam).
+
+A step: max(x), the first candidate of every row and its check (two passes over [B, V] beside
+the Gumbel draw); then, only if some row was rejected, the full filter on those rows alone,
+`retry_rows(B)` at a time gathered into [R, V], and the argmax of y inside their kept sets.
+A rejected row's token is the filter's, so only the cost depends on how many are rejected:
+~ (rejected rows / B) of the filter's search, in waves of R rows.
+
+Floating point: the check's signed sum and the filter's masked sums round differently, so a
+token whose preceding mass is within float32 rounding (~1e-6) of top_p may be kept by one and
+not by the other (as between `filters.filter_logits` and the sorting reference).
+
+Why the perturbed logits are written out ([B, V], once) and reduced twice (max, then the first
+index of the max): with a single argmax, XLA:CPU fuses the Gumbel transform (two logs per
+element) into the argmax's reduction loop, which then runs 1.6x slower over [32, 152064]
+(bench/filters.py, "draw" rows).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from antidistill_jax import filters
+
+def retry_rows(batch: int) -> int:
+  """How many rejected rows one wave of the second stage filters: ~1/8 of the batch, so that at
+  top_p = 0.95 (each row rejected with probability <= 0.05) one wave is enough in over 95% of
+  steps (binomial tails of more than R for B = 16, 32, 64: 4.3%, 2.4%, 0.6%)."""
+  return min(batch, max(2, -(-batch // 8)))
+
+
+def perturbed(keys_B, logits_BV) -> jax.Array:
+  """logits + each row's Gumbel noise, exactly as `jax.random.categorical(key, logits)` draws it."""
+  vocab, dtype = logits_BV.shape[-1], logits_BV.dtype
+  return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), dtype))(keys_B) + logits_BV
+
+
+def first_argmax(y_BV) -> jax.Array:
+  """`jnp.argmax(y_BV, -1)` (the first maximum; the first NaN where a row has one), as a max and
+  a compare: two consumers, so XLA writes y_BV out instead of fusing its producer into one
+  reduction (the module docstring)."""
+  max_B1 = jnp.max(y_BV, axis=-1, keepdims=True)
+  return jnp.argmax((y_BV == max_B1) | jnp.isnan(y_BV), axis=-1).astype(jnp.int32)
+
+
+def categorical(keys_B, logits_BV) -> jax.Array:
+  """One token per row ([B] int32): the tokens of `jax.vmap(jax.random.categorical)`."""
+  return first_argmax(perturbed(keys_B, logits_BV))
+
+
+def filtered_categorical(keys_B, logits_BV, support_BV=None, top_k: int | None = None,
+                         top_p=None) -> jax.Array:
+  """One token per row ([B] int32) from logits_BV inside support_BV's top-k / top-p set
+  (support_BV defaults to logits_BV). top_k: a static int or None; top_p: None, a float or a
+  traced scalar (>= 1 keeps every finite token). The tokens of
+  categorical(keys_B, where(isfinite(filters.filter_logits(support, top_k, top_p)), logits,
+  -inf)), up to the rounding noted in the module docstring."""
+  y_BV = perturbed(keys_B, logits_BV)
+  skip_p = top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1.0)
+  if support_BV is None and top_k is None and skip_p:
+    return first_argmax(y_BV)
+  support_BV = logits_BV if support_BV is None else support_BV
+  x_BV = support_BV.astype(jnp.float32)
+  if top_k is not None and top_k < x_BV.shape[-1]:
+    x_BV = jnp.where(x_BV < filters.top_values(x_BV, top_k)[:, -1:], -jnp.inf, x_BV)
+  if skip_p:
+    return first_argmax(jnp.where(jnp.isfinite(x_BV), y_BV, -jnp.inf))
+  p = jnp.asarray(top_p, jnp.float32)
+  if top_k is not None:
+    y_BV = jnp.where(x_BV > -jnp.inf, y_BV, -jnp.inf)
+  c_B = first_argmax(y_BV)
+  ok_B = in_nucleus(x_BV, c_B, p)
+
+  rows = retry_rows(x_BV.shape[0])
+  return jax.lax.cond(jnp.any(~ok_B), lambda c: _redraw(y_BV, support_BV, top_k, p, c, ok_B, rows),
+                      lambda c: c, c_B)
+
+
+def in_nucleus(x_BV, c_B, p) -> jax.Array:
+  """Whether token c_B of each row is in the top-p nucleus of x_BV ([B] bool), the kept set of
+  `filters.filter_logits(x_BV, None, p)`: one signed sum (the module docstring). Rows with no
+  finite maximum (all -inf, or a NaN) are never in it here: the filter decides those."""
+  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  xc_B1 = jnp.take_along_axis(x_BV, c_B[:, None], axis=-1)
+  w_BV = jnp.exp(x_BV - jnp.where(jnp.isfinite(max_B1), max_B1, 0.0))
+  q = jnp.minimum(p, 1.0)
+  signed_B1 = jnp.sum(jnp.where(x_BV > xc_B1, (1.0 - q) * w_BV, -q * w_BV), axis=-1,
+                      keepdims=True)
+  kept_B1 = (signed_B1 < 0.0) | (xc_B1 >= max_B1) | ((p >= 1.0) & (xc_B1 > -jnp.inf))
+  return (kept_B1 & jnp.isfinite(max_B1))[:, 0]
+
+
+def _redraw(y_BV, support_BV, top_k, p, c_B, ok_B, rows: int) -> jax.Array:
+  """The rows whose candidate was rejected, R = `rows` at a time gathered into [R, V]: the full
+  filter on each wave's support rows (its search runs over R rows, not B), then the argmax of y
+  inside the kept set. Every row's filter is its own, so a wave gives the tokens the filter over
+  the whole batch would. Returns c_B with those rows replaced."""
+  batch = y_BV.shape[0]
+
+  def wave(carry):
+    c_B, ok_B = carry
+    idx_R = jnp.nonzero(~ok_B, size=rows, fill_value=batch)[0]  # fill: out of bounds, dropped
+    take = lambda a: jnp.take(a, idx_R, axis=0, mode="clip")
+    kept_RV = jnp.isfinite(filters.filter_logits(take(support_BV), top_k, p))
+    c_R = first_argmax(jnp.where(kept_RV, take(y_BV), -jnp.inf))
+    return c_B.at[idx_R].set(c_R, mode="drop"), ok_B.at[idx_R].set(True, mode="drop")
+
+  c_B, _ = jax.lax.while_loop(lambda carry: jnp.any(~carry[1]), wave, (c_B, ok_B))
+  return c_B
