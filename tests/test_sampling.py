@@ -73,7 +73,7 @@ def test_sharded_batch_equals_single_device(teacher):
   mesh = parallel.make_mesh(data=4, devices=jax.devices()[:4])
   rng = np.random.default_rng(6)
   prompts = [rng.integers(0, 320, n).tolist() for n in (4, 9, 6, 13, 2, 7)]
-  kw = dict(max_new_tokens=8, tau=1.0, seed=3)
+  kw = dict(max_new_tokens=8, tau=1.0, top_p=0.9, seed=3)  # the draw's redraw waves, sharded
   assert (generate(teacher, prompts, mesh=mesh, **kw).tokens
           == generate(teacher, prompts, **kw).tokens)
 
