@@ -63,3 +63,17 @@ def test_evaluate_reports_the_answer_forced_accuracy(tiny_pair, tokenizer, tmp_p
                                 name="student", dataset="gsm8k", params=SAMPLED, **KW)
   assert summary["forced_accuracy"] == 0.75
   assert summary["accuracy"] <= summary["forced_accuracy"]
+
+
+def test_summary_takes_each_figure_from_its_own_statistic(tmp_path, monkeypatch):
+  # Traces whose statistics all differ (the tiny models' rows all reach the cap, so there the
+  # mean length equals every quantile): each summary field is the same-named one.
+  stats = dict(accuracy=0.25, forced_accuracy=0.5, fraction_finished=0.75, length_mean=6.5,
+               length_p10=2.0, length_p50=5.0, length_p90=11.0)
+  meta = dict(statistics=stats, counts=dict(rows=7, dropped=2), config=dict(tau=1.0))
+  monkeypatch.setattr(traces, "generate_traces", lambda *a, **k: meta)
+  summary = evaluation.evaluate(None, [], tmp_path, name="s", dataset="gsm8k", params=None,
+                                batch_size=2)
+  assert summary == dict(name="s", dataset="gsm8k", traces=os.path.join(tmp_path, "s.jsonl"),
+                         accuracy=0.25, forced_accuracy=0.5, n=7, dropped=2,
+                         fraction_finished=0.75, length_mean=6.5, settings=dict(tau=1.0))
