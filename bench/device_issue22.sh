@@ -11,7 +11,8 @@
 #    against the wall time and its kernels by kind and by name (bench/trace_summary.py; the
 #    raw traces stay on the device machine, only their summaries come back in jvp_fd.json);
 # 2. static against continuous batching on R1-like trace lengths (goal: >= 1.6x useful tokens/s);
-# 3. top-p against the unfiltered draw at the 152k vocabulary (goal: <= 2x a plain draw);
+# 3. top-p (the draw-first path, and the old filter-then-categorical one) against the
+#    unfiltered draw at the 152k vocabulary (goal: <= 2x a plain draw);
 # 4. the full-depth 7B + 3B pair, ADS-jvp at batch 64, prompt 256, 256 new tokens: step time,
 #    peak memory and compile time (the first row of issue 22's item 4; 1,024 and 2,048 tokens
 #    cost 4-8x the decode time and no more compilation).
@@ -49,6 +50,6 @@ step jvp_fd 200 bench/scale.py --pair=paper --depth_divisor=4 --batch_sizes=1,16
     --max_new_tokens=128 --modes=plain,fd,jvp --repeats=2 --profile_dir=/tmp/issue22_profile \
     --profile_batch_sizes=16
 step batching 90 bench/batching.py --max_new_tokens=1024 --prompts=256 --slots=64 --times=1
-step top_p 45 bench/filters.py --vocabs=152064 --repeats=20
+step top_p 45 bench/filters.py --vocabs=152064 --repeats=5  # x 8 key sets
 step full_depth 220 bench/scale.py --pair=paper --batch_sizes=64 --max_new_tokens=256 \
     --modes=jvp --repeats=1
