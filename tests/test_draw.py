@@ -35,8 +35,9 @@ def programs(top_k):
 
 
 def compare(logits, support, top_k, top_p, seeds=range(4)):
-  """Asserts equal tokens over several key sets; returns how many first candidates (the
-  unfiltered draw) the top-p set rejected, so a test can show its second stage ran."""
+  """Asserts equal tokens over several key sets; returns how many rows' unfiltered draw fell
+  outside the kept set (with top_k None: the first candidates the check rejected), so a test can
+  show the second stage ran."""
   ours, old_way = programs(top_k)
   logits, support = jnp.asarray(logits, jnp.float32), jnp.asarray(support, jnp.float32)
   p = jnp.float32(top_p)
@@ -147,3 +148,37 @@ def test_in_nucleus_is_the_filters_kept_set(top_p):
     # At least one token: the row's maximum is kept even at top_p = 0 (where the band holds it).
     top = np.asarray(check(x, jnp.asarray(order[:, 0], jnp.int32), jnp.float32(top_p)))
     np.testing.assert_array_equal(top, np.isfinite(np.asarray(x).max(-1)))
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+@pytest.mark.parametrize("top_p", [None, 1.0, 0.9, "traced"])
+def test_non_finite_sampled_logits_without_a_support(top_k, top_p):
+  # The filter on the sampled logits themselves left NaN and +inf tokens drawable (the decode
+  # flags such steps; the tokens still must not change), a static or traced top_p.
+  rng = np.random.default_rng(8)
+  logits = rng.standard_normal((6, 128)).astype(np.float32)
+  logits[0, 3], logits[1, 7], logits[2, 9], logits[2, 11] = np.nan, np.inf, np.nan, np.inf
+  logits[3, :] = -np.inf
+  logits = jnp.asarray(logits)
+  p = jnp.float32(0.9) if top_p == "traced" else top_p
+  for seed in range(3):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    got = draw.filtered_categorical(keys, logits, None, top_k, p)
+    want = jax.vmap(jax.random.categorical)(keys, filters.filter_logits(logits, top_k, p))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("top_p", [None, 1.0])
+def test_static_top_p_with_top_k_and_a_support(top_p):
+  rng = np.random.default_rng(9)
+  support = rng.standard_normal((5, 64)).astype(np.float32)
+  support[0, :40] = -np.inf
+  support[1, 2] = np.nan
+  logits = jnp.asarray(support + rng.standard_normal(support.shape).astype(np.float32))
+  support = jnp.asarray(support)
+  for top_k in (None, 3):
+    keys = jax.random.split(jax.random.key(top_k or 0), 5)
+    kept = filters.filter_logits(support, top_k, top_p)
+    want = jax.vmap(jax.random.categorical)(keys, jnp.where(jnp.isfinite(kept), logits, -jnp.inf))
+    got = draw.filtered_categorical(keys, logits, support, top_k, top_p)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

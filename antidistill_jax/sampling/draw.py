@@ -7,7 +7,8 @@ first and the filter asked about that one token, not about the whole vocabulary:
   categorical(keys_B, logits_BV)  the same tokens as `jax.vmap(jax.random.categorical)`.
   filtered_categorical(keys_B, logits_BV, support_BV, top_k, top_p)  the same tokens as
       categorical(where(support's kept set, logits, -inf)), the kept set being
-      `filters.filter_logits(support_BV, top_k, top_p)`'s, with no search for its threshold.
+      `filters.filter_logits(support_BV, top_k, top_p)`'s, with no search for its threshold
+      on most rows.
 
 Nucleus membership of one token. With x the support, w = exp(x - max x), Z = sum(w) and G(v) the
 mass strictly above v, `filters` keeps {x >= t*}, t* the smallest present value with G(t*) < p Z.
@@ -46,7 +47,7 @@ from antidistill_jax import filters
 def retry_rows(batch: int) -> int:
   """How many rejected rows one wave of the second stage filters: ~1/8 of the batch, so that at
   top_p = 0.95 (each row rejected with probability <= 0.05) one wave is enough in over 95% of
-  steps (binomial tails of more than R for B = 16, 32, 64: 4.3%, 2.4%, 0.6%)."""
+  steps (binomial tails of more than R for B = 16, 32, 64: 4.3%, 2.0%, 0.4%)."""
   return min(batch, max(2, -(-batch // 8)))
 
 
@@ -71,36 +72,46 @@ def categorical(keys_B, logits_BV) -> jax.Array:
 
 def filtered_categorical(keys_B, logits_BV, support_BV=None, top_k: int | None = None,
                          top_p=None) -> jax.Array:
-  """One token per row ([B] int32) from logits_BV inside support_BV's top-k / top-p set
-  (support_BV defaults to logits_BV). top_k: a static int or None; top_p: None, a float or a
-  traced scalar (>= 1 keeps every finite token). The tokens of
-  categorical(keys_B, where(isfinite(filters.filter_logits(support, top_k, top_p)), logits,
-  -inf)), up to the rounding noted in the module docstring."""
+  """One token per row ([B] int32) from logits_BV inside support_BV's top-k / top-p set.
+  top_k: a static int or None; top_p: None, a float or a traced scalar (>= 1: no nucleus).
+  The tokens of the filter, then `jax.random.categorical`, with the same keys:
+  categorical(filters.filter_logits(logits_BV, top_k, top_p)) without a support, and
+  categorical(where(isfinite(filters.filter_logits(support_BV, top_k, top_p)), logits_BV, -inf))
+  with one, up to the rounding noted in the module docstring."""
+  own = support_BV is None
   y_BV = perturbed(keys_B, logits_BV)
   skip_p = top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1.0)
-  if support_BV is None and top_k is None and skip_p:
+  if own and top_k is None and skip_p:
     return first_argmax(y_BV)
-  support_BV = logits_BV if support_BV is None else support_BV
+  support_BV = logits_BV if own else support_BV
   x_BV = support_BV.astype(jnp.float32)
   if top_k is not None and top_k < x_BV.shape[-1]:
     x_BV = jnp.where(x_BV < filters.top_values(x_BV, top_k)[:, -1:], -jnp.inf, x_BV)
   if skip_p:
-    return first_argmax(jnp.where(jnp.isfinite(x_BV), y_BV, -jnp.inf))
+    return first_argmax(_inside(y_BV, x_BV, own))
   p = jnp.asarray(top_p, jnp.float32)
-  if top_k is not None:
-    y_BV = jnp.where(x_BV > -jnp.inf, y_BV, -jnp.inf)
-  c_B = first_argmax(y_BV)
+  c_B = first_argmax(y_BV if top_k is None else jnp.where(x_BV > -jnp.inf, y_BV, -jnp.inf))
   ok_B = in_nucleus(x_BV, c_B, p)
 
   rows = retry_rows(x_BV.shape[0])
-  return jax.lax.cond(jnp.any(~ok_B), lambda c: _redraw(y_BV, support_BV, top_k, p, c, ok_B, rows),
-                      lambda c: c, c_B)
+  redraw = lambda c: _redraw(y_BV, support_BV, own, top_k, p, c, ok_B, rows)
+  return jax.lax.cond(jnp.any(~ok_B), redraw, lambda c: c, c_B)
+
+
+def _inside(y_BV, filtered_BV, own: bool) -> jax.Array:
+  """y restricted to a filter's output (filtered: -inf where the filter dropped a token), as the
+  old path drew: categorical(filtered) when the filter ran on the sampled logits themselves
+  (own: their NaN or +inf tokens stay drawable), categorical(where(isfinite(filtered), logits,
+  -inf)) when it ran on a separate support."""
+  if own:
+    return jnp.where(filtered_BV == -jnp.inf, -jnp.inf, y_BV)
+  return jnp.where(jnp.isfinite(filtered_BV), y_BV, -jnp.inf)
 
 
 def in_nucleus(x_BV, c_B, p) -> jax.Array:
   """Whether token c_B of each row is in the top-p nucleus of x_BV ([B] bool), the kept set of
   `filters.filter_logits(x_BV, None, p)`: one signed sum (the module docstring). Rows with no
-  finite maximum (all -inf, or a NaN) are never in it here: the filter decides those."""
+  finite maximum (all -inf, a NaN or +inf) are never in it here: the filter decides those."""
   max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
   xc_B1 = jnp.take_along_axis(x_BV, c_B[:, None], axis=-1)
   w_BV = jnp.exp(x_BV - jnp.where(jnp.isfinite(max_B1), max_B1, 0.0))
@@ -111,19 +122,20 @@ def in_nucleus(x_BV, c_B, p) -> jax.Array:
   return (kept_B1 & jnp.isfinite(max_B1))[:, 0]
 
 
-def _redraw(y_BV, support_BV, top_k, p, c_B, ok_B, rows: int) -> jax.Array:
+def _redraw(y_BV, support_BV, own, top_k, p, c_B, ok_B, rows: int) -> jax.Array:
   """The rows whose candidate was rejected, R = `rows` at a time gathered into [R, V]: the full
   filter on each wave's support rows (its search runs over R rows, not B), then the argmax of y
-  inside the kept set. Every row's filter is its own, so a wave gives the tokens the filter over
-  the whole batch would. Returns c_B with those rows replaced."""
+  inside the kept set. Returns c_B with those rows replaced. A row's kept set is its own up to
+  rounding: the filter's first stage runs for a batch when any of its rows could use it, which
+  can move a row's threshold across a token whose preceding mass is within rounding of p."""
   batch = y_BV.shape[0]
 
   def wave(carry):
     c_B, ok_B = carry
     idx_R = jnp.nonzero(~ok_B, size=rows, fill_value=batch)[0]  # fill: out of bounds, dropped
     take = lambda a: jnp.take(a, idx_R, axis=0, mode="clip")
-    kept_RV = jnp.isfinite(filters.filter_logits(take(support_BV), top_k, p))
-    c_R = first_argmax(jnp.where(kept_RV, take(y_BV), -jnp.inf))
+    filtered_RV = filters.filter_logits(take(support_BV), top_k, p)
+    c_R = first_argmax(_inside(take(y_BV), filtered_RV, own))
     return c_B.at[idx_R].set(c_R, mode="drop"), ok_B.at[idx_R].set(True, mode="drop")
 
   c_B, _ = jax.lax.while_loop(lambda carry: jnp.any(~carry[1]), wave, (c_B, ok_B))
