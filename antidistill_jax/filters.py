@@ -87,8 +87,7 @@ def filter_logits(logits_BV, top_k: int | None, top_p) -> jax.Array:
   vocab = x_BV.shape[-1]
   skip_p = top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1.0)
   if top_k is not None and top_k < vocab:
-    vals_BE = top_values(x_BV, top_k)
-    x_BV = jnp.where(x_BV < vals_BE[:, -1:], -jnp.inf, x_BV)
+    x_BV, vals_BE = top_k_masked(x_BV, top_k)
     if skip_p:
       return jnp.where(x_BV == -jnp.inf, -jnp.inf, logits_BV)
     p = jnp.asarray(top_p, jnp.float32)
@@ -103,6 +102,13 @@ def filter_logits(logits_BV, top_k: int | None, top_p) -> jax.Array:
   # top_p >= 1 (traced) keeps every token the top-k left.
   kept_BV = kept_BV | ((p >= 1.0) & (x_BV > -jnp.inf))
   return jnp.where(kept_BV, logits_BV, -jnp.inf)
+
+
+def top_k_masked(x_BV, k: int) -> tuple[jax.Array, jax.Array]:
+  """x_BV with every value below each row's k-th largest set to -inf (ties with it kept), and the
+  k largest values ([B, k], descending)."""
+  vals_BE = top_values(x_BV, k)
+  return jnp.where(x_BV < vals_BE[:, -1:], -jnp.inf, x_BV), vals_BE
 
 
 def top_values(x_BV, k: int) -> jax.Array:

@@ -75,7 +75,7 @@ def step_fns(top_k: int | None):
   def old_way(filt):
     def fn(x, y, p, keys):
       kept = filt(x, p)
-      return categorical(keys, y if y is x else jnp.where(jnp.isfinite(kept), y, -jnp.inf))
+      return categorical(keys, jnp.where(jnp.isfinite(kept), y, -jnp.inf))
     return fn
 
   sort_free = lambda x, p: filters.filter_logits(x, top_k, p)

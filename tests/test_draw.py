@@ -22,10 +22,13 @@ from test_filters import adversarial_batches, boundary_tokens, random_logits
 
 @functools.cache
 def programs(top_k):
-  """(ours, the old way), jitted once per top_k; top_p traced, as in the sampler."""
+  """(ours, the old way), jitted once per top_k; top_p traced, as in the sampler. support None:
+  the filter runs on the sampled logits themselves (delta_on="vocab", the default)."""
   categorical = jax.vmap(jax.random.categorical)
 
   def old_way(keys, logits, support, p):
+    if support is None:
+      return categorical(keys, filters.filter_logits(logits, top_k, p)).astype(jnp.int32)
     kept = filters.filter_logits(support, top_k, p)
     return categorical(keys, jnp.where(jnp.isfinite(kept), logits, -jnp.inf)).astype(jnp.int32)
 
@@ -35,13 +38,15 @@ def programs(top_k):
 
 
 def compare(logits, support, top_k, top_p, seeds=range(4)):
-  """Asserts equal tokens over several key sets; returns how many rows' unfiltered draw fell
-  outside the kept set (with top_k None: the first candidates the check rejected), so a test can
-  show the second stage ran."""
+  """Asserts equal tokens over several key sets (support None: the logits' own set); returns
+  how many rows' unfiltered draw fell outside the kept set (with top_k None: the first
+  candidates the check rejected), so a test can show the second stage ran."""
   ours, old_way = programs(top_k)
-  logits, support = jnp.asarray(logits, jnp.float32), jnp.asarray(support, jnp.float32)
+  logits = jnp.asarray(logits, jnp.float32)
+  support = None if support is None else jnp.asarray(support, jnp.float32)
+  chooser = logits if support is None else support
   p = jnp.float32(top_p)
-  kept_BV = np.isfinite(np.asarray(filters.filter_logits(support, top_k, p)))
+  kept_BV = np.isfinite(np.asarray(filters.filter_logits(chooser, top_k, p)))
   rejected = 0
   for seed in seeds:
     keys = jax.random.split(jax.random.key(seed), logits.shape[0])
@@ -51,7 +56,7 @@ def compare(logits, support, top_k, top_p, seeds=range(4)):
     rejected += int((~kept_BV[np.arange(len(first)), first]).sum())
     differ = np.nonzero(got != want)[0]
     if len(differ):
-      band = boundary_tokens(support, top_k, top_p)
+      band = boundary_tokens(chooser, top_k, top_p)
       assert all(band[r, got[r]] or band[r, want[r]] for r in differ), (
           f"top_k={top_k} top_p={top_p} seed={seed}: rows {differ.tolist()} drew "
           f"{got[differ].tolist()} where the old way drew {want[differ].tolist()}")
@@ -77,11 +82,11 @@ def test_categorical_is_jax_random_categorical():
 @pytest.mark.parametrize("top_k", [None, 1, 50])
 @pytest.mark.parametrize("top_p", [0.0, 0.3, 0.9, 0.95, 1.0])
 def test_same_tokens_as_filter_then_categorical(top_k, top_p):
-  # The support is the sampled logits (delta_on="vocab") and then differs from them
-  # (delta_on="nucleus": the teacher's own logits choose the set).
+  # No support: the sampled logits choose their own set (delta_on="vocab"); then a support that
+  # differs from them (delta_on="nucleus": the teacher's own logits choose the set).
   for seed, (batch, vocab) in enumerate([(1, 17), (7, 4096), (32, 4096)]):
     logits = random_logits(seed, batch, vocab)
-    compare(logits, logits, top_k, top_p)
+    compare(logits, None, top_k, top_p)
     noise = np.random.default_rng(seed + 10).standard_normal(logits.shape).astype(np.float32)
     compare(logits + 2.0 * noise, logits, top_k, top_p)
 
@@ -90,7 +95,8 @@ def test_same_tokens_as_filter_then_categorical(top_k, top_p):
 def test_adversarial_rows(top_k):
   for logits in adversarial_batches():
     for top_p in (0.1, 0.5, 0.95, 1.0):
-      compare(logits, logits, top_k, top_p)
+      compare(logits, None, top_k, top_p)
+      compare(logits, logits, top_k, top_p)  # the same set, chosen on a separate support
 
 
 def test_more_rejected_rows_than_one_wave():
@@ -107,7 +113,7 @@ def test_qwen_vocabulary_with_padding_rows():
   rng = np.random.default_rng(3)
   logits = (0.5 * rng.standard_normal((4, 152064))).astype(np.float32)
   logits[:, 151936:] = -np.inf  # the sampler's masked padding ids
-  assert compare(logits, logits, None, 0.95, seeds=range(8)) > 0
+  assert compare(logits, None, None, 0.95, seeds=range(8)) > 0
 
 
 def test_non_finite_support_rows_are_the_filters():

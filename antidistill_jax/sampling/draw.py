@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from antidistill_jax import filters
 
+
 def retry_rows(batch: int) -> int:
   """How many rejected rows one wave of the second stage filters: B/16, at least 1. The filter's
   cost is linear in its rows (on a 2-core CPU at 152k: ~0.9 ms a row, plus ~0.4 ms a wave), and
@@ -89,7 +90,7 @@ def filtered_categorical(keys_B, logits_BV, support_BV=None, top_k: int | None =
   support_BV = logits_BV if own else support_BV
   x_BV = support_BV.astype(jnp.float32)
   if top_k is not None and top_k < x_BV.shape[-1]:
-    x_BV = jnp.where(x_BV < filters.top_values(x_BV, top_k)[:, -1:], -jnp.inf, x_BV)
+    x_BV = filters.top_k_masked(x_BV, top_k)[0]
   if skip_p:
     return first_argmax(_inside(y_BV, x_BV, own))
   p = jnp.asarray(top_p, jnp.float32)
