@@ -47,11 +47,11 @@ from antidistill_jax import filters
 
 def retry_rows(batch: int) -> int:
   """How many rejected rows one wave of the second stage filters: B/16, at least 1. The filter's
-  cost is linear in its rows (on a 2-core CPU at 152k: ~0.9 ms a row, plus ~0.4 ms a wave), and
-  at top_p = 0.95 a step rejects B/20 rows on average, so a wide wave mostly filters padding: at
-  B = 8 a step with one rejected row took 1.1-1.4 ms longer with one-row waves, 1.9-2.6 ms with
-  two-row ones. One wave is enough in 94%, 81%, 79% and 78% of steps at B = 8, 16, 32 and 64
-  (binomial, 0.05 a row)."""
+  cost is linear in its rows (on a 2-core CPU at 152k: 0.9-1.2 ms over [1, V], 1.7-2.2 ms over
+  [2, V]), and at top_p = 0.95 a step rejects B/20 rows on average, so a wide wave mostly
+  filters padding: at B = 8 a step with one rejected row took 1.1-1.4 ms longer with one-row
+  waves, 1.9-2.6 ms with two-row ones. One wave is enough in 94%, 81%, 79% and 78% of steps at
+  B = 8, 16, 32 and 64 (binomial, 0.05 a row)."""
   return max(1, -(-batch // 16))
 
 
