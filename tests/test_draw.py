@@ -109,6 +109,28 @@ def test_more_rejected_rows_than_one_wave():
   assert rejected > 4 * 3 * draw.retry_rows(32), rejected  # > 3 waves a key set on average
 
 
+@pytest.mark.parametrize("narrowings", [0, 1, draw.NARROWINGS])
+def test_rows_the_narrowing_does_not_settle_go_to_the_filter(monkeypatch, narrowings):
+  # Row d: a descending support whose nucleus is its first n tokens, and sampled logits that
+  # rise by 50 a token (no Gumbel draw reorders them) up to token n + d - 1: the first
+  # candidate is d tokens outside, each narrowing moves one token in, so rows with
+  # d <= narrowings settle there and the rest need the filter. Every row must draw token n - 1.
+  monkeypatch.setattr(draw, "NARROWINGS", narrowings)
+  vocab, top_p = 256, 0.5
+  support = np.tile(-0.01 * np.arange(vocab, dtype=np.float32), (8, 1))
+  n = int(np.isfinite(np.asarray(filters.filter_logits(jnp.asarray(support[:1]), None,
+                                                       jnp.float32(top_p)))).sum())
+  logits = np.full_like(support, -1e4)
+  for d in range(8):
+    logits[d, :n + d] = 50.0 * np.arange(n + d)
+  ours = jax.jit(lambda k, l, x: draw.filtered_categorical(k, l, x, None, jnp.float32(top_p)))
+  for seed in range(2):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    got = np.asarray(ours(keys, jnp.asarray(logits), jnp.asarray(support)))
+    np.testing.assert_array_equal(got, n - 1)  # d = 0: the first candidate is kept
+  assert 0 < n < vocab - 8
+
+
 def test_qwen_vocabulary_with_padding_rows():
   rng = np.random.default_rng(3)
   logits = (0.5 * rng.standard_normal((4, 152064))).astype(np.float32)

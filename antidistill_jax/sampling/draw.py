@@ -13,7 +13,8 @@ first and the filter asked about that one token, not about the whole vocabulary:
 Nucleus membership of one token. With x the support, w = exp(x - max x), Z = sum(w) and G(v) the
 mass strictly above v, `filters` keeps {x >= t*}, t* the smallest present value with G(t*) < p Z.
 G does not increase, so token c is kept iff G(x_c) < p Z, or x_c is the row's maximum (at least
-one token is kept). That is one pass over the row with exp inside, no separate normalizer:
+one token is kept). That is one pass over the row with exp inside, no separate normalizer and
+no maximum (the sign does not depend on the weights' reference point, so `in_nucleus` takes x_c):
 
   sum_v w_v ((1 - p) [x_v > x_c] - p [x_v <= x_c]) < 0.
 
@@ -21,11 +22,13 @@ The first candidate is rejected with probability at most 1 - p when the support 
 logits themselves (delta_on="vocab"): the mass outside the nucleus. More often when they differ
 (delta_on="nucleus", more so at large lam).
 
-A step: max(x), the first candidate of every row and its check (two passes over [B, V] beside
-the Gumbel draw); then, only if some row was rejected, the full filter on those rows alone,
-`retry_rows(B)` at a time gathered into [R, V], and the argmax of y inside their kept sets.
-A rejected row's token is the filter's, so only the cost depends on how many are rejected:
-~ (rejected rows / B) of the filter's search, in waves of R rows.
+A step: the first candidate of every row and its check (one pass over [B, V] beside the Gumbel
+draw). Only if some row was rejected: narrowing (`_narrow`), since t* > x_c puts the kept set
+inside {x > x_c}, the argmax of y over that set is the next candidate, checked the same way (two
+passes over the row and one check, not the filter's dozen), up to `NARROWINGS` times; rows still
+rejected then run the full filter (`_redraw`) and take the argmax of y inside their kept sets.
+Both work on the rejected rows alone, `retry_rows(B)` at a time gathered into [R, V]. Every
+row's token is the filter's, so only the cost depends on how many are rejected.
 
 Floating point: the check's signed sum and the filter's masked sums round differently, so a
 token whose preceding mass is within float32 rounding (~1e-6) of top_p may be kept by one and
@@ -45,13 +48,19 @@ import jax.numpy as jnp
 from antidistill_jax import filters
 
 
+# Narrowed candidates a rejected row may try before the filter's search decides it (`_narrow`):
+# a narrowing makes three passes over the row, the filter about a dozen, so four of them cost
+# about one search, and a row that needs more is better served by the search.
+NARROWINGS = 4
+
+
 def retry_rows(batch: int) -> int:
-  """How many rejected rows one wave of the second stage filters: B/16, at least 1. The filter's
-  cost is linear in its rows (on a 2-core CPU at 152k: 0.9-1.2 ms over [1, V], 1.7-2.2 ms over
-  [2, V]), and at top_p = 0.95 a step rejects B/20 rows on average, so a wide wave mostly
-  filters padding: at B = 8 a step with one rejected row took 1.1-1.4 ms longer with one-row
-  waves, 1.9-2.6 ms with two-row ones. One wave is enough in 94%, 81%, 79% and 78% of steps at
-  B = 8, 16, 32 and 64 (binomial, 0.05 a row)."""
+  """How many rejected rows one wave of narrowing or of the filter takes: B/16, at least 1. Both
+  cost in proportion to their rows (the filter on a 2-core CPU at 152k: 0.9-1.2 ms over [1, V],
+  1.7-2.2 ms over [2, V]), and at top_p = 0.95 a step rejects B/20 rows on average, so a wide
+  wave mostly works on padding: at B = 8 a step with one rejected row took 1.1-1.4 ms longer
+  with one-row filter waves, 1.9-2.6 ms with two-row ones (before narrowing). One wave is
+  enough in 94%, 81%, 79% and 78% of steps at B = 8, 16, 32 and 64 (binomial, 0.05 a row)."""
   return max(1, -(-batch // 16))
 
 
@@ -98,7 +107,11 @@ def filtered_categorical(keys_B, logits_BV, support_BV=None, top_k: int | None =
   ok_B = in_nucleus(x_BV, c_B, p)
 
   rows = retry_rows(x_BV.shape[0])
-  redraw = lambda c: _redraw(y_BV, support_BV, own, top_k, p, c, ok_B, rows)
+
+  def redraw(c_B):
+    c_B, settled_B = _narrow(y_BV, x_BV, p, c_B, ok_B, rows)
+    search = lambda c: _redraw(y_BV, support_BV, own, top_k, p, c, settled_B, rows)
+    return jax.lax.cond(jnp.any(~settled_B), search, lambda c: c, c_B)
   return jax.lax.cond(jnp.any(~ok_B), redraw, lambda c: c, c_B)
 
 
@@ -114,16 +127,46 @@ def _inside(y_BV, filtered_BV, own: bool) -> jax.Array:
 
 def in_nucleus(x_BV, c_B, p) -> jax.Array:
   """Whether token c_B of each row is in the top-p nucleus of x_BV ([B] bool), the kept set of
-  `filters.filter_logits(x_BV, None, p)`: one signed sum (the module docstring). Rows with no
-  finite maximum (all -inf, a NaN or +inf) are never in it here: the filter decides those."""
-  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  `filters.filter_logits(x_BV, None, p)`: one signed sum (the module docstring), with weights
+  relative to the candidate, w = exp(x - x_c), so no pass for the row's maximum: a token 88 or
+  more above x_c overflows to inf and rejects it (rightly for any float32 p < 1; at p = 1 the
+  sum is NaN and the filter decides), while the weights on the other side are at most 1. x_c
+  is the maximum (kept at any p) iff nothing lies above it; at p = 0 the sum is then exactly 0.
+  A NaN or +inf in the row, or x_c = +-inf, makes the sum NaN: never in it here, the filter
+  decides those rows."""
   xc_B1 = jnp.take_along_axis(x_BV, c_B[:, None], axis=-1)
-  w_BV = jnp.exp(x_BV - jnp.where(jnp.isfinite(max_B1), max_B1, 0.0))
+  w_BV = jnp.exp(x_BV - xc_B1)
   q = jnp.minimum(p, 1.0)
   signed_B1 = jnp.sum(jnp.where(x_BV > xc_B1, (1.0 - q) * w_BV, -q * w_BV), axis=-1,
                       keepdims=True)
-  kept_B1 = (signed_B1 < 0.0) | (xc_B1 >= max_B1) | ((p >= 1.0) & (xc_B1 > -jnp.inf))
-  return (kept_B1 & jnp.isfinite(max_B1))[:, 0]
+  return ((signed_B1 < 0.0) | ((signed_B1 == 0.0) & (q == 0.0)))[:, 0]
+
+
+def _narrow(y_BV, x_BV, p, c_B, ok_B, rows: int) -> tuple[jax.Array, jax.Array]:
+  """Up to `NARROWINGS` more candidates for each rejected row, R = `rows` rows at a time: the
+  argmax of y over {x > x_c}, x_c the last rejected candidate's support value, then its check.
+  The kept set is {x >= t*} with t* > x_c, so it lies inside {x > x_c}: a candidate that
+  maximizes y over that superset and passes the check is the argmax over the kept set (the
+  first index among ties, too). Returns (c_B, ok_B): rows still rejected go to `_redraw`."""
+  batch = y_BV.shape[0]
+  floor_B = jnp.take_along_axis(x_BV, c_B[:, None], axis=-1)[:, 0]
+  left = lambda ok_B, tries_B: ~ok_B & (tries_B < NARROWINGS)
+
+  def wave(carry):
+    c_B, ok_B, floor_B, tries_B = carry
+    idx_R = jnp.nonzero(left(ok_B, tries_B), size=rows, fill_value=batch)[0]
+    take = lambda a: jnp.take(a, idx_R, axis=0, mode="clip")
+    x_RV, floor_R1 = take(x_BV), take(floor_B)[:, None]
+    c_R = first_argmax(jnp.where(x_RV > floor_R1, take(y_BV), -jnp.inf))
+    ok_R = in_nucleus(x_RV, c_R, p)
+    # max: never lower (a row whose y is -inf over the whole set draws its first index).
+    floor_R = jnp.maximum(jnp.take_along_axis(x_RV, c_R[:, None], axis=-1), floor_R1)[:, 0]
+    put = lambda a, v: a.at[idx_R].set(v, mode="drop")
+    return put(c_B, c_R), put(ok_B, ok_R), put(floor_B, floor_R), put(tries_B, take(tries_B) + 1)
+
+  carry = (c_B, ok_B, floor_B, jnp.zeros((batch,), jnp.int32))
+  c_B, ok_B, _, _ = jax.lax.while_loop(lambda c: jnp.any(left(c[1], c[3])), wave, carry)
+  return c_B, ok_B
 
 
 def _redraw(y_BV, support_BV, own, top_k, p, c_B, ok_B, rows: int) -> jax.Array:
