@@ -233,8 +233,10 @@ def _search_threshold(x_BV, w_BV, m_B1, z_B1, p, hi_B1, g_hi_B1, done_B1) -> jax
   """Stages 2 and 3 for the rows not done: t* ([B, 1]; garbage where done)."""
   pz_B1 = p * z_B1
   # The search starts just below the smallest finite logit, or at the floor (-inf -> floor).
-  lo_B1 = jnp.nextafter(jnp.min(jnp.maximum(x_BV, m_B1 - _FLOOR), axis=-1, keepdims=True),
-                        -jnp.inf)
+  # Below 0.0 the next float is subnormal, which XLA:CPU flushes to -0.0 (not below it): the
+  # smallest normal float's negative is.
+  min_B1 = jnp.min(jnp.maximum(x_BV, m_B1 - _FLOOR), axis=-1, keepdims=True)
+  lo_B1 = jnp.minimum(jnp.nextafter(min_B1, -jnp.inf), min_B1 - jnp.finfo(jnp.float32).tiny)
   state = _SearchState(lo_B1, hi_B1, g_hi_B1, z_B1 - g_hi_B1, jnp.zeros(lo_B1.shape, jnp.int32),
                        jnp.ones_like(lo_B1))
   state = _search(x_BV, w_BV, m_B1, pz_B1, state, done_B1)

@@ -122,6 +122,16 @@ def test_adversarial_rows(top_k):
     check(logits, top_k)
 
 
+def test_rows_whose_smallest_value_is_zero():
+  # The search's lower end starts just below the row's minimum; below 0.0 the next float is
+  # subnormal and XLA:CPU flushes it to -0.0, which left the zeros out of the bracket.
+  rng = np.random.default_rng(4)
+  for vocab, ones in ((64, (35, 40, 20, 60, 1)), (512, (236, 300, 100, 500, 12))):
+    rows = [rng.permutation(np.r_[np.ones(n), np.zeros(vocab - n)]) for n in ones]
+    rows.append(np.r_[0.0, rng.uniform(0.0, 3.0, vocab - 1)])
+    check(np.stack(rows), None)
+
+
 def test_all_equal_logits_keep_everything():
   for top_k in (None, 1, 50):
     out = jitted(top_k)[0](jnp.zeros((7, 4096)), jnp.float32(0.5))
