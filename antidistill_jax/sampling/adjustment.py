@@ -15,7 +15,7 @@ the proxy's distillation loss (see `gradients`):
   theta-, one cache and its tangent against two caches) and reads the same bytes per step:
   the proxy's products take `models.bilinear`'s stacked JVP ([x; dx] @ W in one product, plus
   x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule reads
-  each weight twice). It does 1.5x fd's matmul arithmetic: 1.06-1.10x fd's time at batch 8 on a
+  each weight twice). It does 1.5x fd's matmul arithmetic: 1.03-1.10x fd's time at batch 8 on a
   2-core CPU (bench/RESULTS.md, "Decoding at the roofline"), where products that small are
   bound by memory, not arithmetic.
 
