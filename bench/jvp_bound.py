@@ -136,5 +136,6 @@ def main(argv):
           f"{cell('jvp_plain')} | {ratio('jvp_over_fd')} | {ratio('jvp_plain_over_fd')} | "
           f"{ratio('rows_2x')} | {ratio('rows_3x')} |")
 
+
 if __name__ == "__main__":
   app.run(main)

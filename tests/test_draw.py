@@ -169,11 +169,12 @@ def test_non_finite_support_rows_are_the_filters():
 
 
 @pytest.mark.parametrize("top_p", [0.0, 0.5, 0.95, 1.0])
-def test_in_nucleus_is_the_filters_kept_set(top_p):
+def test_check_is_the_filters_kept_set(top_p):
   # The first candidate's check alone: a token it wrongly rejected would still be drawn right
   # (the filter takes over), so the check is pinned here, at the tokens around each row's
-  # crossing and at random ranks.
-  check = jax.jit(draw.in_nucleus)
+  # crossing and at random ranks. "Outside" (narrowing may start) must be exactly "not kept"
+  # for a finite candidate below p = 1, and never at p >= 1.
+  check = jax.jit(draw.check)
   rng = np.random.default_rng(11)
   for x in [random_logits(4, 7, 4096), *adversarial_batches()]:
     x = jnp.asarray(x, jnp.float32)
@@ -185,14 +186,21 @@ def test_in_nucleus_is_the_filters_kept_set(top_p):
              *rng.integers(0, x.shape[1], (20, x.shape[0]))]
     for r in ranks:
       c = order[np.arange(len(n)), np.clip(r, 0, x.shape[1] - 1)]
-      got = np.asarray(check(x, jnp.asarray(c, jnp.int32), jnp.float32(top_p)))
+      got, outside = map(np.asarray, check(x, jnp.asarray(c, jnp.int32), jnp.float32(top_p)))
       want = kept[np.arange(len(n)), c]
       finite = np.isfinite(np.asarray(x).max(-1))  # other rows: the filter decides
       wrong = (got != want) & finite & ~band[np.arange(len(n)), c]
       assert not wrong.any(), (top_p, np.nonzero(wrong)[0].tolist(), c[wrong].tolist())
       assert not got[~finite].any()
+      assert not (got & outside).any()
+      if top_p >= 1.0:
+        assert not outside.any()
+      else:
+        candidate_finite = np.isfinite(np.asarray(x)[np.arange(len(n)), c])
+        decided = finite & candidate_finite & ~band[np.arange(len(n)), c]
+        np.testing.assert_array_equal(outside[decided], ~want[decided])
     # At least one token: the row's maximum is kept even at top_p = 0 (where the band holds it).
-    top = np.asarray(check(x, jnp.asarray(order[:, 0], jnp.int32), jnp.float32(top_p)))
+    top = np.asarray(check(x, jnp.asarray(order[:, 0], jnp.int32), jnp.float32(top_p))[0])
     np.testing.assert_array_equal(top, np.isfinite(np.asarray(x).max(-1)))
 
 

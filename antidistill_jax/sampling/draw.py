@@ -129,12 +129,6 @@ def _inside(y_BV, filtered_BV, own: bool) -> jax.Array:
   return jnp.where(jnp.isfinite(filtered_BV), y_BV, -jnp.inf)
 
 
-def in_nucleus(x_BV, c_B, p) -> jax.Array:
-  """Whether token c_B of each row is in the top-p nucleus of x_BV ([B] bool), the kept set of
-  `filters.filter_logits(x_BV, None, p)`: one signed sum (the module docstring). `check`."""
-  return check(x_BV, c_B, p)[0]
-
-
 def check(x_BV, c_B, p) -> tuple[jax.Array, jax.Array]:
   """(kept_B, outside_B): token c_B is in x_BV's top-p nucleus; it is proven outside (t* > x_c,
   what narrowing needs). Rows where neither holds are left to the filter.
