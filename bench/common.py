@@ -44,6 +44,24 @@ def median_ms(fn, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
+def round_robin_seconds(cells: dict, repeats: int, rounds: dict | None = None) -> dict:
+  """cells: name -> (fn, args). Each is warmed up, then timed round-robin, one run of each per
+  round (a burst of load on this shared machine hits every cell alike): name -> the seconds of
+  its runs. rounds: name -> fewer rounds for some cells (0: neither warmed up nor timed)."""
+  rounds = {name: repeats for name in cells} | (rounds or {})
+  for name, (fn, args) in cells.items():
+    if rounds[name]:
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in cells if rounds[name]}
+  for r in range(repeats):
+    for name, (fn, args) in cells.items():
+      if r < rounds[name]:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - start)
+  return times
+
+
 def reset_peak_rss() -> int:
   """Resets this process's peak resident set (Linux: /proc/self/clear_refs) and returns the
   resident set now, in bytes, so that `peak_rss()` after some work is that work's peak."""

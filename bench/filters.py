@@ -26,7 +26,6 @@ how many rows a step that was. Prints one JSON line and a markdown table.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,8 @@ from absl import app, flags
 
 from antidistill_jax import filters
 from antidistill_jax.sampling import draw
+
+import common  # bench/common.py (the script's folder is on sys.path)
 
 _VOCABS = flags.DEFINE_list("vocabs", ["4096", "152064"], "vocabulary sizes")
 _BATCH = flags.DEFINE_integer("batch", 32, "rows")
@@ -92,19 +93,12 @@ def step_fns(top_k: int | None):
   return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
-def time_cells(fns, args, repeats: int, sorted_repeats: int) -> dict[str, float]:
-  for name, fn in fns.items():
-    if sorted_repeats or not name.startswith("sorted"):
-      jax.block_until_ready(fn(*args))  # compile and warm up
-  best = {name: float("inf") for name in fns}
-  for r in range(repeats):
-    for name, fn in fns.items():
-      if name.startswith("sorted") and r >= sorted_repeats:
-        continue
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
+def best_seconds(fns, args, repeats: int, sorted_repeats: int) -> dict[str, float]:
+  """The best of `repeats` round-robin runs of each fn on args; the sorted references get
+  sorted_repeats runs (0: not run, left out)."""
+  cells = {name: (fn, args) for name, fn in fns.items()}
+  rounds = {name: sorted_repeats for name in fns if name.startswith("sorted")}
+  return {name: min(t) for name, t in common.round_robin_seconds(cells, repeats, rounds).items()}
 
 
 def pass_fns() -> dict:
@@ -135,7 +129,7 @@ def time_passes():
     x = make_logits("flat", _BATCH.value, vocab)
     w = jnp.exp(x - jnp.max(x, -1, keepdims=True))
     t, hi = jnp.full((_BATCH.value, 1), 0.1), jnp.full((_BATCH.value, 1), 1.0)
-    best = time_cells(fns, (x, w, t, hi), _REPEATS.value, _REPEATS.value)
+    best = best_seconds(fns, (x, w, t, hi), _REPEATS.value, _REPEATS.value)
     rows += [dict(vocab=vocab, variant=name, ms=round(sec * 1e3, 3)) for name, sec in best.items()]
   result = dict(bench="filter_passes", backend=jax.default_backend(),
                 device=str(jax.devices()[0]), batch=_BATCH.value, repeats=_REPEATS.value,
@@ -171,9 +165,9 @@ def main(argv):
         first_B = fns["categorical"](*args)
         rejected += int(jnp.sum(~kept_BV[jnp.arange(_BATCH.value), first_B]))
         same += int(jnp.sum(fns["draw_first"](*args) == fns["sort_free+categorical"](*args)))
-        per_set.append(time_cells(fns, args, _REPEATS.value,
+        per_set.append(best_seconds(fns, args, _REPEATS.value,
                                   _SORTED_REPEATS.value if k == 0 else 0))
-      best = {n: float(np.mean([b[n] for b in per_set if b[n] < float("inf")])) for n in fns}
+      best = {n: float(np.mean([b[n] for b in per_set if n in b])) for n in fns}
       base = best["draw"]
       for name, seconds in best.items():
         rows.append(dict(vocab=vocab, dist=dist, variant=name, ms=round(seconds * 1e3, 3),

@@ -22,7 +22,6 @@ min. Prints JSON and a table.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -69,18 +68,10 @@ def programs():
 
 
 def interleaved_ms(cells: dict, repeats: int) -> dict[str, dict[str, float]]:
-  """cells: name -> (fn, args). Each warmed up, then timed round-robin (one run of each per
-  round, so a burst of load on this shared machine hits every cell alike): min and median ms."""
-  for fn, args in cells.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in cells}
-  for _ in range(repeats):
-    for name, (fn, args) in cells.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append((time.perf_counter() - start) * 1e3)
-  return {name: dict(min=float(np.min(t)), median=float(np.median(t)))
-          for name, t in times.items()}
+  """cells: name -> (fn, args), timed round-robin (`common.round_robin_seconds`): min and
+  median ms."""
+  return {name: dict(min=1e3 * float(np.min(t)), median=1e3 * float(np.median(t)))
+          for name, t in common.round_robin_seconds(cells, repeats).items()}
 
 
 def main(argv):
