@@ -1,5 +1,7 @@
 """Parity of the NNX models with the transformers/PyTorch reference, KV cache, causality."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import PartitionSpec
 
-from antidistill_jax import models, parallel
+from antidistill_jax import models, parallel, sampling
 from conftest import torch_logits
 
 
@@ -115,7 +117,7 @@ def empty_cache(model, batch: int, max_len: int) -> models.KVCache:
   """A cache of `max_len` zero slots with nothing written (end = 0, no left padding): the
   state `model.step` starts a chunked prefill from."""
   cfg = model.config
-  zeros = lambda: tuple(jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), model.dtype)
+  zeros = lambda: tuple(jnp.zeros((batch, cfg.num_kv_heads, max_len, cfg.head_dim), model.dtype)
                         for _ in range(cfg.num_layers))
   return models.KVCache(k=zeros(), v=zeros(), start_B=jnp.zeros((batch,), jnp.int32),
                         end=jnp.zeros((), jnp.int32))
@@ -201,9 +203,9 @@ def test_prefill_attends_over_the_prompt_only(hf_checkpoint):
   b, p, s = 2, 16, 1024
   ids = jnp.ones((b, p), jnp.int32)
   jaxpr = jax.make_jaxpr(lambda m, i: m.prefill(i, i, s))(model, ids)
-  # The only S-sized values are the cache's [B, S, K, H] (the pad that fills it): no logits,
+  # The only S-sized values are the cache's [B, K, S, H] (the pad that fills it): no logits,
   # mask or probabilities over S slots.
-  cache_shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
+  cache_shape = (b, cfg.num_kv_heads, s, cfg.head_dim)
   s_sized = {a.shape for a in _avals(jaxpr.jaxpr) if s in getattr(a, "shape", ())}
   assert s_sized == {cache_shape}
   # And compiled scratch memory does not grow with the cache length.
@@ -265,7 +267,7 @@ def test_sharded_model_gives_the_same_logits_and_pins_the_cache(hf_checkpoint, d
   # Kv heads split over `model` only when it divides them (Qwen2: 2 heads; Llama: 1).
   k = sharded.config.num_kv_heads
   heads = "model" if k % model_axis == 0 else None
-  want_sharding = jax.sharding.NamedSharding(mesh, PartitionSpec("data", None, heads, None))
+  want_sharding = jax.sharding.NamedSharding(mesh, PartitionSpec("data", heads, None, None))
   for cache in got[1:]:
     for x in cache.k + cache.v:
       assert x.sharding.is_equivalent_to(want_sharding, x.ndim), x.sharding
@@ -319,3 +321,49 @@ def test_stacked_tangents_give_jax_jvp_reading_each_operand_once(hf_checkpoint, 
   dots = {s: _count(jax.make_jaxpr(jvp(s))(theta, g).jaxpr, "dot_general") for s in (False, True)}
   assert dots[True] == 2 * (cfg.num_layers * 9 * 2 + 3), dots
   assert dots[False] > dots[True], dots
+
+
+def _cache_copies(hlo: str, rows: int, slots: int, per_slot: int) -> list[str]:
+  """The copy and transpose instructions of a compiled program whose output has a dimension of
+  `slots` and at least rows * slots * per_slot elements: permuted copies of a KV cache."""
+  found = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", hlo):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    if slots in dims and np.prod(dims) >= rows * slots * per_slot:
+      found.append(m.group(0))
+  return found
+
+
+@pytest.mark.parametrize("hf_checkpoint", ["qwen2"], indirect=True)
+@pytest.mark.parametrize("method", ["plain", "fd", "jvp"])
+def test_decoding_never_copies_a_cache(hf_checkpoint, method):
+  """The cache's [B, K, S, H] layout is the one the attention products read, so the compiled
+  decode program (plain, fd and the exact JVP's stacked products) makes no permuted copy of a
+  K or V cache: with [B, S, K, H] XLA copied each layer's K and V caches into [B, K, ...]
+  order at every step, two more reads and writes of the whole cache per step."""
+  path, _ = hf_checkpoint
+  model = models.from_pretrained(path)
+  cfg = model.config
+  rng = np.random.default_rng(0)
+  grad = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                      nnx.state(model, nnx.Param))
+  ads = {} if method == "plain" else dict(proxy=model, grad=grad)
+  sampler = sampling.Sampler(model, vocab_size=cfg.vocab_size, **ads)
+  params = sampling.SamplingParams(max_new_tokens=53, tau=1.0, top_p=0.9,
+                                   lam=0.0 if method == "plain" else 1.0,
+                                   method="jvp" if method == "plain" else method)
+  b = 3
+  batch = sampler.batch_inputs([[1] * 8] * b, b, seed=0)
+  hlo = sampler.lower(batch, params).compile().as_text()
+  # The caches: B, K, H and S >= prompt + new tokens (rounded up to whole scan chunks).
+  k, h = cfg.num_kv_heads, cfg.head_dim
+  slots = 0
+  for shape in re.findall(r"\[(\d+,\d+,\d+,\d+)\]", hlo):
+    dims = [int(d) for d in shape.split(",")]
+    for d in (b, k, h):
+      if d in dims:
+        dims.remove(d)
+    if len(dims) == 1:
+      slots = max(slots, dims[0])
+  assert slots >= batch[0].shape[1] + 53
+  assert _cache_copies(hlo, b, slots, cfg.num_kv_heads * cfg.head_dim) == []

@@ -58,25 +58,25 @@ def prompt_layout(start_B: jax.Array, length: int) -> tuple[jax.Array, jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-  v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
   start_B: jax.Array  # int32 [B]: first real slot of each row
   end: jax.Array  # int32 [] (or [B], per-row cursors): number of written slots
 
   @classmethod
   def from_prompt(cls, k_layers, v_layers, max_len: int, start_B: jax.Array, dtype) -> "KVCache":
-    """A cache of `max_len` slots holding the prompt's keys/values (per layer [B, P, K, H]) in
+    """A cache of `max_len` slots holding the prompt's keys/values (per layer [B, K, P, H]) in
     slots [0, P), zeros after, and end = P. A pad, not a scatter: jvp/grad pass through it."""
-    def fill(x_BPKH):
-      pad = max_len - x_BPKH.shape[1]
-      return jnp.pad(x_BPKH.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    p = k_layers[0].shape[1]
+    def fill(x_BKPH):
+      pad = max_len - x_BKPH.shape[2]
+      return jnp.pad(x_BKPH.astype(dtype), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    p = k_layers[0].shape[2]
     return cls(k=tuple(map(fill, k_layers)), v=tuple(map(fill, v_layers)),
                start_B=start_B.astype(jnp.int32), end=jnp.asarray(p, jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   def query_layout(self, num_new: int) -> tuple[jax.Array, jax.Array]:
     """Positions [B, T] and attention mask [B, T, S] for `num_new` tokens written at `end`."""
@@ -98,5 +98,5 @@ class KVCache:
   def constrain(self, mesh) -> "KVCache":
     """k/v pinned to batch over `data`, kv heads over `model` (replicated when the model axis
     does not divide K); the cache itself without a mesh."""
-    pin = lambda x_BSKH: sharding.constrain(x_BSKH, sharding.CACHE_AXES, mesh)
+    pin = lambda x_BKSH: sharding.constrain(x_BKSH, sharding.CACHE_AXES, mesh)
     return dataclasses.replace(self, k=tuple(map(pin, self.k)), v=tuple(map(pin, self.v)))

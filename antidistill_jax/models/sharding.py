@@ -28,7 +28,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
 # lands on an activation's model dimension next to its batch on `data`.
 ACTIVATION_RULES: Mapping[str, str | None] = {"batch": "data", "kv_heads": "model"}
 RESIDUAL_AXES = ("batch", None, None)  # [B, T, D]: replicated D, as between Megatron blocks
-CACHE_AXES = ("batch", None, "kv_heads", None)  # [B, S, K, H]
+CACHE_AXES = ("batch", "kv_heads", None, None)  # [B, K, S, H]
 
 _LINEAR_AXES = {
     "q_proj": ("embed", "heads"), "k_proj": ("embed", "heads"), "v_proj": ("embed", "heads"),

@@ -14,7 +14,7 @@ Entry points (all shapes explicit):
   model.step(input_ids_BT, cache)             -> (logits_BTV, cache); T new tokens at cache.end.
 
 Sharding: with `mesh` set (models.shard_model sets it), the residual stream [B, T, D] and the
-KV cache [B, S, K, H] are pinned to the layouts of `models.sharding` (batch over `data`, kv
+KV cache [B, K, S, H] are pinned to the layouts of `models.sharding` (batch over `data`, kv
 heads over `model`); the weights carry their own NamedShardings and XLA propagates the rest.
 """
 
@@ -86,7 +86,7 @@ class Transformer(nnx.Module):
 
   def _blocks(self, x_BTD, positions_BT, mask_BTS, kv_layers=None, end=None):
     """Blocks + final norm -> (h_BTD, per-layer (k, v)): the updated caches when kv_layers
-    (per layer (k, v) of [B, S, K, H]) is given, else the T new keys/values [B, T, K, H]."""
+    (per layer (k, v) of [B, K, S, H]) is given, else the T new keys/values [B, K, T, H]."""
     cos_BTH, sin_BTH = rope_cos_sin(positions_BT, jnp.asarray(self.config.inv_freq()), self.dtype)
     x_BTD = self._pin_residual(x_BTD)
     kv_out = []
@@ -190,8 +190,8 @@ class Transformer(nnx.Module):
                        f"length {t}.")
     positions_RT, mask_RTT = prompt_layout(prompt_starts(pad_mask_RP), t)
     h_RTD, kv = self._blocks(self.embed(input_ids_RP), positions_RT, mask_RTT)
-    write = lambda c_BSKH, new_RTKH: c_BSKH.at[rows_R, :t].set(new_RTKH.astype(c_BSKH.dtype),
-                                                               mode="drop")
+    write = lambda c_BKSH, new_RKTH: c_BKSH.at[rows_R, :, :t].set(new_RKTH.astype(c_BKSH.dtype),
+                                                                  mode="drop")
     cache = KVCache(k=tuple(write(c, k) for c, (k, _) in zip(cache.k, kv)),
                     v=tuple(write(c, v) for c, (_, v) in zip(cache.v, kv)),
                     start_B=cache.start_B, end=cache.end).refilled(rows_R, pad_mask_RP)
