@@ -166,7 +166,7 @@ def main(argv):
         rejected += int(jnp.sum(~kept_BV[jnp.arange(_BATCH.value), first_B]))
         same += int(jnp.sum(fns["draw_first"](*args) == fns["sort_free+categorical"](*args)))
         per_set.append(best_seconds(fns, args, _REPEATS.value,
-                                  _SORTED_REPEATS.value if k == 0 else 0))
+                                    _SORTED_REPEATS.value if k == 0 else 0))
       best = {n: float(np.mean([b[n] for b in per_set if n in b])) for n in fns}
       base = best["draw"]
       for name, seconds in best.items():

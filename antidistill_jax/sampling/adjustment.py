@@ -15,9 +15,10 @@ the proxy's distillation loss (see `gradients`):
   theta-, one cache and its tangent against two caches) and reads the same bytes per step:
   the proxy's products take `models.bilinear`'s stacked JVP ([x; dx] @ W in one product, plus
   x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule reads
-  each weight twice). It does 1.5x fd's matmul arithmetic: 1.03-1.10x fd's time at batch 8 on a
-  2-core CPU (bench/RESULTS.md, "Decoding at the roofline"), where products that small are
-  bound by memory, not arithmetic.
+  each weight twice). It does 1.5x fd's matmul arithmetic; at batch 8 on a 2-core CPU it takes
+  1.00-1.01x fd's time at 512 new tokens, 1.08-1.13x at 32 and 1.33-1.36x at the tiny default
+  width, where a step's many small ops weigh most (bench/RESULTS.md, "Decoding at the
+  roofline").
 
 Next-token distribution (z = the teacher's logits, log p = log_softmax(z)):
   placement="paper":     softmax(log p / tau + lam * Delta)          (the paper's Algorithm 1)
