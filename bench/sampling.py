@@ -43,6 +43,9 @@ _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default:
 _WIDTH = flags.DEFINE_integer(
     "width", 1, "tiny models' widths (hidden, MLP, heads) times this: at 4 the weights (~50M + "
     "13M parameters) outgrow the CPU's caches and a step streams them from memory, as on a GPU")
+_PROXY_KV_HEADS = flags.DEFINE_integer(
+    "proxy_kv_heads", 0, "tiny proxy's KV heads before --width (0: its config's 1). With one KV "
+    "head (or batch 1) XLA:CPU copies each cache 4 times per decode step (bench/RESULTS.md)")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 
@@ -58,11 +61,13 @@ def load_pair(tmp: str, dtype):
   def wide(cfg):
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     return {k: v * _WIDTH.value if k in keys else v for k, v in cfg.items()}
+  proxy_cfg = dict(PROXY_CFG, num_key_value_heads=_PROXY_KV_HEADS.value or
+                   PROXY_CFG["num_key_value_heads"])
   paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
                                                    seed=seed,
                                                    vocab_size=max(_VOCAB.value, len(tok)),
                                                    **wide(cfg))
-           for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, PROXY_CFG))]
+           for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, proxy_cfg))]
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 
 
