@@ -334,14 +334,8 @@ def _cache_copies(hlo: str, rows: int, slots: int, per_slot: int) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize("hf_checkpoint", ["qwen2"], indirect=True)
-@pytest.mark.parametrize("method", ["plain", "fd", "jvp"])
-def test_decoding_never_copies_a_cache(hf_checkpoint, method):
-  """The cache's [B, K, S, H] layout is the one the attention products read, so the compiled
-  decode program (plain, fd and the exact JVP's stacked products) makes no permuted copy of a
-  K or V cache: with [B, S, K, H] XLA copied each layer's K and V caches into [B, K, ...]
-  order at every step, two more reads and writes of the whole cache per step."""
-  path, _ = hf_checkpoint
+def _decoding_cache_copies(path: str, method: str, b: int) -> list[str]:
+  """The cache-sized copies in the compiled decode program of `method` at batch b."""
   model = models.from_pretrained(path)
   cfg = model.config
   rng = np.random.default_rng(0)
@@ -354,9 +348,29 @@ def test_decoding_never_copies_a_cache(hf_checkpoint, method):
   params = sampling.SamplingParams(max_new_tokens=53, tau=1.0, top_p=0.9,
                                    lam=0.0 if method == "plain" else 1.0,
                                    method="jvp" if method == "plain" else method)
-  b = 3
   batch = sampler.batch_inputs([[1] * 8] * b, b, seed=0)
   hlo = sampler.lower(batch, params).compile().as_text()
   slots = batch[0].shape[1] + 53
   assert re.search(rf"\[{b},[\d,]*\b{slots}\b", hlo)  # the caches are there
-  assert _cache_copies(hlo, b, slots, cfg.num_kv_heads * cfg.head_dim) == []
+  return _cache_copies(hlo, b, slots, cfg.num_kv_heads * cfg.head_dim)
+
+
+@pytest.mark.parametrize("hf_checkpoint", ["qwen2"], indirect=True)
+@pytest.mark.parametrize("method", ["plain", "fd", "jvp"])
+def test_decoding_never_copies_a_cache(hf_checkpoint, method):
+  """The cache's [B, K, S, H] layout is the one the attention products read, so the compiled
+  decode program (plain, fd and the exact JVP's stacked products) makes no permuted copy of a
+  K or V cache: with [B, S, K, H] XLA copied each layer's K and V caches into [B, K, ...]
+  order at every step, two more reads and writes of the whole cache per step."""
+  assert _decoding_cache_copies(hf_checkpoint[0], method, b=3) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known, not mended (bench/RESULTS.md, 'caches with a size-1 axis'): XLA:CPU duplicates the "
+    "cache update into the bitcast that drops a size-1 (B, K) axis for the attention product, "
+    "so such caches are copied four times a step; mend: carry caches without size-1 axes"))
+@pytest.mark.parametrize("hf_checkpoint,b", [("llama", 3), ("qwen2", 1)],
+                         ids=["one_kv_head", "batch_1"], indirect=["hf_checkpoint"])
+def test_decoding_copies_no_cache_with_a_size_1_axis(hf_checkpoint, b):
+  """One KV head (the llama fixture) or batch 1: the same no-copy property as above."""
+  assert _decoding_cache_copies(hf_checkpoint[0], "plain", b=b) == []
