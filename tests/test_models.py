@@ -325,7 +325,8 @@ def test_stacked_tangents_give_jax_jvp_reading_each_operand_once(hf_checkpoint, 
 
 def _cache_copies(hlo: str, rows: int, slots: int, per_slot: int) -> list[str]:
   """The copy and transpose instructions of a compiled program whose output has a dimension of
-  `slots` and at least rows * slots * per_slot elements: permuted copies of a KV cache."""
+  `slots` and at least rows * slots * per_slot elements: copies of a KV cache, permuted or
+  not."""
   found = []
   for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", hlo):
     dims = [int(d) for d in m.group(1).split(",") if d]
