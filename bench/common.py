@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -106,11 +107,29 @@ def kv_bytes(cfg: models.ModelConfig, batch: int, slots: int, dtype) -> int:
   return per_slot * batch * slots * jnp.dtype(dtype).itemsize
 
 
+# Instructions that are bookkeeping, not work: no thunk or kernel runs for them.
+_FREE_OPS = frozenset({"parameter", "get-tuple-element", "constant", "bitcast", "tuple"})
+
+
+def loop_step_ops(hlo: str) -> dict[str, int]:
+  """The instructions of a compiled program's largest loop body (a decode program's step):
+  `ops`, those that run (fusions, copies, dots, ...; no parameters, tuples, bitcasts) and
+  `copies` among them. From `compiled.as_text()`, so free of timing noise."""
+  bodies = [c for c in re.split(r"\n(?=\S.*\{\s*$)", hlo, flags=re.M)
+            if "region" in c.split("\n", 1)[0] and "fused" not in c.split("\n", 1)[0]]
+  if not bodies:
+    return dict(ops=0, copies=0)
+  kinds = re.findall(r"= \S+ ([\w-]+)\(", max(bodies, key=len))
+  ops = [k for k in kinds if k not in _FREE_OPS]
+  return dict(ops=len(ops), copies=ops.count("copy"))
+
+
 def time_sampler(sampler, params, prompts, rows: int, repeats: int,
                  profile_dir: str | None = None) -> dict[str, Any]:
   """Compiles the sampler's program for one batch, runs it once, then keeps the best of
   `repeats` timed runs: seconds, compile_seconds, program_bytes (XLA's arguments + temporaries +
-  outputs) and the device's peak bytes where it reports them. With profile_dir, one more run
+  outputs), the device's peak bytes where it reports them and the decode step's instruction
+  and copy counts (`loop_step_ops`). With profile_dir, one more run
   under the profiler, its trace kept there and summarized (bench/trace_summary.py) as
   `profile`."""
   batch = sampler.batch_inputs(prompts, rows=rows, seed=0)
@@ -134,4 +153,5 @@ def time_sampler(sampler, params, prompts, rows: int, repeats: int,
   if profile_dir:
     profile = trace_summary.summarize(profile_dir, trace_summary.traced(run, profile_dir))
   return dict(seconds=best, compile_seconds=compile_s, program_bytes=program,
-              peak_device_bytes=stats.get("peak_bytes_in_use"), profile=profile)
+              peak_device_bytes=stats.get("peak_bytes_in_use"), profile=profile,
+              step_ops=loop_step_ops(compiled.as_text()))

@@ -9,7 +9,8 @@ calls), jvp, jvp_plain (jvp with jax.jvp's own rule: each proxy weight read twic
 
 For each mode and batch size: tokens/s of the compiled prefill + scan (compile excluded, the
 best of --repeats runs), the compiled program's memory (arguments + temporaries, from XLA's
-memory analysis, so it works on CPU too) and, where the device reports it, peak device memory.
+memory analysis, so it works on CPU too), where the device reports it, peak device memory, and
+the decode step's instructions that run and the copies among them (common.loop_step_ops).
 The ADS overhead (plain tokens/s / ADS tokens/s) is printed next to the FLOP-proportional
 ideal 1 + 2 C_proxy / C_teacher (the proxy's two passes). Prints a table and writes JSON.
 """
@@ -43,6 +44,8 @@ _OUT = flags.DEFINE_string("out", "", "also write the JSON report here (default:
 _WIDTH = flags.DEFINE_integer(
     "width", 1, "tiny models' widths (hidden, MLP, heads) times this: at 4 the weights (~50M + "
     "13M parameters) outgrow the CPU's caches and a step streams them from memory, as on a GPU")
+_TEACHER_KV_HEADS = flags.DEFINE_integer(
+    "teacher_kv_heads", 0, "tiny teacher's KV heads before --width (0: its config's 2)")
 _PROXY_KV_HEADS = flags.DEFINE_integer(
     "proxy_kv_heads", 0, "tiny proxy's KV heads before --width (0: its config's 1). With one KV "
     "head (or batch 1) XLA:CPU copies each cache 4 times per decode step (bench/RESULTS.md)")
@@ -58,16 +61,16 @@ def load_pair(tmp: str, dtype):
     return (models.from_pretrained(_TEACHER.value, dtype=dtype),
             models.from_pretrained(_PROXY.value or _TEACHER.value, dtype=dtype))
   tok = random_checkpoints.train_tokenizer(vocab_size=512)
-  def wide(cfg):
+  def wide(cfg, kv_heads):
+    cfg = dict(cfg, num_key_value_heads=kv_heads or cfg["num_key_value_heads"])
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     return {k: v * _WIDTH.value if k in keys else v for k, v in cfg.items()}
-  proxy_cfg = dict(PROXY_CFG, num_key_value_heads=_PROXY_KV_HEADS.value or
-                   PROXY_CFG["num_key_value_heads"])
   paths = [random_checkpoints.make_tiny_checkpoint(os.path.join(tmp, name), tokenizer=tok,
                                                    seed=seed,
                                                    vocab_size=max(_VOCAB.value, len(tok)),
-                                                   **wide(cfg))
-           for name, seed, cfg in (("teacher", 0, TEACHER_CFG), ("proxy", 1, proxy_cfg))]
+                                                   **wide(cfg, kv))
+           for name, seed, cfg, kv in (("teacher", 0, TEACHER_CFG, _TEACHER_KV_HEADS.value),
+                                       ("proxy", 1, PROXY_CFG, _PROXY_KV_HEADS.value))]
   return tuple(models.from_pretrained(p, dtype=dtype) for p in paths)
 
 
@@ -113,7 +116,7 @@ def main(argv):
       plain_rate = rate if plain_rate is None else plain_rate  # the first mode is the baseline
       results.append(dict(mode=mode, batch=b, tokens_per_s=rate, seconds=seconds,
                           program_bytes=mem_bytes, peak_device_bytes=peak,
-                          overhead=(plain_rate / rate) if plain_rate else None))
+                          step_ops=timed["step_ops"], overhead=(plain_rate / rate) if plain_rate else None))
   report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                 num_devices=jax.device_count(), dtype=dtype.name,
                 teacher_params=teacher.config.num_params(), proxy_params=proxy.config.num_params(),
@@ -122,12 +125,14 @@ def main(argv):
   print(f"device: {report['device']} ({report['platform']}), dtype {dtype.name}, teacher "
         f"{report['teacher_params'] / 1e6:.2f}M / proxy {report['proxy_params'] / 1e6:.2f}M "
         f"params, ideal ADS overhead 1 + 2*C_p/C_t = {ideal:.2f}")
-  print(f"{'mode':8} {'batch':>5} {'tokens/s':>10} {'overhead':>8} {'program MiB':>11} {'peak MiB':>9}")
+  print(f"{'mode':8} {'batch':>5} {'tokens/s':>10} {'overhead':>8} {'program MiB':>11} {'peak MiB':>9} "
+        f"{'step ops (copies)':>17}")
   for r in results:
     overhead = f"{r['overhead']:.2f}" if r["overhead"] else "-"
     mib = lambda x: f"{x / 2**20:.1f}" if x else "-"
     print(f"{r['mode']:8} {r['batch']:5d} {r['tokens_per_s']:10.1f} {overhead:>8} "
-          f"{mib(r['program_bytes']):>11} {mib(r['peak_device_bytes']):>9}")
+          f"{mib(r['program_bytes']):>11} {mib(r['peak_device_bytes']):>9} "
+          f"{r['step_ops']['ops']:>9} ({r['step_ops']['copies']})")
   common.save_report(report, _OUT.value)
 
 
