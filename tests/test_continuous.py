@@ -7,8 +7,7 @@ import pytest
 
 from antidistill_jax import sampling
 from antidistill_jax.sampling import continuous
-from conftest import VOCAB
-
+from conftest import QWEN2, VOCAB, build_hf_checkpoint, random_examples
 
 
 def _prompts(n, seed=0):
@@ -51,6 +50,41 @@ def test_continuous_batching_gives_the_static_traces(pair, method):
                  scan_chunk=4)
   assert cont.tokens == static.tokens
   np.testing.assert_array_equal(cont.finished, static.finished)
+  for a, b in zip(cont.logprobs, static.logprobs):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)  # float32 rounding
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_pair(tmp_path_factory, tokenizer):
+  """(teacher, proxy, g) with one KV head each (MQA): caches stored without their K axis."""
+  from antidistill_jax import gradients, models
+  root = tmp_path_factory.mktemp("mqa")
+  mqa = dict(QWEN2, num_key_value_heads=1)
+  build_hf_checkpoint(root / "teacher", tokenizer=tokenizer, seed=5, **mqa)
+  build_hf_checkpoint(root / "proxy", tokenizer=tokenizer, seed=6, vocab_size=352,
+                      **dict(mqa, hidden_size=32, intermediate_size=64))
+  teacher, proxy = (models.from_pretrained(str(root / n)) for n in ("teacher", "proxy"))
+  grad, _ = gradients.proxy_gradient(proxy, random_examples(8, seed=4), micro_batch_size=8)
+  return teacher, proxy, grad
+
+
+@pytest.mark.parametrize("case, method", [("one_kv_head", "jvp"), ("one_kv_head", "fd"),
+                                          ("one_slot", "jvp")])
+def test_continuous_batching_with_size_1_cache_axes(request, case, method):
+  """The caches' size-1 axes are not stored (`models.cache`): one KV head leaves out K, one slot
+  leaves out B, and each prompt still goes into its slot's rows (`Transformer.refill`) and
+  decodes from its own cursor, giving static batching's traces."""
+  pair = request.getfixturevalue("one_kv_head_pair" if case == "one_kv_head" else "pair")
+  prompts = _prompts(5, seed=6)
+  params = sampling.SamplingParams(max_new_tokens=16, tau=2.0, top_p=0.95, lam=0.3,
+                                   method=method, seed=11)
+  eos = _ragged_eos(pair, prompts, params)
+  static = _sample(pair, prompts, params, eos)
+  assert static.finished.any() and not static.finished.all()
+  slots = 1 if case == "one_slot" else 2
+  cont = _sample(pair, prompts, params, eos, batching="continuous", batch_size=slots,
+                 refill_rows=1, scan_chunk=4)
+  assert cont.tokens == static.tokens
   for a, b in zip(cont.logprobs, static.logprobs):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)  # float32 rounding
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from antidistill_jax.models import bilinear
+from antidistill_jax.models.cache import squeeze
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import apply_rope, linear
 
@@ -18,7 +19,8 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-           mask_BTS: jax.Array, *, stack_tangents: bool = False) -> jax.Array:
+           mask_BTS: jax.Array, *, squeezed: tuple[int, ...] = (),
+           stack_tangents: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H)) v over the keys that mask_BTS allows -> [B, T, N, H].
 
   Keys and values come head-major, [B, K, S, H] (the cache's layout, `models.cache`): the two
@@ -42,6 +44,11 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
   of NaN, and its values, gradients and jvp tangents stay finite; real rows give exactly zero
   weight (and zero gradient) to masked keys.
 
+  squeezed: the axes of [B, K, S, H] (0: B, 1: K, both of size 1) that k and v leave out
+  (`models.cache`). The products then run on the arrays as they are, their subscripts without
+  the squeezed letters, and only the small query and output are reshaped: a size-1 axis
+  dropped from the cache by a reshape made XLA:CPU copy the cache at every decode step.
+
   stack_tangents: both products take `bilinear.stacked`'s JVP, so a jax.jvp through them reads
   K and V once each (q and its tangent, P and its tangent, stacked).
 
@@ -51,34 +58,49 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
   """
   dtype = q_BTNH.dtype
   b, t, n, h = q_BTNH.shape
-  kv = k_BKSH.shape[1]
+  kv = 1 if 1 in squeezed else k_BKSH.shape[-3]
+  gone = "".join("bk"[axis] for axis in squeezed)
+  spec = lambda s: "".join(c for c in s if c not in gone)
   q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  q_BTKGH = jax.lax.squeeze(q_BTKGH, tuple(2 * axis for axis in squeezed))  # b: 0, k: 2
+  mask_BTS = jax.lax.squeeze(mask_BTS, (0,) if 0 in squeezed else ())
   einsum = functools.partial(bilinear.einsum, stack_tangents=stack_tangents,
                              preferred_element_type=jnp.float32)
-  logits_BKGTS = einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH.astype(dtype)) * jnp.float32(h ** -0.5)
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+  logits_BKGTS = einsum(f"{spec('btkgh')},{spec('bksh')}->{spec('bkgts')}", q_BTKGH,
+                        k_BKSH.astype(dtype)) * jnp.float32(h ** -0.5)
+  mask_BKGTS = jnp.expand_dims(mask_BTS, tuple(spec("bkgts").index(c) for c in spec("kg")))
+  logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, _MASKED)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
   # Outputs in the products' own (b, k, ...) order, then the small [B, K, G, T, H] is moved:
   # XLA:CPU cannot run a bf16 x bf16 -> fp32 dot whose output it must permute.
   if dtype == jnp.float32:
-    out_BKGTH = einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH.astype(dtype))
+    out_BKGTH = einsum(f"{spec('bkgts')},{spec('bksh')}->{spec('bkgth')}", probs_BKGTS,
+                       v_BKSH.astype(dtype))
   else:
     hi = probs_BKGTS.astype(dtype)
     lo = (probs_BKGTS - hi.astype(jnp.float32)).astype(dtype)
-    parts_BKG2TH = einsum("bkgcts,bksh->bkgcth", jnp.stack([hi, lo], axis=3),
-                          v_BKSH.astype(dtype))
-    out_BKGTH = parts_BKG2TH[:, :, :, 0] + parts_BKG2TH[:, :, :, 1]
+    c = spec("bkgcts").index("c")
+    parts_BKG2TH = einsum(f"{spec('bkgcts')},{spec('bksh')}->{spec('bkgcth')}",
+                          jnp.stack([hi, lo], axis=c), v_BKSH.astype(dtype))
+    out_BKGTH = (jax.lax.index_in_dim(parts_BKG2TH, 0, c, keepdims=False)
+                 + jax.lax.index_in_dim(parts_BKG2TH, 1, c, keepdims=False))
+  out_BKGTH = jax.lax.expand_dims(out_BKGTH, squeezed)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
 
 
-def write_at(cache_BKSH: jax.Array, new_BKTH: jax.Array, end: jax.Array) -> jax.Array:
-  """The T new keys (or values) written at slot `end` of every row (int32 []), or at each row's
-  own slot (int32 [B], per-row cursors)."""
-  new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
+def write_at(cache_BKSH: jax.Array, new_BKTH: jax.Array, end: jax.Array,
+             squeezed: tuple[int, ...] = ()) -> jax.Array:
+  """The T new keys (or values) [B, K, T, H] written at slot `end` of every row (int32 []), or
+  at each row's own slot (int32 [B], per-row cursors), of a cache stored without the
+  `squeezed` axes (`models.cache`)."""
+  new_BKTH = squeeze(new_BKTH.astype(cache_BKSH.dtype), squeezed)
   zero = jnp.zeros((), jnp.int32)
+  at = lambda x, e: (zero,) * (x.ndim - 2) + (e, zero)  # slot e of every leading index
   if end.ndim == 0:
-    return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, (zero, zero, end, zero))
-  row = lambda c_KSH, n_KTH, e: jax.lax.dynamic_update_slice(c_KSH, n_KTH, (zero, e, zero))
+    return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, at(cache_BKSH, end))
+  if 0 in squeezed:  # batch 1: the one row's cursor
+    return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, at(cache_BKSH, end[0]))
+  row = lambda c_KSH, n_KTH, e: jax.lax.dynamic_update_slice(c_KSH, n_KTH, at(c_KSH, e))
   return jax.vmap(row)(cache_BKSH, new_BKTH, end)
 
 
@@ -94,13 +116,14 @@ class Attention(nnx.Module):
     self.o_proj = linear(n * h, d, cfg.o_bias, **kw)
     self.stack_tangents = False  # see attend; set by models.stack_tangents
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None, squeezed=()):
     """Self-attention over the T new tokens -> (out [B, T, D], (k, v)).
 
     Without a cache, the keys are the T new tokens themselves (mask_BTS is [B, T, T]) and the
     returned (k, v) are theirs, [B, K, T, H] (prefill copies them into a fresh cache). With a
-    cache (k, v of [B, K, S, H]), the new keys are written at slot `end`, the queries attend
-    over all S slots, and the returned (k, v) is the updated cache.
+    cache (k, v of [B, K, S, H] without the `squeezed` axes, `models.cache`), the new keys are
+    written at slot `end`, the queries attend over all S slots, and the returned (k, v) is the
+    updated cache.
     """
     b, t, _ = x_BTD.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -113,9 +136,11 @@ class Attention(nnx.Module):
       k_BKSH, v_BKSH = k_BKTH, v_BKTH
     else:
       k_cache, v_cache = kv_cache
-      k_BKSH = write_at(k_cache, k_BKTH, end)
-      v_BKSH = write_at(v_cache, v_BKTH, end)
+      k_BKSH = write_at(k_cache, k_BKTH, end, squeezed)
+      v_BKSH = write_at(v_cache, v_BKTH, end, squeezed)
 
-    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, stack_tangents=self.stack_tangents)
+    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
+                      squeezed=() if kv_cache is None else squeezed,
+                      stack_tangents=self.stack_tangents)
     out_BTD = self.o_proj(out_BTNH.reshape(b, t, n * h))
     return out_BTD, (k_BKSH, v_BKSH)

@@ -16,6 +16,14 @@ each row writing at its own slot; a row is then refilled with a new prompt in pl
 resets its start and end), while the other rows go on decoding. Slots past a row's end hold
 stale keys of an earlier prompt; the mask never reaches them.
 
+Size-1 axes: the arrays store [B, K, S, H] without the axes of size 1 among (B, K) (one KV
+head, MQA; or batch 1), and `squeezed` (static) names the axes left out: [B, S, H] for one KV
+head, [K, S, H] at batch 1, [S, H] for both. XLA:CPU copied a cache that kept such an axis four
+times per decode step (bench/RESULTS.md, "caches with a size-1 axis"): it fused the slot update
+with the reshape that drops the axis for the attention product, so the update was not in place.
+Carried and used without the axis (`attention.write_at` and `attend` take `squeezed`), the
+cache is updated in place. A cache built by hand with all four axes (squeezed = ()) works too.
+
 Prefill does not attend over the S slots: the prompt attends to itself ([B, P, P], see
 `prompt_layout`) and its keys/values fill slots [0, P) of a fresh cache (`from_prompt`). At
 the paper's scale (batch 64, 28 heads, P = 256, S = 256 + 4096) that is 0.47 GB of fp32
@@ -55,28 +63,48 @@ def prompt_layout(start_B: jax.Array, length: int) -> tuple[jax.Array, jax.Array
   return _layout(slots_P, slots_P, start_B.astype(jnp.int32))
 
 
+def size_1_axes(b: int, k: int) -> tuple[int, ...]:
+  """The axes of [B, K, S, H] that a cache of batch b and k KV heads does not store."""
+  return tuple(axis for axis, n in ((0, b), (1, k)) if n == 1)
+
+
+def squeeze(x_BKSH: jax.Array, squeezed: tuple[int, ...]) -> jax.Array:
+  """[B, K, S, H] (or [B, K, T, H]) without the `squeezed` axes."""
+  return jax.lax.squeeze(x_BKSH, squeezed) if squeezed else x_BKSH
+
+
+def unsqueeze(x: jax.Array, squeezed: tuple[int, ...]) -> jax.Array:
+  """Back to [B, K, S, H] from the array without the `squeezed` axes."""
+  return jax.lax.expand_dims(x, squeezed) if squeezed else x
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
-  v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  k: tuple[jax.Array, ...]  # per layer [B, K, S, H] without the `squeezed` axes
+  v: tuple[jax.Array, ...]  # per layer, as k
   start_B: jax.Array  # int32 [B]: first real slot of each row
   end: jax.Array  # int32 [] (or [B], per-row cursors): number of written slots
+  # Static: the axes of [B, K, S, H] (0: B, 1: K, each of size 1) the arrays leave out.
+  squeezed: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
   @classmethod
   def from_prompt(cls, k_layers, v_layers, max_len: int, start_B: jax.Array, dtype) -> "KVCache":
     """A cache of `max_len` slots holding the prompt's keys/values (per layer [B, K, P, H]) in
-    slots [0, P), zeros after, and end = P. A pad, not a scatter: jvp/grad pass through it."""
+    slots [0, P), zeros after, and end = P; size-1 (B, K) axes squeezed out. A pad, not a
+    scatter: jvp/grad pass through it."""
+    b, k, p, _ = k_layers[0].shape
+    squeezed = size_1_axes(b, k)
     def fill(x_BKPH):
-      pad = max_len - x_BKPH.shape[2]
-      return jnp.pad(x_BKPH.astype(dtype), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    p = k_layers[0].shape[2]
+      x = squeeze(x_BKPH.astype(dtype), squeezed)
+      return jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, max_len - p), (0, 0)))
     return cls(k=tuple(map(fill, k_layers)), v=tuple(map(fill, v_layers)),
-               start_B=start_B.astype(jnp.int32), end=jnp.asarray(p, jnp.int32))
+               start_B=start_B.astype(jnp.int32), end=jnp.asarray(p, jnp.int32),
+               squeezed=squeezed)
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[2]
+    return self.k[0].shape[-2]
 
   def query_layout(self, num_new: int) -> tuple[jax.Array, jax.Array]:
     """Positions [B, T] and attention mask [B, T, S] for `num_new` tokens written at `end`."""
@@ -98,5 +126,6 @@ class KVCache:
   def constrain(self, mesh) -> "KVCache":
     """k/v pinned to batch over `data`, kv heads over `model` (replicated when the model axis
     does not divide K); the cache itself without a mesh."""
-    pin = lambda x_BKSH: sharding.constrain(x_BKSH, sharding.CACHE_AXES, mesh)
+    axes = tuple(a for i, a in enumerate(sharding.CACHE_AXES) if i not in self.squeezed)
+    pin = lambda x: sharding.constrain(x, axes, mesh)
     return dataclasses.replace(self, k=tuple(map(pin, self.k)), v=tuple(map(pin, self.v)))

@@ -14,11 +14,15 @@ Entry points (all shapes explicit):
   model.step(input_ids_BT, cache)             -> (logits_BTV, cache); T new tokens at cache.end.
 
 Sharding: with `mesh` set (models.shard_model sets it), the residual stream [B, T, D] and the
-KV cache [B, K, S, H] are pinned to the layouts of `models.sharding` (batch over `data`, kv
-heads over `model`); the weights carry their own NamedShardings and XLA propagates the rest.
+KV cache [B, K, S, H] (its size-1 axes squeezed out, `models.cache`) are pinned to the layouts
+of `models.sharding` (batch over `data`, kv heads over `model`); the weights carry their own
+NamedShardings and XLA propagates the rest.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +31,8 @@ from jax.sharding import Mesh
 
 from antidistill_jax.models import bilinear, sharding
 from antidistill_jax.models.attention import Attention
-from antidistill_jax.models.cache import KVCache, prompt_layout, prompt_starts
+from antidistill_jax.models.cache import (KVCache, prompt_layout, prompt_starts, squeeze,
+                                         unsqueeze)
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import MLP, RMSNorm, rope_cos_sin
 
@@ -43,10 +48,10 @@ class Block(nnx.Module):
                                             param_dtype=param_dtype)
     self.mlp = MLP(cfg, **kw)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None):
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, end=None, squeezed=()):
     """-> (x_BTD, (k, v)): the updated cache, or the T new keys/values without one."""
     attn_BTD, kv = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                  kv_cache, end)
+                                  kv_cache, end, squeezed)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
     return x_BTD, kv
@@ -84,16 +89,17 @@ class Transformer(nnx.Module):
     """Token embeddings [B, T, D] in the compute dtype."""
     return self.embed_tokens(input_ids_BT).astype(self.dtype)
 
-  def _blocks(self, x_BTD, positions_BT, mask_BTS, kv_layers=None, end=None):
+  def _blocks(self, x_BTD, positions_BT, mask_BTS, kv_layers=None, end=None, squeezed=()):
     """Blocks + final norm -> (h_BTD, per-layer (k, v)): the updated caches when kv_layers
-    (per layer (k, v) of [B, K, S, H]) is given, else the T new keys/values [B, K, T, H]."""
+    (per layer (k, v) of [B, K, S, H] without the `squeezed` axes) is given, else the T new
+    keys/values [B, K, T, H]."""
     cos_BTH, sin_BTH = rope_cos_sin(positions_BT, jnp.asarray(self.config.inv_freq()), self.dtype)
     x_BTD = self._pin_residual(x_BTD)
     kv_out = []
     for i, layer in enumerate(self.layers):
       with jax.named_scope(f"layer_{i}"):
         kv = None if kv_layers is None else kv_layers[i]
-        x_BTD, kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end)
+        x_BTD, kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, squeezed)
         x_BTD = self._pin_residual(x_BTD)
       kv_out.append(kv)
     return self.norm(x_BTD), kv_out
@@ -110,9 +116,9 @@ class Transformer(nnx.Module):
     if cache is None:
       return self._blocks(x_BTD, positions_BT, mask_BTS)[0], None
     h_BTD, kv = self._blocks(x_BTD, positions_BT, mask_BTS, list(zip(cache.k, cache.v)),
-                             cache.end)
-    cache = KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), start_B=cache.start_B,
-                    end=cache.end + x_BTD.shape[1])
+                             cache.end, cache.squeezed)
+    cache = dataclasses.replace(cache, k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+                                end=cache.end + x_BTD.shape[1])
     return h_BTD, cache.constrain(self.mesh)
 
   def unembed_table(self) -> jax.Array:
@@ -190,17 +196,28 @@ class Transformer(nnx.Module):
                        f"length {t}.")
     positions_RT, mask_RTT = prompt_layout(prompt_starts(pad_mask_RP), t)
     h_RTD, kv = self._blocks(self.embed(input_ids_RP), positions_RT, mask_RTT)
-    write = lambda c_BKSH, new_RKTH: c_BKSH.at[rows_R, :, :t].set(new_RKTH.astype(c_BKSH.dtype),
-                                                                  mode="drop")
-    cache = KVCache(k=tuple(write(c, k) for c, (k, _) in zip(cache.k, kv)),
-                    v=tuple(write(c, v) for c, (_, v) in zip(cache.v, kv)),
-                    start_B=cache.start_B, end=cache.end).refilled(rows_R, pad_mask_RP)
+    write = functools.partial(_write_rows, rows_R=rows_R, squeezed=cache.squeezed)
+    cache = dataclasses.replace(cache, k=tuple(write(c, k) for c, (k, _) in zip(cache.k, kv)),
+                                v=tuple(write(c, v) for c, (_, v) in zip(cache.v, kv)))
+    cache = cache.refilled(rows_R, pad_mask_RP)
     return self.logits(h_RTD[:, -1]), cache.constrain(self.mesh)
 
   def decode(self, token_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One new token per row -> fp32 logits [B, V] and the cache advanced by one slot."""
     logits_B1V, cache = self.step(token_B[:, None], cache)
     return logits_B1V[:, 0], cache
+
+
+def _write_rows(cache_BKSH, new_RKPH, rows_R, squeezed):
+  """new_RKPH into slots [0, P) of rows_R (entries >= B dropped) of a cache stored without the
+  `squeezed` axes."""
+  new_RKPH = new_RKPH.astype(cache_BKSH.dtype)
+  p = new_RKPH.shape[2]
+  if 0 in squeezed:  # batch 1: through the full layout (a refill, not a decode step)
+    full = unsqueeze(cache_BKSH, squeezed).at[rows_R, :, :p].set(new_RKPH, mode="drop")
+    return squeeze(full, squeezed)
+  new_RKPH = squeeze(new_RKPH, squeezed)  # one KV head: [R, P, H]
+  return cache_BKSH.at[rows_R, ..., :p, :].set(new_RKPH, mode="drop")
 
 
 def stack_tangents(model: Transformer) -> Transformer:
