@@ -47,8 +47,9 @@ _WIDTH = flags.DEFINE_integer(
 _TEACHER_KV_HEADS = flags.DEFINE_integer(
     "teacher_kv_heads", 0, "tiny teacher's KV heads before --width (0: its config's 2)")
 _PROXY_KV_HEADS = flags.DEFINE_integer(
-    "proxy_kv_heads", 0, "tiny proxy's KV heads before --width (0: its config's 1). With one KV "
-    "head (or batch 1) XLA:CPU copies each cache 4 times per decode step (bench/RESULTS.md)")
+    "proxy_kv_heads", 0, "tiny proxy's KV heads before --width (0: its config's 1). Caches "
+    "store no size-1 axis (one KV head, batch 1): XLA:CPU copied such caches 4 times per "
+    "decode step before (bench/RESULTS.md)")
 
 TEACHER_CFG, PROXY_CFG = common.TEACHER_CFG, common.PROXY_CFG
 
