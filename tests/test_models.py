@@ -11,6 +11,7 @@ from jax.extend.core import jaxprs_in_params
 from jax.sharding import PartitionSpec
 
 from antidistill_jax import models, parallel, sampling
+from antidistill_jax.models import cache as cache_lib
 from conftest import torch_logits
 
 
@@ -113,21 +114,28 @@ def test_kv_cached_decode_equals_full_forward(hf_checkpoint):
     assert rel_err(cached[i], full[len(row) - 1:]) <= 1e-5
 
 
-def empty_cache(model, batch: int, max_len: int) -> models.KVCache:
+def empty_cache(model, batch: int, max_len: int, squeeze: bool = False) -> models.KVCache:
   """A cache of `max_len` zero slots with nothing written (end = 0, no left padding): the
-  state `model.step` starts a chunked prefill from."""
+  state `model.step` starts a chunked prefill from. squeeze: stored without its size-1 (B, K)
+  axes, as `prefill` stores it; else with all four."""
   cfg = model.config
-  zeros = lambda: tuple(jnp.zeros((batch, cfg.num_kv_heads, max_len, cfg.head_dim), model.dtype)
-                        for _ in range(cfg.num_layers))
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  squeezed = cache_lib.size_1_axes(batch, cfg.num_kv_heads) if squeeze else ()
+  zeros = lambda: tuple(jnp.zeros([n for i, n in enumerate(shape) if i not in squeezed],
+                                  model.dtype) for _ in range(cfg.num_layers))
   return models.KVCache(k=zeros(), v=zeros(), start_B=jnp.zeros((batch,), jnp.int32),
-                        end=jnp.zeros((), jnp.int32))
+                        end=jnp.zeros((), jnp.int32), squeezed=squeezed)
 
 
-def test_chunked_prefill_through_step_equals_one_prefill(hf_checkpoint):
+@pytest.mark.parametrize("batch, squeeze", [(2, False), (2, True), (1, True)])
+def test_chunked_prefill_through_step_equals_one_prefill(hf_checkpoint, batch, squeeze):
+  """Several tokens a step into a cache with all four axes, or stored without its size-1
+  (B, K) axes (one KV head: the llama fixture; batch 1)."""
   path, _ = hf_checkpoint
   model = models.from_pretrained(path)
-  ids = np.random.default_rng(3).integers(0, 320, size=(2, 24))
-  cache = empty_cache(model, 2, 32)
+  ids = np.random.default_rng(3).integers(0, 320, size=(batch, 24))
+  cache = empty_cache(model, batch, 32, squeeze)
+  assert cache.k[0].ndim == 4 - len(cache.squeezed)
   first, cache = model.step(jnp.asarray(ids[:, :10]), cache)
   second, cache = model.step(jnp.asarray(ids[:, 10:]), cache)
   full = np.asarray(model(jnp.asarray(ids)))
