@@ -1,6 +1,8 @@
 """Continuous batching: the same traces as static batching, whatever the slots, refill width,
 scan chunk or mesh; slots turn over without recompiling."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -87,6 +89,38 @@ def test_continuous_batching_with_size_1_cache_axes(request, case, method):
   assert cont.tokens == static.tokens
   for a, b in zip(cont.logprobs, static.logprobs):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)  # float32 rounding
+
+
+def test_continuous_program_at_one_slot_copies_no_cache(pair, monkeypatch):
+  """One slot (batch 1, the cache stored without its B axis): no K/V cache or tangent cache is
+  copied anywhere in the compiled continuous program, decode step or refill. The four-axis
+  cache was copied at every step; a refill that scattered through the four-axis layout copied
+  every cache at every refill."""
+  teacher = pair[0]
+  programs = []
+  run_program = continuous.run_program
+
+  def compiled_too(*args, **kw):
+    programs.append(run_program.lower(*args, **kw).compile().as_text())
+    return run_program(*args, **kw)
+
+  monkeypatch.setattr(continuous, "run_program", compiled_too)
+  # Prompts padded to 16 slots, 40 new tokens (a multiple of the chunk): caches of 56 slots.
+  params = sampling.SamplingParams(max_new_tokens=40, tau=1.0, lam=0.3, seed=1)
+  _sample(pair, [[5] * 12] * 4, params, batching="continuous", batch_size=1, refill_rows=1,
+          scan_chunk=4)
+  hlo, h = programs[0], teacher.config.head_dim
+  shapes = [[int(d) for d in m.split(",")] for m in re.findall(r"\w+\[([\d,]+)\]", hlo)]
+  assert any(s[-2:] == [56, h] for s in shapes)  # the caches are there
+  # A cache's copy, in any order: 56 slots, a head dim, at least the smaller model's cache.
+  least = 56 * min(m.config.num_kv_heads * m.config.head_dim for m in pair[:2])
+  heads = {m.config.head_dim for m in pair[:2]}
+  copies = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", hlo):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    if 56 in dims and heads & set(dims) and np.prod(dims) >= least:
+      copies.append(m.group(0))
+  assert copies == []
 
 
 @pytest.mark.slow

@@ -73,11 +73,6 @@ def squeeze(x_BKSH: jax.Array, squeezed: tuple[int, ...]) -> jax.Array:
   return jax.lax.squeeze(x_BKSH, squeezed) if squeezed else x_BKSH
 
 
-def unsqueeze(x: jax.Array, squeezed: tuple[int, ...]) -> jax.Array:
-  """Back to [B, K, S, H] from the array without the `squeezed` axes."""
-  return jax.lax.expand_dims(x, squeezed) if squeezed else x
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:

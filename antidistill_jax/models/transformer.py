@@ -31,8 +31,7 @@ from jax.sharding import Mesh
 
 from antidistill_jax.models import bilinear, sharding
 from antidistill_jax.models.attention import Attention
-from antidistill_jax.models.cache import (KVCache, prompt_layout, prompt_starts, squeeze,
-                                         unsqueeze)
+from antidistill_jax.models.cache import KVCache, prompt_layout, prompt_starts, squeeze
 from antidistill_jax.models.config import ModelConfig
 from antidistill_jax.models.layers import MLP, RMSNorm, rope_cos_sin
 
@@ -213,9 +212,15 @@ def _write_rows(cache_BKSH, new_RKPH, rows_R, squeezed):
   `squeezed` axes."""
   new_RKPH = new_RKPH.astype(cache_BKSH.dtype)
   p = new_RKPH.shape[2]
-  if 0 in squeezed:  # batch 1: through the full layout (a refill, not a decode step)
-    full = unsqueeze(cache_BKSH, squeezed).at[rows_R, :, :p].set(new_RKPH, mode="drop")
-    return squeeze(full, squeezed)
+  if 0 in squeezed:
+    # Batch 1: the one row's slots [0, P) are rewritten in place, with the prompt of the rows_R
+    # entry that names row 0, or with their own contents where none does (a scatter through
+    # the four-axis layout copied the whole cache at every refill).
+    hit_R = rows_R == 0
+    new_KPH = squeeze(new_RKPH[jnp.argmax(hit_R)][None], squeezed)
+    old_KPH = jax.lax.slice_in_dim(cache_BKSH, 0, p, axis=-2)
+    new_KPH = jnp.where(jnp.any(hit_R), new_KPH, old_KPH)
+    return jax.lax.dynamic_update_slice(cache_BKSH, new_KPH, (0,) * cache_BKSH.ndim)
   new_RKPH = squeeze(new_RKPH, squeezed)  # one KV head: [R, P, H]
   return cache_BKSH.at[rows_R, ..., :p, :].set(new_RKPH, mode="drop")
 
