@@ -17,8 +17,8 @@ the proxy's distillation loss (see `gradients`):
   x @ g), so each weight, g, the cache and its tangent are read once (jax.jvp's own rule reads
   each weight twice). It does 1.5x fd's matmul arithmetic; at batch 8 on a 2-core CPU it takes
   1.00-1.01x fd's time at 512 new tokens, 1.08-1.13x at 32 and a median of 1.10x at the tiny
-  default width, where g is read by separate small x @ g products while fd reads its two
-  copies in one batched product (bench/RESULTS.md, "Decoding at the roofline").
+  default width, where the JVP's extra arithmetic and instructions cost about one proxy
+  copy's read (bench/RESULTS.md, "Decoding at the roofline").
 
 Next-token distribution (z = the teacher's logits, log p = log_softmax(z)):
   placement="paper":     softmax(log p / tau + lam * Delta)          (the paper's Algorithm 1)
