@@ -117,7 +117,8 @@ def main(argv):
       plain_rate = rate if plain_rate is None else plain_rate  # the first mode is the baseline
       results.append(dict(mode=mode, batch=b, tokens_per_s=rate, seconds=seconds,
                           program_bytes=mem_bytes, peak_device_bytes=peak,
-                          step_ops=timed["step_ops"], overhead=(plain_rate / rate) if plain_rate else None))
+                          step_ops=timed["step_ops"],
+                          overhead=(plain_rate / rate) if plain_rate else None))
   report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                 num_devices=jax.device_count(), dtype=dtype.name,
                 teacher_params=teacher.config.num_params(), proxy_params=proxy.config.num_params(),
@@ -126,8 +127,8 @@ def main(argv):
   print(f"device: {report['device']} ({report['platform']}), dtype {dtype.name}, teacher "
         f"{report['teacher_params'] / 1e6:.2f}M / proxy {report['proxy_params'] / 1e6:.2f}M "
         f"params, ideal ADS overhead 1 + 2*C_p/C_t = {ideal:.2f}")
-  print(f"{'mode':8} {'batch':>5} {'tokens/s':>10} {'overhead':>8} {'program MiB':>11} {'peak MiB':>9} "
-        f"{'step ops (copies)':>17}")
+  print(f"{'mode':8} {'batch':>5} {'tokens/s':>10} {'overhead':>8} {'program MiB':>11} "
+        f"{'peak MiB':>9} {'step ops (copies)':>17}")
   for r in results:
     overhead = f"{r['overhead']:.2f}" if r["overhead"] else "-"
     mib = lambda x: f"{x / 2**20:.1f}" if x else "-"

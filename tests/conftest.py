@@ -5,6 +5,7 @@ fp32 matmuls run at full precision for the parity tests.
 """
 
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,6 +140,20 @@ def hf_checkpoint(request, tmp_path_factory, tokenizer):
   path = tmp_path_factory.mktemp(f"hf_{request.param}")
   model = build_hf_checkpoint(path, tokenizer=tokenizer, seed=1, **ARCHS[request.param])
   return str(path), model
+
+
+def cache_copies(hlo: str, rows: int, slots: int, per_slot: int) -> list[str]:
+  """The copy and transpose instructions of a compiled program that copy a KV cache, permuted
+  or not: a dimension of `slots` and at least rows * slots * per_slot elements. Asserts first
+  that a cache of exactly that size is in the program (so an empty list means something)."""
+  shapes = [[int(d) for d in m.split(",")] for m in re.findall(r"\w+\[([\d,]+)\]", hlo)]
+  assert any(slots in s and np.prod(s) == rows * slots * per_slot for s in shapes)
+  found = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", hlo):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    if slots in dims and np.prod(dims) >= rows * slots * per_slot:
+      found.append(m.group(0))
+  return found
 
 
 def torch_logits(model, ids) -> np.ndarray:

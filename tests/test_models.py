@@ -1,7 +1,5 @@
 """Parity of the NNX models with the transformers/PyTorch reference, KV cache, causality."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from jax.sharding import PartitionSpec
 
 from antidistill_jax import models, parallel, sampling
 from antidistill_jax.models import cache as cache_lib
-from conftest import torch_logits
+from conftest import cache_copies, torch_logits
 
 
 def rel_err(a, b) -> float:
@@ -335,18 +333,6 @@ def test_stacked_tangents_give_jax_jvp_reading_each_operand_once(hf_checkpoint, 
   assert dots[False] > dots[True], dots
 
 
-def _cache_copies(hlo: str, rows: int, slots: int, per_slot: int) -> list[str]:
-  """The copy and transpose instructions of a compiled program whose output has a dimension of
-  `slots` and at least rows * slots * per_slot elements: copies of a KV cache, permuted or
-  not."""
-  found = []
-  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", hlo):
-    dims = [int(d) for d in m.group(1).split(",") if d]
-    if slots in dims and np.prod(dims) >= rows * slots * per_slot:
-      found.append(m.group(0))
-  return found
-
-
 def _decoding_cache_copies(path: str, method: str, b: int) -> list[str]:
   """The cache-sized copies in the compiled decode program of `method` at batch b."""
   model = models.from_pretrained(path)
@@ -364,10 +350,7 @@ def _decoding_cache_copies(path: str, method: str, b: int) -> list[str]:
   batch = sampler.batch_inputs([[1] * 8] * b, b, seed=0)
   hlo = sampler.lower(batch, params).compile().as_text()
   slots = batch[0].shape[1] + 53
-  per_slot = cfg.num_kv_heads * cfg.head_dim
-  shapes = [[int(d) for d in m.split(",")] for m in re.findall(r"\w+\[([\d,]+)\]", hlo)]
-  assert any(slots in s and np.prod(s) == b * slots * per_slot for s in shapes)  # the caches
-  return _cache_copies(hlo, b, slots, per_slot)
+  return cache_copies(hlo, b, slots, cfg.num_kv_heads * cfg.head_dim)
 
 
 @pytest.mark.parametrize("hf_checkpoint", ["qwen2"], indirect=True)

@@ -139,8 +139,7 @@ class Attention(nnx.Module):
       k_BKSH = write_at(k_cache, k_BKTH, end, squeezed)
       v_BKSH = write_at(v_cache, v_BKTH, end, squeezed)
 
-    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS,
-                      squeezed=() if kv_cache is None else squeezed,
+    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, squeezed=squeezed,
                       stack_tangents=self.stack_tangents)
     out_BTD = self.o_proj(out_BTNH.reshape(b, t, n * h))
     return out_BTD, (k_BKSH, v_BKSH)
